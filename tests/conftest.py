@@ -1,0 +1,60 @@
+"""Shared fixtures: small real subsets of ../shared/datasets written as manifests in tmp dirs."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+from convirt.config import ModelConfig
+from convirt.paths import data_root
+
+# Small but real: the tests train and embed at this size to stay fast on two cores.
+TEST_IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def datasets() -> Path:
+    root = data_root()
+    if not (root / "covid-cxr" / "manifest.csv").is_file():
+        pytest.fail(f"shared datasets not found at {root}: set CONVIRT_DATA_ROOT")
+    return root
+
+
+def read_rows(manifest: Path) -> list[dict[str, str]]:
+    with open(manifest, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]], source_dir: Path) -> Path:
+    """Write rows as a CSV in path's folder, image paths rewritten relative to it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(rows[0].keys())
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            image = row["image"]
+            if not os.path.isabs(image):
+                image = os.path.relpath(source_dir / image, path.parent)
+            writer.writerow({**row, "image": image})
+    return path
+
+
+@pytest.fixture(scope="session")
+def medpix_subset(datasets: Path, tmp_path_factory) -> Path:
+    """24 medpix train pairs and 12 dev pairs: real images, real captions."""
+    rows = read_rows(datasets / "medpix" / "manifest.csv")
+    picked = [r for r in rows if r["split"] == "train"][:24] + [
+        r for r in rows if r["split"] == "dev"
+    ][:12]
+    return write_manifest(
+        tmp_path_factory.mktemp("medpix") / "manifest.csv", picked, datasets / "medpix"
+    )
+
+
+@pytest.fixture(scope="session")
+def small_model_config() -> ModelConfig:
+    return ModelConfig(image_size=TEST_IMAGE_SIZE, max_text_tokens=32)

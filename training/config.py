@@ -1,0 +1,77 @@
+"""Training settings: one pydantic class, filled from a named YAML config and CLI overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from convirt.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    # Optimisation (paper: Adam 1e-4, weight decay 1e-6, batch 32, tau 0.1, lambda 0.75).
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    temperature: float = Field(0.1, gt=0)
+    image_weight: float = Field(0.75, ge=0, le=1, description="lambda: weight of l(v->u)")
+    epochs: int = Field(200, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(5, ge=0)
+    early_stopping_patience: int = Field(10, ge=1)
+    # Data.
+    sentence_filter: Literal["none", "imaging"] = "none"
+    train_split: str = "train"
+    val_split: str = "dev"
+    preload: bool = Field(True, description="decode and resize every image once, into memory")
+    num_workers: int = Field(1, ge=0)
+    # Runtime.
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU)")
+    seed: int = 0
+
+
+class ConfigError(ValueError):
+    """A config name, file or override is wrong; the message says which and why."""
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A named config (paper, cpu, gpu) or a YAML path, with dotted overrides ('model.image_size')."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"no config {name_or_path!r}: use one of {', '.join(available_configs())} "
+            "or a path to a YAML file"
+        )
+    raw = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {path}:\n{err}") from err
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
