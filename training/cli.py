@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def train_main(argv: list[str]) -> int:
         print(f"convirt train: {err}", file=sys.stderr)
         return 2
     state = result.state
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports
     print(
         json.dumps(
             {
@@ -157,6 +160,10 @@ def eval_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--format", choices=["json", "table"], default="json",
+        help="print JSON (default) or a table beside the ImageNet baseline and chance",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -165,7 +172,7 @@ def eval_main(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
     from convirt.bundle import BundleError, load_bundle
 
-    from .evaluate import evaluate
+    from .evaluate import evaluate, format_table
 
     if args.queries and not args.label_column:
         print("convirt eval: --queries needs --label-column", file=sys.stderr)
@@ -182,7 +189,7 @@ def eval_main(argv: list[str]) -> int:
         return 2
     result = {"model": bundle.fingerprint, "split": args.split, **result}
     text = json.dumps(result, indent=2)
-    print(text)
+    print(text if args.format == "json" else format_table(result))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text + "\n")

@@ -28,6 +28,9 @@ class TrainConfig(BaseModel):
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(5, ge=0)
     early_stopping_patience: int = Field(10, ge=1)
+    # "frozen" keeps the image encoder's BatchNorm statistics fixed (affine weights still learn):
+    # train and eval then normalise alike, which matters with small batches.
+    image_batchnorm: Literal["train", "frozen"] = "train"
     # Data.
     sentence_filter: Literal["none", "imaging"] = "none"
     train_split: str = "train"

@@ -194,3 +194,29 @@ def evaluate(
                 if key.startswith("image_to_image/encoder/"):
                     result[f"imagenet/{key}"] = value
     return result
+
+
+def format_table(result: dict[str, float]) -> str:
+    """The metrics as a text table: model | ImageNet baseline | chance."""
+    rows = [("metric", "model", "imagenet", "random")]
+    for key, value in result.items():
+        if "/" not in key or key.startswith(("random/", "imagenet/")):
+            continue
+        chance_key = "random/" + key.replace("/encoder/", "/").replace("/projection/", "/")
+        rows.append(
+            (
+                key,
+                f"{value:.3f}",
+                _cell(result.get(f"imagenet/{key}")),
+                _cell(result.get(chance_key)),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -207,7 +207,7 @@ def train(
             "or choose another --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _start_run(config, manifests, out_dir, dist_info, device, progress)
+    run = start_run(config, manifests, out_dir, dist_info, device, progress)
     if checkpoint_path.exists():
         run.state, saved_config = load_checkpoint(
             checkpoint_path, run.model, run.optimizer, run.scheduler
@@ -250,7 +250,7 @@ def refuse_changed_config(
         )
 
 
-def _start_run(config, manifests, out_dir, dist_info, device, progress) -> Run:
+def start_run(config, manifests, out_dir, dist_info, device, progress) -> Run:
     tokenizer = load_tokenizer(config.model)
     train_set, val_set = build_datasets(config, manifests, progress and dist_info.is_main)
     model = build_model(config.model, seed=config.seed).to(device)
@@ -287,11 +287,10 @@ def train_epoch(run: Run) -> bool:
         desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="batch",
         disable=not (run.progress and run.dist.is_main), dynamic_ncols=True,
     )  # fmt: skip
-    run.ddp_model.train()
-    started, pairs = time.perf_counter(), 0
+    set_train_mode(run)
+    started = time.perf_counter()
     for batch in run.loader(sampler=sampler):
         loss, batch_pairs = train_step(run, batch)
-        pairs += batch_pairs
         state.loss_sum += loss * batch_pairs
         state.pairs_in_epoch += batch_pairs
         state.train_seconds += time.perf_counter() - started
@@ -307,6 +306,14 @@ def train_epoch(run: Run) -> bool:
             return True
     bar.close()
     return False
+
+
+def set_train_mode(run: Run) -> None:
+    run.ddp_model.train()
+    if run.config.image_batchnorm == "frozen":
+        for module in run.model.image_encoder.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:

@@ -1,0 +1,94 @@
+"""Training throughput: the real loop (loader + augmentation + step) against the model alone.
+
+Both are measured in the same process, interleaved in rounds, on the same config:
+- loop:  pairs/s of DataLoader -> train_step over the real shared train split;
+- model: pairs/s of train_step repeated on one batch already in memory (no data work at all).
+ratio = loop / model; >= 0.8 means the data pipeline is not the bottleneck.
+
+    python bench/train_throughput.py --config cpu --steps 12 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from training.cli import default_manifests
+from training.config import load_config
+from training.data import EpochSampler
+from training.train import start_run, train_step
+
+
+def measure_loop(run, steps: int, epoch: int) -> float:
+    sampler = EpochSampler(len(run.train_set), run.config.batch_size, epoch, run.config.seed)
+    loader = iter(run.loader(sampler=sampler))
+    train_step(run, next(loader))  # first batch pays for worker start-up: not counted
+    started, pairs = time.perf_counter(), 0
+    for batch in islice(loader, steps):
+        pairs += train_step(run, batch)[1]
+    return pairs / (time.perf_counter() - started)
+
+
+def measure_model(run, batch, steps: int) -> float:
+    train_step(run, batch)
+    started = time.perf_counter()
+    for _ in range(steps):
+        train_step(run, batch)
+    return steps * len(batch["pixels"]) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="cpu")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--num-workers", type=int, default=None)
+    args = parser.parse_args()
+    config = load_config(
+        args.config, {"device": args.device, "num_workers": args.num_workers, "epochs": 1000}
+    )
+    with tempfile.TemporaryDirectory() as out:
+        from training import distributed
+        from training.train import resolve_device
+
+        run = start_run(
+            config, default_manifests(), Path(out), distributed.DistInfo(),
+            resolve_device(config.device), progress=False,
+        )  # fmt: skip
+        run.ddp_model.train()
+        sampler = EpochSampler(len(run.train_set), config.batch_size, 999, config.seed)
+        fixed_batch = next(iter(run.loader(sampler=sampler)))
+        loop, model = [], []
+        for round_index in range(args.rounds):
+            model.append(measure_model(run, fixed_batch, args.steps))
+            loop.append(measure_loop(run, args.steps, epoch=round_index))
+    loop_rate, model_rate = sum(loop) / len(loop), sum(model) / len(model)
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "device": str(run.device),
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                "batch_size": config.batch_size,
+                "image_size": config.model.image_size,
+                "num_workers": config.num_workers,
+                "loop_pairs_per_s": round(loop_rate, 2),
+                "model_pairs_per_s": round(model_rate, 2),
+                "ratio": round(loop_rate / model_rate, 3),
+                "rounds": {"loop": [round(x, 2) for x in loop], "model": [round(x, 2) for x in model]},
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
