@@ -1,0 +1,195 @@
+"""`info` (what a root holds) and `verify` (index, metadata and image files agree)."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import faiss_index, layout, metadata
+from .version import SPACES, VersionFiles, read_version
+
+NORM_TOLERANCE = 1e-3
+
+
+def info(root: str | Path) -> dict[str, Any]:
+    """The current version's fingerprint, counts, index type, sizes and build time."""
+    root = Path(root)
+    files = read_version(layout.current_version_dir(root))
+    data = files.info
+    sizes = {p.name: p.stat().st_size for p in sorted(files.directory.iterdir()) if p.is_file()}
+    staging = root / layout.STAGING_DIR
+    return {
+        "root": str(root.absolute()),
+        "version": files.name,
+        "versions": layout.list_versions(root),
+        "fingerprint": data["fingerprint"],
+        "model": data.get("model"),
+        "operation": data.get("operation"),
+        "parent": data.get("parent"),
+        "shard": data.get("shard"),
+        "source": data.get("source"),
+        "images": data["count"],
+        "duplicates": data.get("duplicates", 0),
+        "skipped": data.get("skipped", 0),
+        "index_type": data.get("index_type"),
+        "factory": data.get("factory"),
+        "recall_at_10": data.get("recall_at_10"),
+        "dims": data["dims"],
+        "created_at": data.get("created_at"),
+        "seconds": data.get("seconds"),
+        "embed_seconds": data.get("embed_seconds"),
+        "sizes_bytes": sizes,
+        "total_bytes": sum(sizes.values()),
+        "unfinished_jobs": sorted(p.name for p in staging.iterdir()) if staging.is_dir() else [],
+    }
+
+
+def format_info(data: dict[str, Any]) -> str:
+    lines = []
+    for key, value in data.items():
+        if key == "sizes_bytes":
+            value = ", ".join(f"{name} {human(size)}" for name, size in value.items())
+        elif key == "total_bytes":
+            value = human(value)
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(value) or "none"
+        lines.append(f"{key + ':':<16}{value}")
+    return "\n".join(lines)
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+@dataclass
+class Verification:
+    version: str
+    checked: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "ok": self.ok,
+            "checked": self.checked,
+            "problems": self.problems,
+        }
+
+
+def verify(root: str | Path, fingerprint: str | None = None, hashes: bool = False) -> Verification:
+    """Check the current version: ids, vectors, FAISS, SQLite and (re-hashed) image files agree."""
+    root = Path(root)
+    files = read_version(layout.current_version_dir(root))
+    result = Verification(files.name)
+    if fingerprint is not None and fingerprint != files.fingerprint:
+        result.problems.append(
+            f"built with model {files.fingerprint}, the given bundle is {fingerprint}"
+        )
+    ids = check_vectors(files, result)
+    if not files.info.get("shard"):
+        check_faiss(files, ids, result)
+    with closing(metadata.open_readonly(files.meta_path)) as conn:
+        check_metadata(conn, files, ids, result)
+        check_files(conn, result, hashes)
+    return result
+
+
+def check_vectors(files: VersionFiles, result: Verification) -> np.ndarray:
+    ids = files.ids()
+    if len(ids) != files.info["count"]:
+        result.problems.append(
+            f"ids.npy has {len(ids)} ids, version.json says {files.info['count']}"
+        )
+    if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
+        result.problems.append("ids.npy is not sorted and unique")
+    for space in SPACES:
+        vectors = files.vectors(space, mmap=True)
+        expected = (len(ids), files.info["dims"][space])
+        if vectors.shape != expected:
+            result.problems.append(f"{space}.npy has shape {vectors.shape}, expected {expected}")
+            continue
+        norms = np.linalg.norm(np.asarray(vectors), axis=1)
+        bad = int(np.sum(np.abs(norms - 1) > NORM_TOLERANCE))
+        if bad:
+            result.problems.append(f"{space}.npy: {bad} vectors are not L2-normalised")
+    result.checked["vectors"] = len(ids)
+    return ids
+
+
+def check_faiss(files: VersionFiles, ids: np.ndarray, result: Verification) -> None:
+    for space in SPACES:
+        try:
+            index = files.faiss_index(space)
+        except Exception as err:
+            result.problems.append(f"{space}.faiss cannot be read: {err}")
+            continue
+        if index.ntotal != len(ids):
+            result.problems.append(
+                f"{space}.faiss holds {index.ntotal} vectors, ids.npy {len(ids)}"
+            )
+        elif not np.array_equal(np.sort(faiss_index.ids_of(index)), ids):
+            result.problems.append(f"{space}.faiss ids differ from ids.npy")
+    result.checked["faiss_indexes"] = len(SPACES)
+
+
+def check_metadata(conn, files: VersionFiles, ids: np.ndarray, result: Verification) -> None:
+    integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    if integrity != "ok":
+        result.problems.append(f"meta.sqlite is damaged: {integrity}")
+    stored = np.array([r[0] for r in conn.execute("SELECT id FROM images ORDER BY id")], np.int64)
+    if not np.array_equal(stored, ids):
+        extra, missing = np.setdiff1d(stored, ids), np.setdiff1d(ids, stored)
+        result.problems.append(
+            f"metadata and vectors disagree: {len(extra)} ids only in meta.sqlite, "
+            f"{len(missing)} only in the vectors"
+        )
+    orphans = conn.execute(
+        "SELECT count(*) FROM duplicates WHERE id NOT IN (SELECT id FROM images)"
+    ).fetchone()[0]
+    if orphans:
+        result.problems.append(f"{orphans} duplicate entries point at ids not in the index")
+    result.checked["metadata_rows"] = len(stored)
+
+
+def check_files(conn, result: Verification, hashes: bool) -> None:
+    checked = 0
+    for image_id, path, sha, size in conn.execute(
+        "SELECT id, path, sha256, size_bytes FROM images ORDER BY path"
+    ):
+        checked += 1
+        problem = file_problem(Path(path), sha, size, hashes)
+        if problem:
+            result.problems.append(
+                f"{path} (id {image_id}): {problem}; restore the file or "
+                f"`convirt index remove --root ROOT --id {image_id}`"
+            )
+    result.checked["image_files"] = checked
+
+
+def file_problem(path: Path, sha: str, size: int, rehash: bool) -> str | None:
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError:
+        return "image file missing"
+    except OSError as err:
+        return f"image file unreadable ({err.strerror or err})"
+    if actual_size != size:
+        return f"image file changed (size {actual_size}, indexed {size})"
+    if rehash and hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+        return "image file changed (content hash differs)"
+    return None

@@ -1,0 +1,369 @@
+"""`convirt index`: build, update and inspect a FAISS index of an image archive."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from convirt.bundle import BundleError, read_manifest
+from convirt.paths import MissingWeightsError
+
+from . import builder, checks, faiss_index, layout
+from .embedding import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_BATCHES, DEFAULT_WORKERS
+from .errors import IndexStoreError
+from .sources import Source, parse_shard, scan_folder, single_file
+from .sources import read_manifest as read_source_manifest
+
+DESCRIPTION = """\
+Build, update and inspect a FAISS index of an image archive (PNG, JPEG, DICOM).
+
+Every write (build, add, remove, reindex, merge) creates a new version under ROOT/versions/ and
+then switches ROOT/CURRENT to it atomically: readers see the old version until the new one is
+complete. A killed build or add, run again with the same arguments, resumes: images already
+embedded (known by content hash) are not embedded again.
+"""
+
+INDEX_TYPE_HELP = (
+    f"FAISS structure: auto (exact below {faiss_index.AUTO_EXACT_MAX:,} vectors, HNSW above), "
+    "flat (exact), hnsw, ivfpq, or any faiss.index_factory string such as 'IVF256,Flat' "
+    "(default: %(default)s)"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.run(args) or 0)
+    except (IndexStoreError, BundleError, MissingWeightsError, PermissionError) as err:
+        print(f"convirt index {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"convirt index {args.command}: interrupted; the current version is unchanged and "
+            "running the same command again resumes",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convirt index",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_build(commands)
+    add_add(commands)
+    add_remove(commands)
+    add_reindex(commands)
+    add_merge(commands)
+    add_info(commands)
+    add_verify(commands)
+    return parser
+
+
+def subparser(commands, name: str, summary: str, details: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=f"{summary}.\n\n{details}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_build(commands) -> None:
+    p = subparser(
+        commands,
+        "build",
+        "embed an archive into a new index version",
+        "Scans --images (any depth) or reads --manifest, embeds every image with --model, and\n"
+        "writes ROOT/versions/NNNNNN/ with both spaces (joint v for text queries, encoder h for\n"
+        "image-to-image), SQLite metadata with thumbnails, and build_report.json listing skipped\n"
+        "files with the reason and duplicates. With --shard I/N it embeds one Nth of the archive\n"
+        "into ROOT as a shard; `convirt index merge` joins the shards.",
+    )
+    add_root(p, "--out", "index root (created if needed); with --shard, the shard's directory")
+    add_model(p)
+    add_source(p)
+    p.add_argument("--index-type", default="auto", help=INDEX_TYPE_HELP)
+    p.add_argument(
+        "--shard",
+        type=parse_shard_arg,
+        metavar="I/N",
+        help="embed only shard I of N (0-based, by path hash) into a shard directory",
+    )
+    add_job_options(p)
+    p.set_defaults(run=run_build)
+
+
+def add_add(commands) -> None:
+    p = subparser(
+        commands,
+        "add",
+        "add new images to the current version",
+        "Embeds only images whose content is not indexed yet and copies every existing vector\n"
+        "into a new version. A path already indexed with different content is re-embedded and\n"
+        "replaces the old entry. --model must be the bundle the index was built with.",
+    )
+    add_root(p, "--root", "index root written by `convirt index build`")
+    add_model(p)
+    add_source(p, allow_file=True)
+    add_job_options(p)
+    p.set_defaults(run=run_add)
+
+
+def add_remove(commands) -> None:
+    p = subparser(
+        commands,
+        "remove",
+        "remove images from the current version",
+        "Writes a new version without the given images; nothing is re-embedded. A path may be\n"
+        "absolute or relative to the archive it was indexed from; removing a duplicate's path\n"
+        "only forgets that path.",
+    )
+    add_root(p, "--root", "index root")
+    p.add_argument(
+        "--id",
+        type=int,
+        action="append",
+        default=[],
+        dest="ids",
+        metavar="ID",
+        help="image id (as returned by search); repeatable",
+    )
+    p.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        dest="paths",
+        metavar="PATH",
+        help="image path; repeatable",
+    )
+    add_keep(p)
+    p.set_defaults(run=run_remove)
+
+
+def add_reindex(commands) -> None:
+    p = subparser(
+        commands,
+        "reindex",
+        "rebuild the FAISS structure with another --index-type",
+        "Writes a new version with the same vectors and metadata under another index type\n"
+        "(e.g. hnsw once an archive has grown); nothing is re-embedded.",
+    )
+    add_root(p, "--root", "index root")
+    p.add_argument("--index-type", required=True, help=INDEX_TYPE_HELP)
+    add_keep(p)
+    p.set_defaults(run=run_reindex)
+
+
+def add_merge(commands) -> None:
+    p = subparser(
+        commands,
+        "merge",
+        "join the shards of a sharded build into one index version",
+        "Every shard of one `build --shard I/N` run must be given exactly once. The result equals\n"
+        "a single build of the whole archive: same ids, paths, metadata and vectors.",
+    )
+    add_root(p, "--out", "index root to write the merged version into")
+    p.add_argument(
+        "shards",
+        nargs="+",
+        type=Path,
+        metavar="SHARD_DIR",
+        help="directories written by `convirt index build --shard I/N --out SHARD_DIR`",
+    )
+    p.add_argument("--index-type", default="auto", help=INDEX_TYPE_HELP)
+    add_keep(p)
+    p.set_defaults(run=run_merge)
+
+
+def add_info(commands) -> None:
+    p = subparser(
+        commands,
+        "info",
+        "describe the current version",
+        "Model fingerprint, image/duplicate/skipped counts, index type, dimensions, file sizes,\n"
+        "build time, the versions kept, and unfinished jobs waiting to be resumed.",
+    )
+    add_root(p, "--root", "index root")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=run_info)
+
+
+def add_verify(commands) -> None:
+    p = subparser(
+        commands,
+        "verify",
+        "check that index, metadata and image files agree",
+        "Checks ids, vectors (normalised), both FAISS indexes, the SQLite metadata and that every\n"
+        "indexed image file still exists with its size (--hashes: and its content hash).\n"
+        "Exit status 1 when a problem is found; each problem says what to do.",
+    )
+    add_root(p, "--root", "index root")
+    p.add_argument("--model", type=Path, help="also check the index was built with this bundle")
+    p.add_argument("--hashes", action="store_true", help="re-hash every image file (slower)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=run_verify)
+
+
+def add_root(p: argparse.ArgumentParser, flag: str, about: str) -> None:
+    other = "--root" if flag == "--out" else "--out"
+    p.add_argument(flag, other, dest="root", type=Path, required=True, metavar="ROOT", help=about)
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        metavar="BUNDLE",
+        help="model bundle directory written by `convirt train` (its bundle/ folder)",
+    )
+
+
+def add_source(p: argparse.ArgumentParser, allow_file: bool = False) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument(
+        "--images",
+        type=Path,
+        metavar="DIR" + ("|FILE" if allow_file else ""),
+        help="folder scanned at any depth for PNG, JPEG and DICOM files"
+        + (" (or one image file)" if allow_file else ""),
+    )
+    group.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="M",
+        help="CSV or JSONL: an image column (path relative to the manifest), an "
+        "optional report text column, other columns kept as metadata",
+    )
+    p.add_argument("--image-column", default="image", help="manifest image column (default: image)")
+    p.add_argument("--text-column", default="text", help="manifest report column (default: text)")
+
+
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="images per forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="threads reading and decoding images ahead of the model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--chunk-batches",
+        type=int,
+        default=DEFAULT_CHUNK_BATCHES,
+        help="batches per commit to the staging area, the most a crash can lose "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for the model: cpu, cuda, cuda:1 or auto (default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_keep(p)
+
+
+def add_keep(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=layout.KEEP_VERSIONS,
+        help="published versions to keep, the current one included (default: %(default)s)",
+    )
+
+
+def parse_shard_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except IndexStoreError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def load_source(args: argparse.Namespace) -> Source:
+    if args.manifest is not None:
+        return read_source_manifest(args.manifest, args.image_column, args.text_column)
+    if args.images.is_file():
+        return single_file(args.images)
+    return scan_folder(args.images)
+
+
+def options(args: argparse.Namespace, index_type: str = "auto") -> builder.Options:
+    return builder.Options(
+        index_type=index_type,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        chunk_batches=args.chunk_batches,
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+        keep=args.keep,
+    )
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_build(args: argparse.Namespace) -> int:
+    summary = builder.build(
+        args.root, args.model, load_source(args), options(args, args.index_type), args.shard
+    )
+    print(summary.line())
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    print(builder.add(args.root, args.model, load_source(args), options(args)).line())
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    if not args.ids and not args.paths:
+        raise IndexStoreError("nothing to remove: give --id ID or --path PATH (repeatable)")
+    print(builder.remove(args.root, args.ids, args.paths, args.keep).line())
+    return 0
+
+
+def run_reindex(args: argparse.Namespace) -> int:
+    print(builder.reindex(args.root, args.index_type, args.keep).line())
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    print(builder.merge(args.root, args.shards, args.index_type, args.keep).line())
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    data = checks.info(args.root)
+    print(json.dumps(data, indent=2) if args.json else checks.format_info(data))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    fingerprint = read_manifest(args.model)["fingerprint"] if args.model else None
+    result = checks.verify(args.root, fingerprint, args.hashes)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    elif result.ok:
+        counts = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in result.checked.items())
+        print(f"version {result.version}: ok ({counts})")
+    else:
+        print(f"version {result.version}: {len(result.problems)} problems")
+        print("\n".join(f"  - {problem}" for problem in result.problems))
+    return 0 if result.ok else 1

@@ -1,0 +1,226 @@
+"""The embedding job: read, hash and decode images in a thread pool while the model embeds batches.
+
+Decoding (file read, sha256, JPEG/DICOM decode, thumbnail, resize/crop) runs in `workers` threads,
+a bounded number of items ahead of the model, so it hides behind the forward pass. Results are
+consumed in source order: batches, duplicate detection and staging commits are deterministic, which
+is what makes a resumed job end identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from convirt.imageio import DICOM_SUFFIXES, ImageDecodeError, load_image, looks_like_dicom
+from convirt.inference import Embedder
+
+from .sources import Skip, SourceItem
+from .staging import StagedImage, Staging
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_SIZE = 128  # longest side, pixels
+THUMBNAIL_QUALITY = 85
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_CHUNK_BATCHES = 4  # batches per staging commit: the most a crash can lose
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+# DICOM header fields kept as metadata (tag keyword -> metadata name).
+DICOM_FIELDS = {
+    "Modality": "modality",
+    "ViewPosition": "view",
+    "BodyPartExamined": "body_part",
+    "StudyInstanceUID": "study_uid",
+    "SeriesInstanceUID": "series_uid",
+    "PatientID": "patient_id",
+}
+
+
+@dataclass
+class JobSettings:
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int = DEFAULT_WORKERS
+    chunk_batches: int = DEFAULT_CHUNK_BATCHES
+    progress: bool = True
+
+
+@dataclass
+class Hashed:
+    """An image whose content is already embedded (staged, or in the index): not decoded again."""
+
+    item: SourceItem
+    sha256: str
+
+
+@dataclass
+class Decoded:
+    item: SourceItem
+    sha256: str
+    size_bytes: int
+    width: int
+    height: int
+    file_meta: dict[str, str]
+    thumbnail: bytes
+    pixels: torch.Tensor
+
+
+@dataclass
+class Duplicate:
+    item: SourceItem
+    sha256: str
+    first: str  # path of the copy that is kept
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": str(self.item.path), "duplicate_of": self.first, "sha256": self.sha256}
+
+
+@dataclass
+class JobResult:
+    """What happened to every item, in source order."""
+
+    kept: list[tuple[SourceItem, str]] = field(default_factory=list)  # (item, sha256) to index
+    known: list[tuple[SourceItem, str]] = field(default_factory=list)  # content already indexed
+    duplicates: list[Duplicate] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    embedded: int = 0  # images that went through the model in this run
+    resumed: int = 0  # images found in the staging area from an earlier, interrupted run
+    seconds: float = 0.0
+
+
+def run_job(
+    items: list[SourceItem],
+    embedder: Embedder,
+    staging: Staging,
+    settings: JobSettings,
+    known_hashes: frozenset[str] = frozenset(),
+) -> JobResult:
+    """Embed every item whose content is neither staged nor in `known_hashes` into `staging`."""
+    started = time.perf_counter()
+    staged = frozenset(staging.hashes())
+    skip = staged | known_hashes
+    result, seen = JobResult(), {}
+    batch: list[Decoded] = []
+    chunk: list[StagedImage] = []
+    bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not settings.progress)
+    depth = max(2 * settings.batch_size, 4 * settings.workers)
+    for outcome in ordered_map(
+        lambda it: inspect(it, embedder, skip), items, settings.workers, depth
+    ):
+        bar.update(1)
+        bar.set_postfix(new=result.embedded, skipped=len(result.skipped), refresh=False)
+        if isinstance(outcome, Skip):
+            result.skipped.append(outcome)
+            continue
+        if outcome.sha256 in seen:
+            result.duplicates.append(Duplicate(outcome.item, outcome.sha256, seen[outcome.sha256]))
+            continue
+        seen[outcome.sha256] = str(outcome.item.path)
+        if outcome.sha256 in known_hashes:
+            result.known.append((outcome.item, outcome.sha256))
+            continue
+        result.kept.append((outcome.item, outcome.sha256))
+        if isinstance(outcome, Hashed):
+            result.resumed += 1
+            continue
+        batch.append(outcome)
+        if len(batch) == settings.batch_size:
+            chunk += embed_batch(embedder, batch)
+            result.embedded += len(batch)
+            batch = []
+            if len(chunk) >= settings.chunk_batches * settings.batch_size:
+                staging.put(chunk)
+                chunk = []
+    if batch:
+        chunk += embed_batch(embedder, batch)
+        result.embedded += len(batch)
+    if chunk:
+        staging.put(chunk)
+    bar.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def embed_batch(embedder: Embedder, batch: list[Decoded]) -> list[StagedImage]:
+    encoder, joint = embedder.embed_pixels(torch.stack([d.pixels for d in batch]))
+    return [
+        StagedImage(d.sha256, d.size_bytes, d.width, d.height, d.file_meta, d.thumbnail, h, v)
+        for d, h, v in zip(batch, encoder, joint, strict=True)
+    ]
+
+
+def inspect(item: SourceItem, embedder: Embedder, skip: frozenset[str]) -> Decoded | Hashed | Skip:
+    """Read and hash a file; decode and preprocess it unless its content is already embedded."""
+    try:
+        data = item.path.read_bytes()
+    except OSError as err:
+        return Skip(str(item.path), f"cannot read the file: {err.strerror or err}")
+    if not data:
+        return Skip(str(item.path), "empty file (0 bytes)")
+    sha = hashlib.sha256(data).hexdigest()
+    if sha in skip:
+        return Hashed(item, sha)
+    is_dicom = looks_like_dicom(data[:132]) or item.path.suffix.lower() in DICOM_SUFFIXES
+    try:
+        image = load_image(item.path if is_dicom else data)
+        pixels = embedder.preprocess(image)
+    except ImageDecodeError as err:
+        return Skip(str(item.path), str(err))
+    return Decoded(
+        item,
+        sha,
+        len(data),
+        image.width,
+        image.height,
+        dicom_fields(data) if is_dicom else {},
+        make_thumbnail(image),
+        pixels,
+    )
+
+
+def make_thumbnail(image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
+    small = image.copy()
+    small.thumbnail((size, size), Image.BILINEAR)
+    out = io.BytesIO()
+    small.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
+    return out.getvalue()
+
+
+def dicom_fields(data: bytes) -> dict[str, str]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:  # the pixels decoded, so a header problem only costs metadata
+        return {}
+    return {name: str(ds.get(tag)) for tag, name in DICOM_FIELDS.items() if ds.get(tag)}
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int) -> Iterator[R]:
+    """fn over items in a thread pool, results in input order, at most `depth` items in flight."""
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="index-decode")
+    pending: deque[Future] = deque()
+    source = iter(items)
+    try:
+        for item in source:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

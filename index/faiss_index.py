@@ -1,0 +1,175 @@
+"""FAISS indexes over L2-normalised vectors: inner product, stable 64-bit ids (IndexIDMap2).
+
+--index-type picks the structure:
+    auto   exact search (Flat) below AUTO_EXACT_MAX vectors, HNSW from there on
+    flat   exact inner product (IndexFlatIP)
+    hnsw   HNSW graph, M = HNSW_M (efConstruction HNSW_EF_CONSTRUCTION, efSearch HNSW_EF_SEARCH)
+    ivfpq  inverted lists + product quantisation (needs IVFPQ_MIN_PER_LIST vectors per list)
+    other  any FAISS index_factory string, e.g. "IVF256,Flat" or "HNSW64"
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+from .errors import IndexSpecError
+
+AUTO_EXACT_MAX = 50_000  # below this many vectors `auto` is exact
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
+IVF_NPROBE = 16
+IVFPQ_MIN_PER_LIST = 39  # FAISS's own floor for k-means training points per centroid
+PQ_TRAIN_MIN = 256  # an 8-bit product quantiser needs 256 training points
+PQ_DIMS_PER_CODE = 16  # ivfpq: one byte per 16 dimensions (512-d -> 32 bytes)
+RECALL_SAMPLE = 200  # queries used to measure an approximate index against exact search
+RECALL_K = 10
+NAMED_TYPES = ("auto", "flat", "hnsw", "ivfpq")
+
+
+def resolve_factory(index_type: str, count: int, dim: int) -> str:
+    """The FAISS factory string for an --index-type and a number of vectors."""
+    kind = index_type.strip()
+    if kind == "auto":
+        kind = "flat" if count < AUTO_EXACT_MAX else "hnsw"
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return f"HNSW{HNSW_M}"
+    if kind == "ivfpq":
+        nlist = max(1, min(int(4 * math.sqrt(max(count, 1))), count // IVFPQ_MIN_PER_LIST))
+        return f"IVF{nlist},PQ{pq_codes(dim)}"
+    return kind
+
+
+def pq_codes(dim: int) -> int:
+    target = max(1, dim // PQ_DIMS_PER_CODE)
+    return max(m for m in range(1, target + 1) if dim % m == 0)
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """Fail early (before any embedding) on a factory string FAISS cannot parse."""
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise IndexSpecError(
+            f"--index-type {factory!r} is not one of {', '.join(NAMED_TYPES)} and FAISS cannot "
+            f"parse it as an index_factory string: {_faiss_reason(err)}"
+        ) from err
+
+
+def build_index(factory: str, vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    """Train (when the structure needs it) and fill an IndexIDMap2 over `vectors` with `ids`."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    hnsw = _hnsw(inner)
+    if hnsw is not None:
+        hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    if not inner.is_trained:
+        _train(inner, factory, vectors)
+    index = faiss.IndexIDMap2(inner)
+    if len(ids):
+        index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+    tune_for_search(index)
+    return index
+
+
+def _train(inner: faiss.Index, factory: str, vectors: np.ndarray) -> None:
+    needed = minimum_training_points(inner)
+    if len(vectors) < needed:
+        raise IndexSpecError(
+            f"index type {factory!r} needs at least {needed} vectors to train, this index has "
+            f"{len(vectors)}: use --index-type flat (exact) or auto for an archive this size"
+        )
+    try:
+        inner.train(vectors)
+    except RuntimeError as err:
+        raise IndexSpecError(
+            f"FAISS could not train {factory!r} on {len(vectors)} vectors: {_faiss_reason(err)}; "
+            "use --index-type flat or auto"
+        ) from err
+
+
+def minimum_training_points(inner: faiss.Index) -> int:
+    ivf = _ivf(inner)
+    needed = ivf.nlist * IVFPQ_MIN_PER_LIST if ivf is not None else 1
+    if "PQ" in type(faiss.downcast_index(inner)).__name__:
+        needed = max(needed, PQ_TRAIN_MIN)
+    return needed
+
+
+def tune_for_search(index: faiss.Index) -> None:
+    """Search-time settings that index files do not store (efSearch, nprobe)."""
+    inner = _inner(index)
+    hnsw = _hnsw(inner)
+    if hnsw is not None:
+        hnsw.efSearch = HNSW_EF_SEARCH
+    ivf = _ivf(inner)
+    if ivf is not None:
+        ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
+
+
+def search_params(index: faiss.Index, allowed_ids: np.ndarray) -> faiss.SearchParameters | None:
+    """Parameters restricting a search to `allowed_ids`, or None where the structure can't."""
+    selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
+    inner = _inner(index)
+    if isinstance(inner, faiss.IndexFlat):
+        params = faiss.SearchParameters(sel=selector)
+    elif isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=HNSW_EF_SEARCH)
+    elif isinstance(inner, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=_ivf(inner).nprobe)
+    else:
+        return None
+    params.referenced_selector = selector  # keep it alive as long as the parameters
+    return params
+
+
+def measure_recall(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> float | None:
+    """recall@RECALL_K of `index` against exact search, on a fixed sample of stored vectors."""
+    if isinstance(_inner(index), faiss.IndexFlat) or len(ids) == 0:
+        return None
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(ids), size=min(RECALL_SAMPLE, len(ids)), replace=False)
+    k = min(RECALL_K, len(ids))
+    queries = np.ascontiguousarray(vectors[sample], dtype=np.float32)
+    _, exact_rows = faiss.knn(queries, np.ascontiguousarray(vectors), k, faiss.METRIC_INNER_PRODUCT)
+    _, approx = index.search(queries, k)
+    hits = sum(
+        len(set(ids[row]) & set(found)) for row, found in zip(exact_rows, approx, strict=True)
+    )
+    return round(hits / (k * len(sample)), 4)
+
+
+def ids_of(index: faiss.Index) -> np.ndarray:
+    return faiss.vector_to_array(index.id_map).astype(np.int64)
+
+
+def describe(index: faiss.Index) -> str:
+    return type(_inner(index)).__name__
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
+def _hnsw(inner: faiss.Index):
+    inner = faiss.downcast_index(inner)
+    return inner.hnsw if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def _ivf(inner: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(inner)
+    except RuntimeError:
+        return None
+
+
+def _faiss_reason(err: RuntimeError) -> str:
+    text = str(err).strip()
+    return text.rsplit(": ", 1)[-1] if ": " in text else text
