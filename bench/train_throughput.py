@@ -28,7 +28,7 @@ from training.train import start_run, train_step
 
 def measure_loop(run, steps: int, epoch: int) -> float:
     sampler = EpochSampler(len(run.train_set), run.config.batch_size, epoch, run.config.seed)
-    loader = iter(run.loader(sampler=sampler))
+    loader = iter(run.train_loader(sampler))
     train_step(run, next(loader))  # first batch pays for worker start-up: not counted
     started, pairs = time.perf_counter(), 0
     for batch in islice(loader, steps):
@@ -65,7 +65,7 @@ def main() -> None:
         )  # fmt: skip
         run.ddp_model.train()
         sampler = EpochSampler(len(run.train_set), config.batch_size, 999, config.seed)
-        fixed_batch = next(iter(run.loader(sampler=sampler)))
+        fixed_batch = next(iter(run.train_loader(sampler)))
         loop, model = [], []
         for round_index in range(args.rounds):
             model.append(measure_model(run, fixed_batch, args.steps))
@@ -83,7 +83,10 @@ def main() -> None:
                 "loop_pairs_per_s": round(loop_rate, 2),
                 "model_pairs_per_s": round(model_rate, 2),
                 "ratio": round(loop_rate / model_rate, 3),
-                "rounds": {"loop": [round(x, 2) for x in loop], "model": [round(x, 2) for x in model]},
+                "rounds": {
+                    "loop": [round(x, 2) for x in loop],
+                    "model": [round(x, 2) for x in model],
+                },
             },
             indent=2,
         )

@@ -144,6 +144,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     return Bundle(model, tokenizer, config, fingerprint, path, manifest.get("provenance", {}))
 
 
-def imagenet_image_encoder(config: ModelConfig) -> ImageEncoder:
-    """The untrained ImageNet backbone of a config: the baseline ConVIRT must beat."""
-    return build_image_encoder(config.model_copy(update={"image_weights": "packaged"}))
+def initial_image_encoder(config: ModelConfig) -> ImageEncoder:
+    """The image encoder as training started from it (the ImageNet weights, by default): the
+    baseline ConVIRT must beat."""
+    return build_image_encoder(config)

@@ -6,14 +6,13 @@ which copy of a duplicated image is kept) whatever the file system lists first.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from convirt.imageio import IMAGE_SUFFIXES, looks_like_dicom
+from convirt.manifest import ManifestError, read_manifest_rows
 
 from .errors import IndexStoreError
 
@@ -138,17 +137,7 @@ def read_manifest(
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     """A CSV or JSONL file as dicts of strings (None -> '')."""
-    if not path.is_file():
-        raise SourceError(f"manifest not found: {path}")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise SourceError(f"{path}:{number}: not valid JSON: {err}") from err
-                rows.append({k: "" if v is None else str(v) for k, v in row.items()})
-        return rows
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        return [{k: v or "" for k, v in row.items() if k is not None} for row in csv.DictReader(f)]
+    try:
+        return read_manifest_rows(path)
+    except ManifestError as err:
+        raise SourceError(str(err)) from err

@@ -7,8 +7,6 @@ uninterrupted one would have seen.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -22,14 +20,11 @@ from tqdm import tqdm
 
 from convirt.config import ModelConfig
 from convirt.imageio import ImageDecodeError, load_image
+from convirt.manifest import ManifestError, read_manifest_rows
 from convirt.sentences import report_sentences, sample_sentence
 from convirt.transforms import eval_transform, pil_to_tensor, resize_shorter, train_transform
 
 log = logging.getLogger(__name__)
-
-
-class ManifestError(ValueError):
-    """A manifest cannot be used; the message names the file and what to change."""
 
 
 @dataclass
@@ -46,25 +41,6 @@ class Record:
 class Skipped:
     path: str
     reason: str
-
-
-def read_manifest_rows(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV or JSONL manifest as dicts of strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ManifestError(f"{path}:{number}: not valid JSON: {err}") from err
-                rows.append({k: "" if v is None else str(v) for k, v in row.items()})
-        return rows
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        return list(csv.DictReader(f))
 
 
 def load_records(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from convirt.bundle import Bundle, imagenet_image_encoder
+from convirt.bundle import Bundle, initial_image_encoder
 from convirt.inference import Embedder
 from convirt.sentences import report_sentences
 
@@ -185,7 +185,7 @@ def evaluate(
         if queries_csv:
             result |= label_query_metrics(split_embeddings, embedder, queries_csv, label_column)
     if baseline == "imagenet":
-        encoder = imagenet_image_encoder(bundle.config).to(device).eval()
+        encoder = initial_image_encoder(bundle.config).to(device).eval()
         base = embed_images(
             split_embeddings.records, embedder, image_encoder=encoder, progress=progress
         )

@@ -68,19 +68,21 @@ class Run:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def loader(self, sampler=None, batch_sampler=None) -> DataLoader:
-        dataset = self.train_set if sampler is not None else self.val_set
+    def train_loader(self, sampler: EpochSampler) -> DataLoader:
+        return self._loader(self.train_set, sampler=sampler, batch_size=self.config.batch_size)
+
+    def val_loader(self, batches: list[list[tuple[int, int]]]) -> DataLoader:
+        return self._loader(self.val_set, batch_sampler=batches)
+
+    def _loader(self, dataset: PairDataset, **batching) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.config.batch_size if sampler is not None else 1,
-            sampler=sampler,
-            batch_sampler=batch_sampler,
-            drop_last=sampler is not None,
             num_workers=self.config.num_workers,
             collate_fn=self.collate,
             pin_memory=self.device.type == "cuda",
             # Its own generator: the global RNG (dropout) must not depend on how often loaders start.
             generator=torch.Generator().manual_seed(self.config.seed),
+            **batching,
         )
 
     def save_checkpoint(self) -> None:
@@ -289,7 +291,7 @@ def train_epoch(run: Run) -> bool:
     )  # fmt: skip
     set_train_mode(run)
     started = time.perf_counter()
-    for batch in run.loader(sampler=sampler):
+    for batch in run.train_loader(sampler):
         loss, batch_pairs = train_step(run, batch)
         state.loss_sum += loss * batch_pairs
         state.pairs_in_epoch += batch_pairs
@@ -348,7 +350,7 @@ def validation_loss(run: Run) -> float:
         return float("nan")
     run.model.eval()
     total, count = 0.0, 0
-    for batch in run.loader(batch_sampler=batches):
+    for batch in run.val_loader(batches):
         pixels = batch["pixels"].to(run.device)
         if run.config.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
