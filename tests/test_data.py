@@ -61,6 +61,22 @@ def test_unreadable_images_are_skipped_when_preloading(
     assert [s.path for s in dataset.skipped] == [str(tmp_path / "broken.jpg")]
 
 
+def test_unreadable_image_without_preloading_is_skipped_in_the_worker(
+    datasets, tmp_path, small_model_config, caplog
+):
+    rows = read_rows(datasets / "medpix" / "manifest.csv")[:3]
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    rows.insert(1, {**rows[0], "image": str(tmp_path / "broken.jpg"), "text": "Broken scan."})
+    manifest = write_manifest(tmp_path / "m.csv", rows, datasets / "medpix")
+    records, _ = load_records(manifest, require_text=True)
+    dataset = PairDataset(records, small_model_config, train=True, preload=False, progress=False)
+    with caplog.at_level(logging.WARNING):
+        pixels, sentence = dataset[(0, 1)]
+    assert pixels.shape == (3, 64, 64)
+    assert sentence != "Broken scan."  # the next record stood in
+    assert "broken.jpg" in caplog.text
+
+
 def test_samples_are_reproducible_per_epoch_and_index(medpix_subset, small_model_config):
     records, _ = load_records(medpix_subset, split="train", require_text=True)
     dataset = PairDataset(records[:4], small_model_config, train=True, seed=1, progress=False)
@@ -80,7 +96,12 @@ def test_sampler_partitions_an_epoch_across_ranks_and_resumes():
     assert full != list(EpochSampler(103, 10, 4, 0))  # a new permutation each epoch
 
 
-def test_empty_split_warning_is_logged(medpix_subset, caplog):
-    with caplog.at_level(logging.WARNING):
-        records, skipped = load_records(medpix_subset, split="test")
+def test_unknown_split_selects_nothing_and_missing_split_column_is_an_error(
+    medpix_subset, tmp_path
+):
+    records, skipped = load_records(medpix_subset, split="test")
     assert records == [] and skipped == []
+    no_split = tmp_path / "m.csv"
+    no_split.write_text("image,text\na.png,b\n")
+    with pytest.raises(ManifestError, match="no 'split' column"):
+        load_records(no_split, split="train")

@@ -150,22 +150,28 @@ class PairDataset(Dataset):
     def image_tensor(self, index: int) -> torch.Tensor:
         if self.cache is not None:
             return self.cache[index]
-        record = self.records[index]
-        try:
-            return decode_for_cache(record.image, self.config.resize)
-        except ImageDecodeError as err:
-            raise ImageDecodeError(f"{record.image}: {err}") from err
+        return decode_for_cache(self.records[index].image, self.config.resize)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str]:
         epoch, index = key
+        for attempt in range(len(self.records)):
+            candidate = (index + attempt) % len(self.records)
+            try:
+                return self._sample(epoch, candidate)
+            except ImageDecodeError as err:
+                # Without preloading, a bad file shows up only here, inside a loader worker:
+                # skip it for the next record rather than crash the whole run.
+                log.warning("skipping unreadable image %s: %s", self.records[candidate].image, err)
+        raise ImageDecodeError("no readable image in the dataset")
+
+    def _sample(self, epoch: int, index: int) -> tuple[torch.Tensor, str]:
         seed = self.sample_seed(epoch, index)
+        image = self.image_tensor(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            pixels = self.transform(self.image_tensor(index))
-        sentence = sample_sentence(
-            self.sentences[index], random.Random(seed), self.records[index].text
-        )
-        return pixels, sentence
+            pixels = self.transform(image)
+        text = self.records[index].text
+        return pixels, sample_sentence(self.sentences[index], random.Random(seed), text)
 
 
 class EpochSampler(Sampler):
