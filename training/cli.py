@@ -158,6 +158,10 @@ def eval_parser() -> argparse.ArgumentParser:
         "--text-mode", default="full", choices=["full", "sentences", "imaging-sentences"],
         help="embed a report whole, or as the mean of its (imaging) sentences",
     )  # fmt: skip
+    parser.add_argument(
+        "--all-images", action="store_true",
+        help="also use images without a report (default: only the image/report pairs)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     parser.add_argument(
@@ -182,7 +186,8 @@ def eval_main(argv: list[str]) -> int:
         result = evaluate(
             bundle, args.manifest, None if args.split == "all" else args.split,
             label_column=args.label_column, queries_csv=args.queries, baseline=args.baseline,
-            text_mode=args.text_mode, device=args.device, progress=not args.no_progress,
+            text_mode=args.text_mode, all_images=args.all_images, device=args.device,
+            progress=not args.no_progress,
         )  # fmt: skip
     except (BundleError, ValueError, FileNotFoundError) as err:
         print(f"convirt eval: {err}", file=sys.stderr)
