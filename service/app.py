@@ -1,0 +1,77 @@
+"""The FastAPI application: routers, middleware, error handlers, static page, lifespan.
+
+app = create_app(settings, resources)   # what `convirt serve` runs (resources loaded first)
+uvicorn --factory service.app:create_app  # loads the model and index during startup
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from . import __version__
+from .docs import fastapi_docs_url, install_local_docs
+from .errors import install_error_handlers
+from .limits import BodySizeLimit
+from .loading import Resources, load_resources
+from .metrics import Metrics, RequestMetrics
+from .routes import admin, health, images, page, search
+from .routes.page import STATIC_DIR
+from .settings import Settings
+from .state import ServiceState
+
+DESCRIPTION = """Medical image-text retrieval with a ConVIRT model.
+
+* **search**: a report sentence in, matching images out; an image in, similar cases out.
+* **images**: the indexed files and thumbnails by id, and similar cases of an indexed image.
+* **admin**: switch to the newest index version (X-API-Key).
+
+Errors are JSON: `{"error": {"status", "code", "message", "details"}}`. Ids are 63-bit integers
+sent as decimal strings.
+"""
+
+
+def create_app(settings: Settings | None = None, resources: Resources | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = ServiceState(settings, metrics)
+    if resources is not None:
+        service.attach(resources)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not service.ready:
+            loaded = await run_in_threadpool(load_resources, settings)
+            await run_in_threadpool(service.attach, loaded)
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="ConVIRT retrieval",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=fastapi_docs_url(),
+        redoc_url=None,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimit,
+        upload_limit=settings.max_upload_bytes,
+        other_limit=settings.max_json_bytes,
+    )
+    # outermost, so it counts the 413s of the size limit too
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)
+    for module in (search, images, admin, health, page):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    install_local_docs(app)
+    return app

@@ -1,0 +1,107 @@
+"""`convirt serve`: open the model bundle and the current index version, then serve HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from .settings import Settings, env_name
+
+log = logging.getLogger("service")
+
+ENV_ONLY = {"api_key"}  # secrets stay out of `ps`: environment only
+
+DESCRIPTION = """Serve text-to-image and image-to-image search over HTTP, with a web page at /.
+
+Every setting is read from its CONVIRT_* environment variable; a flag overrides it. The model
+bundle must be the one the index was built with (their fingerprints are compared at startup).
+"""
+
+EPILOG = """environment only:
+  CONVIRT_API_KEY   key for POST /v1/admin/reload (header X-API-Key); unset: admin API off
+
+endpoints:
+  POST /v1/search/text            {"text", "k", "filters"} -> the k best images
+  POST /v1/search/image           multipart file (PNG, JPEG, DICOM) + k -> similar cases
+  GET  /v1/images/{id}[/thumbnail|/similar?k=]
+  POST /v1/admin/reload           switch to the newest index version
+  GET  /healthz /readyz /metrics /docs
+
+example:
+  CONVIRT_MODEL=runs/cpu/bundle CONVIRT_INDEX_ROOT=/data/index CONVIRT_API_KEY=secret \\
+    convirt serve --host 0.0.0.0 --port 8000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convirt serve",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for name, field in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
+        help_text = f"{field.description} [{env_name(name)}; default: {field.default}]"
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def read_settings(argv: list[str]) -> Settings:
+    """Environment first, then flags on top; raises ValidationError for a bad value."""
+    given: dict[str, Any] = {k: v for k, v in vars(build_parser().parse_args(argv)).items()}
+    return Settings(**{k: v for k, v in given.items() if v is not None})
+
+
+def describe_invalid(err: ValidationError) -> str:
+    problems = [
+        f"{env_name(str(e['loc'][0])) if e['loc'] else 'setting'}: {e['msg']}" for e in err.errors()
+    ]
+    return "invalid settings: " + "; ".join(problems)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        settings = read_settings(argv)
+    except ValidationError as err:
+        print(f"convirt serve: {describe_invalid(err)}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    import torch
+    import uvicorn
+
+    from .app import create_app
+    from .loading import StartupError, load_resources
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        resources = load_resources(settings)
+    except StartupError as err:
+        print(f"convirt serve: {err}", file=sys.stderr)
+        return 2
+    app = create_app(settings, resources)
+    log.info("listening on http://%s:%d", settings.host, settings.port)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+    )
+    return 0

@@ -1,0 +1,123 @@
+"""The model behind the service: decoding, preprocessing and micro-batched encoder calls.
+
+Every encoder call runs in one dedicated model thread (torch uses its own intra-op threads
+inside it), fed by two micro-batchers, one per modality. Uploads are decoded and preprocessed in a
+separate pool of one thread per CPU (one torch thread each), in parallel with the model: at most
+that many decodes run at once, however many uploads arrive together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from PIL import Image
+
+from convirt.bundle import Bundle
+from convirt.imageio import load_image
+from convirt.inference import Embedder
+
+from .batching import MicroBatcher
+from .metrics import Metrics
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class TextVector:
+    vector: np.ndarray  # joint space, L2-normalised
+    truncated: bool  # the text ran past the encoder's token limit
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, settings: Settings, metrics: Metrics):
+        self.embedder = Embedder(bundle, settings.device, batch_size=settings.max_batch)
+        # torch's thread count is per thread, and a new thread starts from the last value set
+        # anywhere: so each pool's threads set their own as they start
+        model_threads = settings.torch_threads or torch.get_num_threads()
+        self.executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="model",
+            initializer=torch.set_num_threads,
+            initargs=(model_threads,),
+        )
+        self.decoders = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 2,
+            thread_name_prefix="decode",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        window_s = settings.batch_window_ms / 1000
+        self.texts: MicroBatcher[str, TextVector] = MicroBatcher(
+            self._embed_texts,
+            self.executor,
+            window_s,
+            settings.max_batch,
+            partial(metrics.observe_batch, "text"),
+        )
+        self.images: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+            self._embed_pixels,
+            self.executor,
+            window_s,
+            settings.max_batch,
+            partial(metrics.observe_batch, "image"),
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        return self.embedder.bundle.fingerprint
+
+    @property
+    def max_tokens(self) -> int:
+        return self.embedder.max_tokens
+
+    def start(self) -> None:
+        self.texts.start()
+        self.images.start()
+
+    async def stop(self) -> None:
+        await self.texts.stop()
+        await self.images.stop()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.decoders.shutdown(wait=True, cancel_futures=True)
+
+    def warm_up(self) -> None:
+        """One call of each encoder in the model thread, so the first request does not pay for
+        lazy initialisation."""
+        size = self.embedder.bundle.config.image_size
+        pixels = self.decoders.submit(self.embedder.preprocess, Image.new("L", (size, size)))
+        self.executor.submit(self._embed_texts, ["warm up"]).result()
+        self.executor.submit(self._embed_pixels, [pixels.result()]).result()
+
+    async def embed_text(self, text: str) -> TextVector:
+        return await self.texts.submit(text)
+
+    async def embed_image(self, pixels: torch.Tensor) -> np.ndarray:
+        """Encoder-space vector h/|h| of one preprocessed image (the space the index searches)."""
+        return await self.images.submit(pixels)
+
+    async def prepare_image(self, data: bytes) -> torch.Tensor:
+        """Decode and preprocess an upload in the decode pool.
+
+        Raises convirt.imageio.ImageDecodeError (ImageTooLargeError for decompression bombs).
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decoders, self._prepare_image, data)
+
+    def _prepare_image(self, data: bytes) -> torch.Tensor:
+        return self.embedder.preprocess(load_image(data))
+
+    def _embed_texts(self, texts: list[str]) -> list[TextVector]:
+        embedded = self.embedder.embed_texts(texts)
+        return [
+            TextVector(vector, truncated)
+            for vector, truncated in zip(embedded.vectors, embedded.truncated, strict=True)
+        ]
+
+    def _embed_pixels(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        encoder, _joint = self.embedder.embed_pixels(torch.stack(tensors))
+        return list(encoder)

@@ -1,0 +1,51 @@
+"""Opening the model bundle and the index at startup, refusing any pair that does not match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from convirt.bundle import Bundle, BundleError, load_bundle, read_manifest
+from index.errors import IndexStoreError
+from index.store import IndexStore, open_current
+
+from .settings import Settings, env_name
+
+
+class StartupError(RuntimeError):
+    """The service cannot start with these settings; the message says what to change."""
+
+
+@dataclass
+class Resources:
+    bundle: Bundle
+    store: IndexStore
+
+
+def required_path(settings: Settings, field: str) -> Path:
+    value = getattr(settings, field)
+    if value is None:
+        flag = "--" + field.replace("_", "-")
+        raise StartupError(f"set {env_name(field)} (or {flag}): the service needs it")
+    return Path(value)
+
+
+def load_resources(settings: Settings) -> Resources:
+    """The bundle and the current index version, checked to belong together before any weights load.
+
+    The index records the fingerprint of the model that embedded it; a bundle with another
+    fingerprint would put queries in a different space, so it is refused with both fingerprints.
+    """
+    model_dir = required_path(settings, "model")
+    index_root = required_path(settings, "index_root")
+    try:
+        fingerprint = read_manifest(model_dir)["fingerprint"]
+        store = open_current(index_root, expected_fingerprint=fingerprint)
+    except (BundleError, IndexStoreError, OSError) as err:
+        raise StartupError(str(err)) from err
+    try:
+        bundle = load_bundle(model_dir, settings.device)
+    except (BundleError, OSError) as err:
+        store.close()
+        raise StartupError(str(err)) from err
+    return Resources(bundle, store)

@@ -1,0 +1,40 @@
+"""POST /v1/admin/reload: switch to the newest index version (X-API-Key required)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from index.errors import IndexStoreError, ModelMismatchError
+
+from ..deps import ServiceDep, require_api_key
+from ..errors import ApiError
+from ..schemas import ReloadResponse, errors
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/reload",
+    response_model=ReloadResponse,
+    responses=errors(401, 403, 409, 503),
+    summary="Serve the newest index version",
+)
+async def reload_index(service: ServiceDep) -> ReloadResponse:
+    """Open the version the index root's CURRENT names and serve it from now on. Requests already
+    running finish on the version they started with; none is dropped. A version built with
+    another model is refused (409) and the current one keeps serving."""
+    if not service.ready:
+        raise ApiError(503, "not_ready", "the service is still loading; retry shortly")
+    try:
+        outcome = await service.reload()
+    except ModelMismatchError as err:
+        raise ApiError(409, "model_mismatch", str(err)) from err
+    except IndexStoreError as err:
+        raise ApiError(503, "index_unavailable", str(err)) from err
+    return ReloadResponse(
+        reloaded=outcome.reloaded,
+        previous_version=outcome.previous_version,
+        index_version=outcome.version,
+        images=outcome.images,
+        took_ms=round(outcome.seconds * 1000, 3),
+    )

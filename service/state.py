@@ -1,0 +1,115 @@
+"""What one running service holds: settings, metrics, the model engine and the served index."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from starlette.concurrency import run_in_threadpool
+
+from index.errors import IndexStoreError
+from index.store import IndexStore, open_current
+
+from .engine import Engine
+from .loading import Resources
+from .metrics import Metrics
+from .settings import Settings
+from .stores import StoreSlot
+
+log = logging.getLogger("service")
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    reloaded: bool
+    previous_version: str
+    version: str
+    images: int
+    seconds: float
+
+
+class ServiceState:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.stores: StoreSlot | None = None
+        self.reload_lock = asyncio.Lock()
+        self.poller: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.stores is not None
+
+    def attach(self, resources: Resources) -> None:
+        """Take over a loaded bundle and index (blocking: warms the model up)."""
+        engine = Engine(resources.bundle, self.settings, self.metrics)
+        engine.warm_up()
+        self.engine, self.stores = engine, StoreSlot(resources.store)
+        self._publish(resources.store)
+        log.info(
+            "model %s, index version %s with %d images",
+            engine.fingerprint,
+            resources.store.version,
+            resources.store.count,
+        )
+
+    async def start(self) -> None:
+        assert self.engine is not None
+        self.engine.start()
+        if self.settings.reload_poll_seconds > 0:
+            self.poller = asyncio.create_task(self._poll(), name="index-poller")
+
+    async def stop(self) -> None:
+        if self.poller is not None:
+            self.poller.cancel()
+            await asyncio.gather(self.poller, return_exceptions=True)
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.stores is not None:
+            self.stores.close()
+
+    async def reload(self) -> ReloadOutcome:
+        """Serve the newest index version. Requests in flight finish on the version they started on.
+
+        Raises ModelMismatchError when the new version was built with another model, and other
+        IndexStoreErrors when it cannot be opened; the current version keeps serving either way.
+        """
+        assert self.engine is not None and self.stores is not None
+        async with self.reload_lock:
+            started = time.perf_counter()
+            old = self.stores.current
+            if not await run_in_threadpool(old.has_newer_version):
+                self.metrics.reloads.labels("unchanged").inc()
+                return ReloadOutcome(False, old.version, old.version, old.count, 0.0)
+            try:
+                new = await run_in_threadpool(
+                    open_current, self.settings.index_root, self.engine.fingerprint
+                )
+            except IndexStoreError:
+                self.metrics.reloads.labels("failed").inc()
+                raise
+            self.stores.swap(new)
+            self._publish(new)
+            self.metrics.reloads.labels("switched").inc()
+            seconds = time.perf_counter() - started
+            log.info("index version %s -> %s (%d images)", old.version, new.version, new.count)
+            return ReloadOutcome(True, old.version, new.version, new.count, seconds)
+
+    def _publish(self, store: IndexStore) -> None:
+        self.metrics.set_index(store.version, store.fingerprint, store.count)
+
+    async def _poll(self) -> None:
+        """Switch to a newer index version by itself, every reload_poll_seconds."""
+        last_error = None
+        while True:
+            await asyncio.sleep(self.settings.reload_poll_seconds)
+            try:
+                await self.reload()
+                last_error = None
+            except (IndexStoreError, OSError) as err:
+                if str(err) != last_error:
+                    log.warning("index not reloaded, still serving the old version: %s", err)
+                last_error = str(err)
