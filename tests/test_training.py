@@ -71,6 +71,10 @@ def test_resume_refuses_other_settings_and_fresh_run_refuses_old_dir(
     train(config, [medpix_subset], tmp_path, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train(config, [medpix_subset], tmp_path, progress=False)
+    bundle_mtime = (tmp_path / "bundle" / "weights.safetensors").stat().st_mtime_ns
+    reused = train(config, [medpix_subset], tmp_path, resume=True, progress=False)
+    assert reused.state.step == 1  # a finished run is reused, not trained further
+    assert (tmp_path / "bundle" / "weights.safetensors").stat().st_mtime_ns == bundle_mtime
     with pytest.raises(ValueError, match=r"lr: 0.0001 -> 0.001"):
         train(config.model_copy(update={"lr": 1e-3, "max_steps": 2}), [medpix_subset], tmp_path,
               resume=True, progress=False)  # fmt: skip

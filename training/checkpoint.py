@@ -51,3 +51,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[TrainState
     if payload["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng_cuda"])
     return TrainState(**payload["state"]), payload["config"]
+
+
+def read_checkpoint_state(path: Path) -> tuple[TrainState, dict]:
+    """The progress and settings of a checkpoint, without building a model."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return TrainState(**payload["state"]), payload["config"]

@@ -25,7 +25,7 @@ from convirt.loss import convirt_loss
 from convirt.model import ConVIRT, build_model
 
 from . import distributed
-from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, load_checkpoint, read_checkpoint_state, save_checkpoint
 from .config import TrainConfig
 from .data import Collator, EpochSampler, PairDataset, load_records, report_skips
 
@@ -87,13 +87,9 @@ class Run:
 
     def save_checkpoint(self) -> None:
         if self.dist.is_main:
-            identity = {
-                **self.config.model_dump(),
-                "data": [m["sha256"] for m in self.provenance["manifests"]],
-            }
             save_checkpoint(
                 self.out_dir / CHECKPOINT_NAME, self.model, self.optimizer, self.scheduler,
-                self.state, identity,
+                self.state, run_identity(self.config, self.provenance["manifests"]),
             )  # fmt: skip
 
     def export_bundle(self, note: str) -> None:
@@ -209,12 +205,20 @@ def train(
             "or choose another --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint_path.exists():
+        saved_state, saved_identity = read_checkpoint_state(checkpoint_path)
+        refuse_changed_config(
+            saved_identity, run_identity(config, manifest_hashes(manifests)), out_dir
+        )
+        if is_complete(saved_state, config) and (out_dir / BUNDLE_DIR).exists():
+            log.info(
+                "%s is a finished run (%d epochs): reusing its bundle", out_dir, saved_state.epoch
+            )
+            distributed.teardown(dist_info)
+            return TrainResult(out_dir, out_dir / BUNDLE_DIR, saved_state)
     run = start_run(config, manifests, out_dir, dist_info, device, progress)
     if checkpoint_path.exists():
-        run.state, saved_config = load_checkpoint(
-            checkpoint_path, run.model, run.optimizer, run.scheduler
-        )
-        refuse_changed_config(saved_config, config, run.provenance, out_dir)
+        run.state, _ = load_checkpoint(checkpoint_path, run.model, run.optimizer, run.scheduler)
         log.info("resuming at epoch %d batch %d", run.state.epoch + 1, run.state.batch_in_epoch)
 
     while not run.state.finished and run.state.epoch < config.epochs:
@@ -236,10 +240,22 @@ def train(
 RESUMABLE_CHANGES = {"epochs", "max_steps", "device", "num_workers", "threads", "preload"}
 
 
-def refuse_changed_config(
-    saved: dict, config: TrainConfig, provenance: dict, out_dir: Path
-) -> None:
-    current = {**config.model_dump(), "data": [m["sha256"] for m in provenance["manifests"]]}
+def is_complete(state: TrainState, config: TrainConfig) -> bool:
+    """Nothing left to train: early-stopped, all epochs done, or --max-steps reached."""
+    out_of_steps = config.max_steps is not None and state.step >= config.max_steps
+    return state.finished or state.epoch >= config.epochs or out_of_steps
+
+
+def manifest_hashes(manifests: list[Path]) -> list[dict]:
+    return [{"path": str(Path(m).resolve()), "sha256": _sha256(Path(m))} for m in manifests]
+
+
+def run_identity(config: TrainConfig, manifests: list[dict]) -> dict:
+    """What a checkpoint was trained with: every setting, and the content of the data manifests."""
+    return {**config.model_dump(), "data": [m["sha256"] for m in manifests]}
+
+
+def refuse_changed_config(saved: dict, current: dict, out_dir: Path) -> None:
     changed = [
         key for key in sorted(set(saved) | set(current))
         if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
@@ -394,9 +410,7 @@ def end_epoch(run: Run) -> None:
 
 def _provenance(config: TrainConfig, manifests: list[Path], n_train: int, n_val: int) -> dict:
     return {
-        "manifests": [
-            {"path": str(Path(m).resolve()), "sha256": _sha256(Path(m))} for m in manifests
-        ],
+        "manifests": manifest_hashes(manifests),
         "train_pairs": n_train,
         "val_pairs": n_val,
         "config": config.model_dump(),
