@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from convirt.bundle import load_tokenizer, save_bundle
 from convirt.config import ModelConfig
+from convirt.model import build_model
 from convirt.paths import data_root
 
 # Small but real: the tests train and embed at this size to stay fast on two cores.
@@ -58,3 +60,14 @@ def medpix_subset(datasets: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_model_config() -> ModelConfig:
     return ModelConfig(image_size=TEST_IMAGE_SIZE, max_text_tokens=32)
+
+
+def make_bundle(config: ModelConfig, seed: int, out: Path) -> Path:
+    """An untrained model saved as a bundle: real weights, real format, fast to make."""
+    save_bundle(build_model(config, seed=seed).eval(), load_tokenizer(config), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, small_model_config) -> Path:
+    return make_bundle(small_model_config, 0, tmp_path_factory.mktemp("bundle") / "bundle")

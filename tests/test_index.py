@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import make_bundle
 from PIL import Image
 
-from convirt.bundle import load_bundle, load_tokenizer, save_bundle
+from convirt.bundle import load_bundle
 from convirt.imageio import load_image
 from convirt.inference import Embedder
-from convirt.model import build_model
 from index import cli, layout
 from index.builder import Options, add, build, merge, reindex, remove
 from index.checks import info, verify
@@ -45,16 +45,6 @@ IMAGES_INDEXED = 24 + 8 + 2  # medpix + covid-cxr + DICOM; the duplicate and bro
 
 
 # -- fixtures --------------------------------------------------------------------------------------
-
-
-def make_bundle(config, seed: int, out: Path) -> Path:
-    save_bundle(build_model(config, seed=seed).eval(), load_tokenizer(config), out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory, small_model_config) -> Path:
-    return make_bundle(small_model_config, 0, tmp_path_factory.mktemp("bundle") / "bundle")
 
 
 @pytest.fixture(scope="module")
