@@ -106,10 +106,14 @@ def test_train_and_eval_cli_on_real_data(medpix_subset, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 2
+    queries = tmp_path / "queries.csv"
+    queries.write_text(
+        "label,text\nHead,CT of the brain shows a lesion.\nThorax,Consolidation in the lung.\n"
+    )
     evaluated = run_cli(
         "eval", "--model", str(out / "bundle"), "--manifest", str(medpix_subset),
         "--split", "dev", "--label-column", "location_category", "--baseline", "imagenet",
-        "--no-progress",
+        "--queries", str(queries), "--no-progress",
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
@@ -118,6 +122,7 @@ def test_train_and_eval_cli_on_real_data(medpix_subset, tmp_path):
         "text_to_image/recall@1", "text_to_image/recall@10", "image_to_text/recall@5",
         "image_to_image/encoder/precision@10", "image_to_image/projection/precision@5",
         "imagenet/image_to_image/encoder/precision@10", "random/text_to_image/recall@10",
+        "label_text_to_image/precision@5", "random/label_text_to_image/precision@5",
     ):  # fmt: skip
         assert 0.0 <= result[key] <= 1.0, key
     for direction in ("text_to_image", "image_to_text"):
