@@ -183,9 +183,8 @@ def evaluate(
     records = load_split(manifest, split)
     if not all_images:
         records = [r for r in records if r.text] or records
-    result: dict[str, float] = {"n_images": 0}
     split_embeddings = embed_images(records, embedder, progress=progress)
-    result["n_images"] = len(split_embeddings.records)
+    result: dict[str, float] = {"n_images": len(split_embeddings.records)}
     result |= text_image_metrics(split_embeddings, embedder, text_mode)
     if label_column:
         result |= image_image_metrics(split_embeddings, label_column)
