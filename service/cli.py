@@ -82,14 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    import torch
     import uvicorn
 
     from .app import create_app
     from .loading import StartupError, load_resources
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     try:
         resources = load_resources(settings)
     except StartupError as err:

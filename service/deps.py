@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the service state, the model engine, a leased index store, the API key."""
+"""FastAPI dependencies: the service state, the model engine, a leased index store, the API key.
+
+All are `async def`: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per
+dependency per request for what is an attribute lookup.
+"""
 
 from __future__ import annotations
 
@@ -23,18 +27,18 @@ api_key_header = APIKeyHeader(
 )
 
 
-def get_service(request: Request) -> ServiceState:
+async def get_service(request: Request) -> ServiceState:
     return request.app.state.service
 
 
 ServiceDep = Annotated[ServiceState, Depends(get_service)]
 
 
-def get_settings(service: ServiceDep) -> Settings:
+async def get_settings(service: ServiceDep) -> Settings:
     return service.settings
 
 
-def get_engine(service: ServiceDep) -> Engine:
+async def get_engine(service: ServiceDep) -> Engine:
     if service.engine is None:
         raise ApiError(503, "not_ready", "the model is still loading; retry shortly")
     return service.engine
@@ -48,7 +52,7 @@ async def leased_store(service: ServiceDep) -> AsyncIterator[IndexStore]:
         yield store
 
 
-def require_api_key(
+async def require_api_key(
     settings: Annotated[Settings, Depends(get_settings)],
     key: Annotated[str | None, Depends(api_key_header)],
 ) -> None:
@@ -66,7 +70,7 @@ def require_api_key(
         )
 
 
-def url_root(request: Request) -> str:
+async def url_root(request: Request) -> str:
     """Prefix of the URLs put in responses (non-empty when served under a proxy's root_path)."""
     return request.scope.get("root_path", "").rstrip("/")
 

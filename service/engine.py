@@ -1,18 +1,20 @@
-"""The model behind the service: decoding, preprocessing and micro-batched encoder calls.
+"""The model behind the service: decoding, preprocessing, micro-batched encoder calls, searches.
 
-Every encoder call runs in one dedicated model thread (torch uses its own intra-op threads
+Every encoder call runs in the thread that loaded the model (torch uses its own intra-op threads
 inside it), fed by two micro-batchers, one per modality. Uploads are decoded and preprocessed in a
 separate pool of one thread per CPU (one torch thread each), in parallel with the model: at most
-that many decodes run at once, however many uploads arrive together.
+that many decodes run at once, however many uploads arrive together. Index searches run in a
+third pool, faiss single-threaded (see service.threads for why).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +27,9 @@ from convirt.inference import Embedder
 from .batching import MicroBatcher
 from .metrics import Metrics
 from .settings import Settings
+from .threads import decode_pool, search_pool
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,23 +39,18 @@ class TextVector:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, settings: Settings, metrics: Metrics):
+    def __init__(
+        self,
+        bundle: Bundle,
+        model_thread: ThreadPoolExecutor,
+        settings: Settings,
+        metrics: Metrics,
+    ):
+        """model_thread: the single thread that loaded the bundle (service.loading)."""
         self.embedder = Embedder(bundle, settings.device, batch_size=settings.max_batch)
-        # torch's thread count is per thread, and a new thread starts from the last value set
-        # anywhere: so each pool's threads set their own as they start
-        model_threads = settings.torch_threads or torch.get_num_threads()
-        self.executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="model",
-            initializer=torch.set_num_threads,
-            initargs=(model_threads,),
-        )
-        self.decoders = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 2,
-            thread_name_prefix="decode",
-            initializer=torch.set_num_threads,
-            initargs=(1,),
-        )
+        self.executor = model_thread
+        self.decoders = decode_pool()
+        self.searchers = search_pool()
         window_s = settings.batch_window_ms / 1000
         self.texts: MicroBatcher[str, TextVector] = MicroBatcher(
             self._embed_texts,
@@ -82,8 +82,8 @@ class Engine:
     async def stop(self) -> None:
         await self.texts.stop()
         await self.images.stop()
-        self.executor.shutdown(wait=True, cancel_futures=True)
-        self.decoders.shutdown(wait=True, cancel_futures=True)
+        for pool in (self.executor, self.decoders, self.searchers):
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def warm_up(self) -> None:
         """One call of each encoder in the model thread, so the first request does not pay for
@@ -107,6 +107,10 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.decoders, self._prepare_image, data)
+
+    async def search(self, run: Callable[[], T]) -> T:
+        """Run an index search (or anything calling faiss) in the search pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.searchers, run)
 
     def _prepare_image(self, data: bytes) -> torch.Tensor:
         return self.embedder.preprocess(load_image(data))

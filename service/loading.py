@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from index.errors import IndexStoreError
 from index.store import IndexStore, open_current
 
 from .settings import Settings, env_name
+from .threads import model_thread
 
 
 class StartupError(RuntimeError):
@@ -20,6 +22,7 @@ class StartupError(RuntimeError):
 class Resources:
     bundle: Bundle
     store: IndexStore
+    model_thread: ThreadPoolExecutor  # the thread that loaded the model, and must run it
 
 
 def required_path(settings: Settings, field: str) -> Path:
@@ -43,9 +46,11 @@ def load_resources(settings: Settings) -> Resources:
         store = open_current(index_root, expected_fingerprint=fingerprint)
     except (BundleError, IndexStoreError, OSError) as err:
         raise StartupError(str(err)) from err
+    thread = model_thread(settings.torch_threads)
     try:
-        bundle = load_bundle(model_dir, settings.device)
+        bundle = thread.submit(load_bundle, model_dir, settings.device).result()
     except (BundleError, OSError) as err:
+        thread.shutdown()
         store.close()
         raise StartupError(str(err)) from err
-    return Resources(bundle, store)
+    return Resources(bundle, store, thread)

@@ -45,7 +45,7 @@ class ServiceState:
 
     def attach(self, resources: Resources) -> None:
         """Take over a loaded bundle and index (blocking: warms the model up)."""
-        engine = Engine(resources.bundle, self.settings, self.metrics)
+        engine = Engine(resources.bundle, resources.model_thread, self.settings, self.metrics)
         engine.warm_up()
         self.engine, self.stores = engine, StoreSlot(resources.store)
         self._publish(resources.store)

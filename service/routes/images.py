@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from convirt.imageio import looks_like_dicom
 from index.store import IndexStore
 
-from ..deps import ImageId, StoreDep, UrlRootDep
+from ..deps import EngineDep, ImageId, StoreDep, UrlRootDep
 from ..errors import ApiError
 from ..results import search_and_describe
 from ..schemas import K_DEFAULT, K_MAX, SearchResponse, errors
@@ -84,6 +84,7 @@ async def thumbnail(image_id: ImageId, store: StoreDep) -> Response:
 )
 async def similar(
     image_id: ImageId,
+    engine: EngineDep,
     store: StoreDep,
     root: UrlRootDep,
     k: Annotated[int, Query(ge=1, le=K_MAX, description="how many images to return")] = K_DEFAULT,
@@ -91,8 +92,8 @@ async def similar(
     """The k indexed images nearest to this one in the encoder space, itself excluded."""
     started = time.perf_counter()
     try:
-        results = await run_in_threadpool(
-            search_and_describe, store, lambda: store.similar_to_id(image_id, k), root
+        results = await engine.search(
+            lambda: search_and_describe(store, lambda: store.similar_to_id(image_id, k), root)
         )
     except KeyError as err:
         raise unknown_id(store, image_id) from err

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, File, Form, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from convirt.imageio import ImageDecodeError, ImageTooLargeError
 from index.store import IndexStore
@@ -57,7 +56,7 @@ async def search_text(
         )
     embedded = await engine.embed_text(query.text)
     results = await run_search(
-        store, root, store.search_text_vectors, embedded.vector, query.k, query.filters
+        engine, store, root, store.search_text_vectors, embedded.vector, query.k, query.filters
     )
     return TextSearchResponse(
         results=results,
@@ -92,7 +91,7 @@ async def search_image(
     data = image_bytes(await file.read(), file.filename, file.content_type)
     pixels = await decode(engine, data)
     vector = await engine.embed_image(pixels)
-    results = await run_search(store, root, store.search_image_vectors, vector, k, wanted)
+    results = await run_search(engine, store, root, store.search_image_vectors, vector, k, wanted)
     return SearchResponse(
         results=results,
         took_ms=elapsed_ms(started),
@@ -127,12 +126,18 @@ def parse_filters(text: str | None) -> dict[str, Any]:
 
 
 async def run_search(
-    store: IndexStore, root: str, search, vector, k: int, filters: dict[str, Any]
+    engine: Engine,
+    store: IndexStore,
+    root: str,
+    search,
+    vector,
+    k: int,
+    filters: dict[str, Any],
 ) -> list[SearchResult]:
-    """Search in a worker thread; an unusable filter field is the client's error (422)."""
+    """Search in the engine's search pool; an unusable filter field is the client's error (422)."""
     try:
-        return await run_in_threadpool(
-            search_and_describe, store, lambda: search(vector, k, filters)[0], root
+        return await engine.search(
+            lambda: search_and_describe(store, lambda: search(vector, k, filters)[0], root)
         )
     except ValueError as err:
         if not filters:
