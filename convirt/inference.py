@@ -13,6 +13,11 @@ from PIL import Image
 from .bundle import Bundle
 from .transforms import eval_transform, pil_to_tensor
 
+# Padded tokens one text forward pass aims at: past it, a longer chunk gains nothing on CPU.
+# Measured on 2 cores with medpix report sentences (7-40 tokens): 32 at once 259 ms padded to the
+# longest, 164 ms in chunks of 256 tokens, 406 ms one at a time.
+TOKENS_PER_FORWARD = 256
+
 
 @dataclass
 class TextEmbedding:
@@ -52,26 +57,30 @@ class Embedder:
             return_tensors="pt",
         )
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Token counts, capped at max_tokens + 1 (enough to tell whether a text is truncated)."""
-        encoded = self.bundle.tokenizer(
-            list(texts), truncation=True, max_length=self.max_tokens + 1
-        )
-        return [len(ids) for ids in encoded["input_ids"]]
-
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> TextEmbedding:
-        """Joint-space vectors u/|u| for each text (truncated at the token limit, and said so)."""
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenize(texts[start : start + self.batch_size])
+        """Joint-space vectors u/|u| for each text (truncated at the token limit, and said so).
+
+        Texts are encoded shortest first, in chunks padded to their own longest text: a batch of
+        mixed lengths padded to its longest wastes most of its compute on padding.
+        """
+        if not texts:
+            return TextEmbedding(np.zeros((0, self.dim), np.float32), [])
+        tokenizer = self.bundle.tokenizer
+        counted = tokenizer(list(texts), truncation=True, max_length=self.max_tokens + 1)
+        lengths = [len(ids) for ids in counted["input_ids"]]
+        encoded = tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+        vectors = np.zeros((len(texts), self.dim), np.float32)
+        for chunk in length_chunks(lengths, self.batch_size, TOKENS_PER_FORWARD):
+            batch = tokenizer.pad(
+                {key: [encoded[key][i] for i in chunk] for key in ("input_ids", "attention_mask")},
+                return_tensors="pt",
+            )
             _, u = self.model.encode_text(
                 batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
             )
-            chunks.append(F.normalize(u.float(), dim=-1).cpu())
-        vectors = torch.cat(chunks).numpy() if chunks else np.zeros((0, self.dim), np.float32)
-        truncated = [n > self.max_tokens for n in self.count_tokens(texts)] if texts else []
-        return TextEmbedding(vectors, truncated)
+            vectors[chunk] = F.normalize(u.float(), dim=-1).cpu().numpy()
+        return TextEmbedding(vectors, [n > self.max_tokens for n in lengths])
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -92,3 +101,19 @@ class Embedder:
             for i in range(0, len(tensors), self.batch_size)
         ]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def length_chunks(lengths: Sequence[int], max_batch: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped shortest first, each group at most max_batch long and, once it holds more
+    than one text, at most max_tokens padded tokens (count x its longest)."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        padded = (len(current) + 1) * lengths[index]
+        if current and (len(current) == max_batch or padded > max_tokens):
+            chunks.append(current)
+            current = []
+        current.append(index)
+    if current:
+        chunks.append(current)
+    return chunks

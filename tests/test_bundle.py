@@ -76,3 +76,28 @@ def test_text_truncation_is_reported(saved):
     result = embedder.embed_texts(["short text", "word " * 500])
     assert result.truncated == [False, True]
     assert np.allclose(np.linalg.norm(result.vectors, axis=1), 1.0)
+
+
+def test_texts_of_mixed_lengths_embed_as_if_one_at_a_time(saved):
+    model, tokenizer, _, fingerprint = saved
+    from convirt.bundle import Bundle
+
+    embedder = Embedder(Bundle(model, tokenizer, model.config, fingerprint), batch_size=4)
+    texts = [f"finding {n}: " + "small effusion " * (n % 7) for n in range(11)]
+    together = embedder.embed_texts(texts).vectors
+    alone = np.concatenate([embedder.embed_texts([text]).vectors for text in texts])
+    assert np.allclose(together, alone, atol=1e-5)
+
+
+def test_length_chunks_sort_and_bound_padding():
+    from convirt.inference import length_chunks
+
+    lengths = [30, 5, 12, 5, 40, 7, 12, 64]
+    chunks = length_chunks(lengths, max_batch=3, max_tokens=40)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
+    order = [lengths[i] for chunk in chunks for i in chunk]
+    assert order == sorted(lengths)
+    for chunk in chunks:
+        assert len(chunk) <= 3
+        assert len(chunk) == 1 or len(chunk) * max(lengths[i] for i in chunk) <= 40
+    assert length_chunks([100], 32, 10) == [[0]]  # one long text still gets its own chunk
