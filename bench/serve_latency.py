@@ -2,11 +2,13 @@
 
 One run: build an index of shared archive images (medpix, with their captions), time the same
 queries in this process (encode + search + metadata, no HTTP), then start `convirt serve` as a
-child process and drive it with N concurrent clients (httpx.AsyncClient) for a fixed time per
-level: text queries (POST /v1/search/text) and image queries (POST /v1/search/image, JPEG upload).
-Per level: requests, errors, requests/s, p50/p99 latency and the mean micro-batch size; then the
-server's peak RSS (VmHWM). The in-process times are measured before and after the HTTP load, with
-the server stopped, and averaged. Prints JSON.
+child process and drive it with N concurrent clients for a fixed time per level: text queries
+(POST /v1/search/text: a sentence of each archive caption in turn, as a user would type) and image queries (POST /v1/search/image,
+JPEG uploads in turn). The load generator is `wrk` (a C program: Debian's `wrk` package) when it
+is installed, else httpx.AsyncClient, which on a small machine takes much of the CPU it measures.
+Per level: requests, errors, requests/s, p50/p99 latency, the mean micro-batch size and the
+server's RSS after the level; then its peak RSS (VmHWM). The in-process times are measured before
+and after the HTTP load, with the server stopped, and averaged. Prints JSON.
 
 Targets (for docs/benchmarks.md; not assertions): text p50 at concurrency 1 within 1.3x of the
 in-process time; requests/s at 32 clients >= 3x requests/s at 1; zero errors.
@@ -15,6 +17,7 @@ The load generator runs on the same machine as the server: on few cores it compe
     python bench/serve_latency.py --duration 3                  # a quick smoke run
     python bench/serve_latency.py --duration 30 --images 512    # figures for the docs
     python bench/serve_latency.py --torch-threads 1             # steadier on a busy machine
+    python bench/serve_latency.py --client httpx                # the Python load generator
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,6 +47,7 @@ from convirt.imageio import load_image
 from convirt.inference import Embedder
 from convirt.model import build_model
 from convirt.paths import data_root
+from convirt.sentences import report_sentences
 from index.builder import Options, build
 from index.sources import read_manifest
 from index.store import IndexStore, open_current
@@ -54,7 +60,7 @@ IN_PROCESS_RUNS = 40
 @dataclass
 class Archive:
     manifest: Path
-    texts: list[str]
+    texts: list[str]  # query sentences: the first imaging sentence of each caption
     images: list[Path]
 
 
@@ -64,7 +70,7 @@ class Level:
     errors: int = 0
     seconds: float = 0.0
 
-    def summary(self, batch: float | None) -> dict:
+    def summary(self) -> dict:
         ms = np.array(self.latencies) * 1000
         done = len(self.latencies)
         return {
@@ -73,7 +79,6 @@ class Level:
             "rps": round(done / self.seconds, 1) if self.seconds else 0.0,
             "p50_ms": round(float(np.percentile(ms, 50)), 2) if done else None,
             "p99_ms": round(float(np.percentile(ms, 99)), 2) if done else None,
-            "mean_batch": batch,
         }
 
 
@@ -92,7 +97,8 @@ def write_archive(folder: Path, count: int) -> Archive:
             image = str(source.parent / row["image"])
             writer.writerow({"image": image, "text": row["text"], "modality": row["modality"]})
     images = [source.parent / r["image"] for r in rows]
-    return Archive(manifest, [r["text"] for r in rows], images)
+    sentences = [report_sentences(r["text"], "imaging")[:1] for r in rows]
+    return Archive(manifest, [s[0] for s in sentences if s], images)
 
 
 def default_bundle(out: Path) -> Path:
@@ -182,6 +188,82 @@ async def drive(url: str, kind: str, clients: int, seconds: float, archive: Arch
     return level
 
 
+WRK_SCRIPT = """
+local bodies, n = {}, 0
+local path, content_type = "%(path)s", "%(content_type)s"
+for i = 0, %(count)d - 1 do
+  local f = assert(io.open(string.format("%(folder)s/body-%%d", i), "rb"))
+  bodies[#bodies + 1] = f:read("*all")
+  f:close()
+end
+request = function()
+  n = n + 1
+  local body = bodies[(n %% #bodies) + 1]
+  return wrk.format("POST", path, {["Content-Type"] = content_type}, body)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %%d, "errors": %%d, "us": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
+    summary.requests, e.connect + e.read + e.write + e.status + e.timeout, summary.duration,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+BOUNDARY = "convirt-bench-boundary"
+
+
+def request_bodies(kind: str, archive: Archive) -> tuple[str, str, list[bytes]]:
+    """(path, content type, bodies) of the queries one level sends in turn."""
+    if kind == "text":
+        bodies = [json.dumps({"text": text, "k": K}).encode() for text in archive.texts]
+        return "/v1/search/text", "application/json", bodies
+    bodies = []
+    for path in archive.images[:16]:
+        head = (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{K}\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{path.name}"\r\nContent-Type: image/jpeg\r\n\r\n'
+        ).encode()
+        bodies.append(head + path.read_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode())
+    return "/v1/search/image", f"multipart/form-data; boundary={BOUNDARY}", bodies
+
+
+def drive_wrk(url: str, kind: str, clients: int, seconds: float, archive: Archive) -> dict:
+    """One level under wrk: `clients` connections, each sending one query after another."""
+    path, content_type, bodies = request_bodies(kind, archive)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, body in enumerate(bodies):
+            (Path(tmp) / f"body-{n}").write_bytes(body)
+        script = Path(tmp) / "queries.lua"
+        script.write_text(
+            WRK_SCRIPT
+            % {"path": path, "content_type": content_type, "count": len(bodies), "folder": tmp}
+        )
+        threads = str(min(clients, 2))
+        command = ["wrk", "-t", threads, "-c", str(clients), "-s", str(script), "--timeout", "60s"]
+        subprocess.run([*command, "-d", "2s", url], check=True, capture_output=True)  # warm-up
+        out = subprocess.run(
+            [*command, "-d", f"{max(1, round(seconds))}s", url],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    figures = json.loads(out.strip().splitlines()[-1])
+    done = figures["requests"] - figures["errors"]
+    return {
+        "requests": done,
+        "errors": figures["errors"],
+        "rps": round(done / (figures["us"] / 1e6), 1),
+        "p50_ms": round(figures["p50_us"] / 1000, 2),
+        "p99_ms": round(figures["p99_us"] / 1000, 2),
+    }
+
+
+def drive_httpx(url: str, kind: str, clients: int, seconds: float, archive: Archive) -> dict:
+    level = asyncio.run(drive(url, kind, clients, seconds, archive))
+    return level.summary()
+
+
 def batch_stats(url: str, kind: str) -> tuple[float, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
 
@@ -192,17 +274,22 @@ def batch_stats(url: str, kind: str) -> tuple[float, float]:
     return sample("convirt_batch_size_sum"), sample("convirt_batch_size_count")
 
 
-def load_test(server: ServerProcess, archive: Archive, levels: list[int], seconds: float) -> dict:
+def load_test(
+    server: ServerProcess, archive: Archive, levels: list[int], seconds: float, client: str
+) -> dict:
+    drive_level = drive_wrk if client == "wrk" else drive_httpx
     results: dict[str, dict[str, dict]] = {}
     for kind in ("text", "image"):
         results[kind] = {}
         for clients in levels:
             before = batch_stats(server.url, kind)
-            level = asyncio.run(drive(server.url, kind, clients, seconds, archive))
+            level = drive_level(server.url, kind, clients, seconds, archive)
             after = batch_stats(server.url, kind)
             calls = after[1] - before[1]
-            batch = round((after[0] - before[0]) / calls, 2) if calls else None
-            results[kind][str(clients)] = level.summary(batch)
+            level["mean_batch"] = round((after[0] - before[0]) / calls, 2) if calls else None
+            rss = server.rss_bytes()
+            level["server_rss_mb"] = round(rss / 2**20, 1) if rss else None
+            results[kind][str(clients)] = level
     return results
 
 
@@ -230,6 +317,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=128, help="archive images to index")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
     parser.add_argument("--levels", default="1,8,32", help="concurrent clients, comma-separated")
+    parser.add_argument(
+        "--client",
+        choices=["wrk", "httpx"],
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="load generator (default: wrk when installed)",
+    )
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument(
@@ -262,7 +355,7 @@ def main() -> None:
             "CONVIRT_LOG_LEVEL": "warning",
         }
         with ServerProcess(settings) as server:
-            http = load_test(server, archive, levels, args.duration)
+            http = load_test(server, archive, levels, args.duration, args.client)
             peak_rss = server.peak_rss_bytes()
         with open_current(tmp / "index") as store:
             after = time_in_process(embedder, store, archive)
@@ -274,6 +367,7 @@ def main() -> None:
         "image_size": bundle.config.image_size,
         "k": K,
         "seconds_per_level": args.duration,
+        "client": args.client,
         "batch_window_ms": args.batch_window_ms,
         "max_batch": args.max_batch,
         "in_process": {**in_process, "runs": {"before": before, "after": after}},

@@ -99,6 +99,13 @@ class ServerProcess:
 
     def peak_rss_bytes(self) -> int | None:
         """The server's peak resident set size so far (Linux: VmHWM), or None elsewhere."""
+        return self._memory("VmHWM")
+
+    def rss_bytes(self) -> int | None:
+        """The server's resident set size now (Linux: VmRSS), or None elsewhere."""
+        return self._memory("VmRSS")
+
+    def _memory(self, field: str) -> int | None:
         if self.process is None:
             return None
         try:
@@ -106,6 +113,6 @@ class ServerProcess:
         except OSError:
             return None
         for line in status.splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
         return None
