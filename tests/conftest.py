@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,20 @@ from convirt.bundle import load_tokenizer, save_bundle
 from convirt.config import ModelConfig
 from convirt.model import build_model
 from convirt.paths import data_root
+
+
+def find_tool(name: str, install: str) -> str:
+    """A command-line tool's path (the venv's bin first). Missing: the test skips, naming the
+    command that installs it, or fails when CONVIRT_REQUIRE_TOOLS=1 (CI, which installs them)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found:
+        return found
+    message = f"{name} not found: {install}"
+    if os.environ.get("CONVIRT_REQUIRE_TOOLS") == "1":
+        pytest.fail(message + " (CONVIRT_REQUIRE_TOOLS=1)")
+    pytest.skip(message)
+
 
 # Small but real: the tests train and embed at this size to stay fast on two cores.
 TEST_IMAGE_SIZE = 64
