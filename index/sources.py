@@ -129,7 +129,7 @@ def read_manifest(
         if not relpath or not path.is_file():
             missing.append(Skip(str(path), "file not found (named by the manifest)"))
             continue
-        meta = {k: v for k, v in row.items() if k not in (image_column, text_column)}
+        meta = {k: v for k, v in row.items() if v and k not in (image_column, text_column)}
         items.append(SourceItem(path, relpath, (row.get(text_column) or "").strip(), meta))
     items.sort(key=lambda item: item.relpath)  # stable: repeated rows keep manifest order
     return Source("manifest", manifest, items, missing)
