@@ -88,6 +88,21 @@ def _array_to_grey(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint((pixels - low) * scale).clip(0, 255).astype(np.uint8), mode="L")
 
 
+def _infer_transfer_syntax(ds) -> None:
+    """A data set saved without file meta (no preamble, raw dump from some PACS exports) does not
+    say how its pixels are encoded; uncompressed is the only possibility then, and the encoding
+    the parser found tells which one."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in ds.file_meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
 def _load_dicom(fp) -> Image.Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -99,6 +114,7 @@ def _load_dicom(fp) -> Image.Image:
         raise ImageDecodeError(f"unreadable DICOM file: {err}") from err
     if "PixelData" not in ds:
         raise ImageDecodeError("DICOM file has no pixel data (PixelData element missing)")
+    _infer_transfer_syntax(ds)
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows * cols > MAX_PIXELS:
         raise ImageTooLargeError(f"DICOM is {cols}x{rows} pixels, above the {MAX_PIXELS:,} limit")

@@ -54,6 +54,20 @@ def test_dicom_without_extension_is_detected_by_magic(tmp_path):
     assert load_image(target).size == load_image(DICOM_DIR / "CT_small.dcm").size
 
 
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_dicom_saved_without_file_meta_decodes(tmp_path, implicit_vr):
+    ds = pydicom.dcmread(DICOM_DIR / "CT_small.dcm")
+    expected = load_image(DICOM_DIR / "CT_small.dcm").tobytes()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()  # no transfer syntax
+    ds.preamble = None
+    bare = tmp_path / "bare.dcm"
+    pydicom.dcmwrite(
+        bare, ds, implicit_vr=implicit_vr, little_endian=True, enforce_file_format=False
+    )
+    assert bare.read_bytes()[128:132] != b"DICM"
+    assert load_image(bare).tobytes() == expected
+
+
 def test_dicom_windowing_and_monochrome1_inversion(tmp_path):
     ds = pydicom.dcmread(DICOM_DIR / "CT_small.dcm")
     raw = np.asarray(load_image(DICOM_DIR / "CT_small.dcm"), dtype=float)
