@@ -67,11 +67,12 @@ def embed_images(
     )
     features, projections = [], []
     for pixels in tqdm(loader, desc="embedding images", disable=not progress):
-        h, v = embedder.embed_pixels(pixels)
-        if image_encoder is not None:  # baseline: features from another (ImageNet) encoder
+        if image_encoder is None:
+            h, v = embedder.embed_pixels(pixels)
+        else:  # baseline: another (ImageNet) encoder's features; it has no projection head
             with torch.inference_mode():
                 h = F.normalize(image_encoder(pixels.to(embedder.device)).float(), dim=-1)
-            h = h.cpu().numpy()
+            h = v = h.cpu().numpy()
         features.append(h)
         projections.append(v)
     return SplitEmbeddings(dataset.records, np.concatenate(features), np.concatenate(projections))
