@@ -325,6 +325,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-image-batch", type=int, default=4)
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -351,6 +352,7 @@ def main() -> None:
             "CONVIRT_INDEX_ROOT": tmp / "index",
             "CONVIRT_BATCH_WINDOW_MS": args.batch_window_ms,
             "CONVIRT_MAX_BATCH": args.max_batch,
+            "CONVIRT_MAX_IMAGE_BATCH": args.max_image_batch,
             "CONVIRT_TORCH_THREADS": args.torch_threads,
             "CONVIRT_LOG_LEVEL": "warning",
         }
@@ -370,6 +372,7 @@ def main() -> None:
         "client": args.client,
         "batch_window_ms": args.batch_window_ms,
         "max_batch": args.max_batch,
+        "max_image_batch": args.max_image_batch,
         "in_process": {**in_process, "runs": {"before": before, "after": after}},
         "http": http,
         "server_peak_rss_mb": round(peak_rss / 2**20, 1) if peak_rss else None,

@@ -63,7 +63,7 @@ class Engine:
             self._embed_pixels,
             self.executor,
             window_s,
-            settings.max_batch,
+            settings.max_image_batch,
             partial(metrics.observe_batch, "image"),
         )
 

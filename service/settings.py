@@ -47,7 +47,13 @@ class Settings(BaseSettings):
         ge=0,
         description="how long a micro-batch waits for more queries when the service is busy",
     )
-    max_batch: int = Field(32, ge=1, description="most queries one encoder call embeds")
+    max_batch: int = Field(32, ge=1, description="most text queries one encoder call embeds")
+    max_image_batch: int = Field(
+        4,
+        ge=1,
+        description="most image queries one encoder call embeds (on CPU a CNN gains nothing "
+        "past a few images per call, and larger batches cost memory; raise it on a GPU)",
+    )
     reload_poll_seconds: float = Field(
         0.0,
         ge=0,

@@ -46,6 +46,7 @@ from service import cli
 from service.process import LOOPBACK, ServerProcess
 
 API_KEY = "test-admin-key"
+IMAGE_BATCH = 2
 UPLOAD_LIMIT = 2_000_000
 JSON_LIMIT = 100_000
 TEXT_LIMIT = 20_000
@@ -154,6 +155,7 @@ def server(bundle_dir, index_root) -> Iterator[ServerProcess]:
         "CONVIRT_MAX_TEXT_CHARS": TEXT_LIMIT,
         "CONVIRT_BATCH_WINDOW_MS": 5,
         "CONVIRT_MAX_BATCH": 32,
+        "CONVIRT_MAX_IMAGE_BATCH": IMAGE_BATCH,
         "CONVIRT_LOG_LEVEL": "warning",
     }
     with ServerProcess(settings) as process:
@@ -316,6 +318,7 @@ def test_help_explains_every_setting(capsys):
         "CONVIRT_MAX_UPLOAD_BYTES",
         "CONVIRT_BATCH_WINDOW_MS",
         "CONVIRT_MAX_BATCH",
+        "CONVIRT_MAX_IMAGE_BATCH",
         "CONVIRT_RELOAD_POLL_SECONDS",
     ):
         assert env in text
@@ -611,6 +614,27 @@ def test_concurrent_text_queries_are_micro_batched_with_unchanged_results(client
             np.testing.assert_allclose(
                 [r["score"] for r in served], [r["score"] for r in alone[text]], atol=1e-5
             )
+
+
+def test_concurrent_uploads_are_embedded_at_most_max_image_batch_at_a_time(client, rows):
+    uploads = [Path(r["image"]).read_bytes() for r in rows[:10]]
+    before = client.get("/metrics").text
+    with ThreadPoolExecutor(len(uploads)) as pool:
+        responses = list(
+            pool.map(lambda data: upload(client, "scan.jpg", data, "image/jpeg"), uploads)
+        )
+    after = client.get("/metrics").text
+    assert all(r.status_code == 200 for r in responses)
+
+    def grown(name: str, **labels: str) -> float:
+        return metric(after, name, kind="image", **labels) - metric(
+            before, name, kind="image", **labels
+        )
+
+    calls = grown("convirt_batch_size_count")
+    assert grown("convirt_batch_size_sum") == len(uploads)
+    assert calls >= len(uploads) / IMAGE_BATCH
+    assert grown("convirt_batch_size_bucket", le=f"{IMAGE_BATCH:.1f}") == calls  # none larger
 
 
 # -- the web page ----------------------------------------------------------------------------------
