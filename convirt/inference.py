@@ -48,15 +48,6 @@ class Embedder:
         """A PIL image to the eval view tensor (3xSxS float), ready to batch."""
         return self.transform(pil_to_tensor(image))
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.bundle.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_tensors="pt",
-        )
-
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> TextEmbedding:
         """Joint-space vectors u/|u| for each text (truncated at the token limit, and said so).
@@ -66,13 +57,11 @@ class Embedder:
         """
         if not texts:
             return TextEmbedding(np.zeros((0, self.dim), np.float32), [])
-        tokenizer = self.bundle.tokenizer
-        counted = tokenizer(list(texts), truncation=True, max_length=self.max_tokens + 1)
-        lengths = [len(ids) for ids in counted["input_ids"]]
-        encoded = tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+        encoded, truncated = self._tokenize(texts)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
         vectors = np.zeros((len(texts), self.dim), np.float32)
         for chunk in length_chunks(lengths, self.batch_size, TOKENS_PER_FORWARD):
-            batch = tokenizer.pad(
+            batch = self.bundle.tokenizer.pad(
                 {key: [encoded[key][i] for i in chunk] for key in ("input_ids", "attention_mask")},
                 return_tensors="pt",
             )
@@ -80,7 +69,23 @@ class Embedder:
                 batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
             )
             vectors[chunk] = F.normalize(u.float(), dim=-1).cpu().numpy()
-        return TextEmbedding(vectors, [n > self.max_tokens for n in lengths])
+        return TextEmbedding(vectors, truncated)
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[dict[str, list], list[bool]]:
+        """Token ids and masks cut at max_tokens, and whether each text was cut. Texts are
+        tokenized once with room for one more token, which tells the long ones; only those are
+        tokenized again at the limit (so the tokenizer places its closing special tokens)."""
+        tokenizer = self.bundle.tokenizer
+        encoded = tokenizer(list(texts), truncation=True, max_length=self.max_tokens + 1)
+        encoded = {key: list(encoded[key]) for key in ("input_ids", "attention_mask")}
+        long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > self.max_tokens]
+        if long:
+            cut = tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_tokens)
+            for key in encoded:
+                for i, row in zip(long, cut[key], strict=True):
+                    encoded[key][i] = row
+        cut_rows = set(long)
+        return encoded, [i in cut_rows for i in range(len(texts))]
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

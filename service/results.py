@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from index.store import Hit, IndexStore
@@ -39,12 +38,6 @@ def describe(hit: Hit, row: dict[str, Any], root: str) -> SearchResult:
 
 
 def describe_hits(store: IndexStore, hits: list[Hit], root: str) -> list[SearchResult]:
+    """Response items for index hits, metadata read from `store` (blocking: SQLite)."""
     rows = store.get_many([hit.id for hit in hits])
     return [describe(hit, rows[hit.id], root) for hit in hits if hit.id in rows]
-
-
-def search_and_describe(
-    store: IndexStore, search: Callable[[], list[Hit]], root: str
-) -> list[SearchResult]:
-    """Run a search on `store` and describe its hits (blocking: run it in a worker thread)."""
-    return describe_hits(store, search(), root)

@@ -19,7 +19,7 @@ from index.store import IndexStore
 
 from ..deps import EngineDep, ImageId, StoreDep, UrlRootDep
 from ..errors import ApiError
-from ..results import search_and_describe
+from ..results import describe_hits
 from ..schemas import K_DEFAULT, K_MAX, SearchResponse, errors
 from .search import elapsed_ms
 
@@ -93,7 +93,7 @@ async def similar(
     started = time.perf_counter()
     try:
         results = await engine.search(
-            lambda: search_and_describe(store, lambda: store.similar_to_id(image_id, k), root)
+            lambda: describe_hits(store, store.similar_to_id(image_id, k), root)
         )
     except KeyError as err:
         raise unknown_id(store, image_id) from err

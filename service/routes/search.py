@@ -15,7 +15,7 @@ from index.store import IndexStore
 from ..deps import EngineDep, SettingsDep, StoreDep, UrlRootDep
 from ..engine import Engine
 from ..errors import ApiError
-from ..results import search_and_describe
+from ..results import describe_hits
 from ..schemas import (
     K_DEFAULT,
     K_MAX,
@@ -137,7 +137,7 @@ async def run_search(
     """Search in the engine's search pool; an unusable filter field is the client's error (422)."""
     try:
         return await engine.search(
-            lambda: search_and_describe(store, lambda: search(vector, k, filters)[0], root)
+            lambda: describe_hits(store, search(vector, k, filters)[0], root)
         )
     except ValueError as err:
         if not filters:
