@@ -12,10 +12,6 @@ installs them; with CONVIRT_REQUIRE_TOOLS=1 (CI) they fail instead.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import json
 import os
 import posixpath
 import re
@@ -26,16 +22,27 @@ from pathlib import Path
 
 import pytest
 import yaml
+from commands import (
+    DOCKERFILES,
+    ROOT,
+    as_list,
+    cli_error,
+    container_variables,
+    dockerfile_instructions,
+    env_instructions,
+    exec_form,
+    final_stage,
+    image_entrypoint_and_cmd,
+    process_invocations,
+    script_invocations,
+    shell_tokens,
+    status_before_loading,
+    until_operator,
+)
 from conftest import find_tool
 
-from convirt.cli import SUBCOMMANDS
 from convirt.paths import DATA_ROOT_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILES = {
-    "service": ROOT / "docker" / "service.Dockerfile",
-    "trainer": ROOT / "docker" / "trainer.Dockerfile",
-}
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / "docker" / "convirt.env.example"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -48,8 +55,6 @@ HOST_SIDE_VARIABLES = {
     "CONVIRT_ENV_FILE",  # the env file of `api` (holds CONVIRT_API_KEY)
     "CONVIRT_PORT",  # the published host port (the container always listens on 8000)
 }
-# Tokens that end a command in a shell line.
-SHELL_OPERATORS = {";", "&&", "||", "|", "&", ">", ">>", "<", "2>", "(", ")"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,54 +70,6 @@ def compose_env(**extra: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # reading the files
-
-
-def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order; continuation lines joined, comments dropped."""
-    instructions, current = [], ""
-    for line in path.read_text().splitlines():
-        if line.lstrip().startswith("#"):
-            continue
-        current += line.rstrip()
-        if current.endswith("\\"):
-            current = current[:-1] + " "
-            continue
-        if current.strip():
-            keyword, _, rest = current.strip().partition(" ")
-            instructions.append((keyword.upper(), rest.strip()))
-        current = ""
-    return instructions
-
-
-def final_stage(path: Path) -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions(path)
-    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
-    return instructions[last_from:]
-
-
-def exec_form(arguments: str) -> list[str]:
-    value = json.loads(arguments)
-    assert isinstance(value, list), f"not exec form: {arguments}"
-    return value
-
-
-def image_entrypoint_and_cmd(path: Path) -> tuple[list[str], list[str]]:
-    stage = final_stage(path)
-    entrypoint = [exec_form(a) for k, a in stage if k == "ENTRYPOINT"]
-    cmd = [exec_form(a) for k, a in stage if k == "CMD"]
-    return (entrypoint[-1] if entrypoint else []), (cmd[-1] if cmd else [])
-
-
-def env_instructions(path: Path, stage_only: bool = False) -> dict[str, str]:
-    """Variables set by ENV (KEY=VALUE form), in the final stage or in any stage."""
-    found: dict[str, str] = {}
-    for keyword, arguments in final_stage(path) if stage_only else dockerfile_instructions(path):
-        if keyword == "ENV":
-            for item in shlex.split(arguments):
-                key, sep, value = item.partition("=")
-                assert sep, f"{path.name}: use ENV KEY=VALUE, not {arguments!r}"
-                found[key] = value
-    return found
 
 
 def interpolate(text: str) -> str:
@@ -135,83 +92,6 @@ def service_dockerfile(service: dict) -> Path:
 def env_file_keys(path: Path, commented: bool = False) -> set[str]:
     pattern = r"^#?\s*(CONVIRT_\w+)=" if commented else r"^(CONVIRT_\w+)="
     return set(re.findall(pattern, path.read_text(), flags=re.M))
-
-
-# ---------------------------------------------------------------------------------------------
-# `convirt` command lines
-
-
-def cli_parsers() -> dict:
-    """The real argparse parser of every `convirt` subcommand."""
-    from index.cli import make_parser
-    from service.cli import build_parser
-    from training.cli import eval_parser, train_parser
-
-    return {"train": train_parser, "eval": eval_parser, "index": make_parser, "serve": build_parser}
-
-
-def cli_error(argv: list[str]) -> str | None:
-    """Why `convirt ARGV` would be refused by the CLI, or None when it parses."""
-    if not argv or argv[0] not in SUBCOMMANDS:
-        return f"unknown subcommand {argv[0] if argv else '(none)'!r}; known: {sorted(SUBCOMMANDS)}"
-    parser = exact_flags(cli_parsers()[argv[0]]())
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            args = parser.parse_args(argv[1:])
-    except SystemExit:
-        return stderr.getvalue().strip().splitlines()[-1]
-    if argv[0] == "train":
-        from training.config import available_configs
-
-        if args.config not in available_configs():
-            return f"--config {args.config}: not one of {available_configs()}"
-    return None
-
-
-def exact_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The parser, subcommands included, without prefix matching: `--resum` is a typo here."""
-    parser.allow_abbrev = False
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for subparser in action.choices.values():
-                exact_flags(subparser)
-    return parser
-
-
-def shell_tokens(text: str) -> list[str]:
-    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    lexer.commenters = "#"
-    return list(lexer)
-
-
-def script_invocations(script: str) -> list[list[str]]:
-    """The arguments of every `convirt` command in a shell script."""
-    found = []
-    for line in script.replace("\\\n", " ").splitlines():
-        tokens = shell_tokens(line)
-        found += [until_operator(tokens[i + 1 :]) for i, t in enumerate(tokens) if t == "convirt"]
-    return found
-
-
-def until_operator(tokens: list[str]) -> list[str]:
-    """The arguments of one command: the tokens before the first shell operator."""
-    for i, token in enumerate(tokens):
-        if token in SHELL_OPERATORS:
-            return tokens[:i]
-    return tokens
-
-
-def process_invocations(argv: list[str]) -> list[list[str]]:
-    """The `convirt` commands a container process runs: convirt itself, or a shell script."""
-    if argv and argv[0] == "convirt":
-        return [argv[1:]]
-    if argv and Path(argv[0]).name in ("sh", "bash"):
-        flags = [i for i, a in enumerate(argv) if a.startswith("-") and "c" in a]
-        assert flags, f"a shell without -c: {argv}"
-        return script_invocations(argv[flags[0] + 1])
-    return []
 
 
 def documented_invocations(path: Path) -> list[list[str]]:
@@ -264,10 +144,6 @@ def all_invocations() -> dict[str, list[list[str]]]:
         found[f"compose service {name}"] = process_invocations(as_list(entrypoint) + as_list(cmd))
     found["docker-compose.yml comments"] = documented_invocations(COMPOSE)
     return found
-
-
-def as_list(value: str | list[str]) -> list[str]:
-    return shlex.split(value) if isinstance(value, str) else list(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,9 +294,7 @@ def test_the_command_checker_catches_mistakes():
 
 
 def test_every_convirt_variable_is_known():
-    from service.settings import Settings, env_name
-
-    container_side = {env_name(field) for field in Settings.model_fields} | {DATA_ROOT_ENV}
+    container_side = container_variables()
     compose_text = COMPOSE.read_text()
 
     set_in_containers: dict[str, set[str]] = {
@@ -498,12 +372,6 @@ def test_images_are_offline_non_root_and_share_one_base_and_uid():
 
 
 def test_ports_probes_and_paths_agree():
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
-
-    client = TestClient(create_app(Settings()))  # no lifespan: nothing loaded, /readyz says 503
     service = DOCKERFILES["service"]
     exposed = {a for k, a in final_stage(service) if k == "EXPOSE"}
     port = env_instructions(service, stage_only=True)["CONVIRT_PORT"]
@@ -523,7 +391,7 @@ def test_ports_probes_and_paths_agree():
         paths = probe_paths(command)
         assert paths, f"{where}: no probe URL in {command!r}"
         for path in paths:
-            status = client.get(path).status_code
+            status = status_before_loading(path)
             assert status in (200, 503), f"{where}: GET {path} answers {status}, not a probe"
         assert set(re.findall(r"127\.0\.0\.1:(\d+)", command)) <= {port}, where
 
