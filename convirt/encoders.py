@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import mpnet, paths
 from .config import ModelConfig
-from .paths import MissingWeightsError, packaged_efficientnet_lite0, packaged_text_encoder
+from .paths import MissingWeightsError
 
 
 class ImageEncoder(nn.Module):
@@ -36,11 +37,11 @@ class _LiteTrunk(nn.Module):
 def build_image_encoder(config: ModelConfig, pretrained: bool = True) -> ImageEncoder:
     """The configured CNN; with `pretrained`, loads image_weights (packaged, none, or a path)."""
     weights = _image_weights_path(config) if pretrained else None
-    if config.image_encoder == "efficientnet-lite0":
+    if config.image_encoder.startswith("efficientnet-lite"):
         from efficientnet_lite_pytorch import EfficientNet
 
         # image_size=None selects dynamic "same" padding, so any input size works.
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        net = EfficientNet.from_name(config.image_encoder, image_size=None)
         if weights is not None:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             net.load_state_dict(state)
@@ -65,12 +66,7 @@ def _image_weights_path(config: ModelConfig) -> Path | None:
     if choice == "none":
         return None
     if choice == "packaged":
-        if config.image_encoder != "efficientnet-lite0":
-            raise MissingWeightsError(
-                f"no packaged weights exist for {config.image_encoder}: set image_weights to a "
-                "state-dict path (e.g. torchvision's resnet50 .pth) or to 'none' for random init"
-            )
-        path = packaged_efficientnet_lite0()
+        path = _packaged_image_weights(config.image_encoder)
     else:
         path = Path(choice).expanduser()
     if not path.is_file():
@@ -80,12 +76,27 @@ def _image_weights_path(config: ModelConfig) -> Path | None:
     return path
 
 
-def text_encoder_path(config: ModelConfig) -> Path:
-    path = (
-        packaged_text_encoder()
-        if config.text_encoder == "packaged"
-        else Path(config.text_encoder).expanduser()
+def _packaged_image_weights(name: str) -> Path:
+    # Looked up on the module at call time, so tests can stand in for a missing package.
+    if name == "efficientnet-lite0":
+        return paths.packaged_efficientnet_lite0()
+    if name == "efficientnet-lite2":
+        return paths.packaged_efficientnet_lite2()
+    raise MissingWeightsError(
+        f"no packaged weights exist for {name}: set image_weights to a state-dict path "
+        "(e.g. torchvision's resnet50 .pth) or to 'none' for random init"
     )
+
+
+def text_encoder_path(config: ModelConfig) -> Path:
+    """The transformers folder of model.text_encoder: a packaged encoder by name, else a path."""
+    name = config.text_encoder
+    if name in ("packaged", "minilm"):
+        path = paths.packaged_text_encoder()
+    elif name == "mpnet":
+        path = mpnet.mpnet_text_encoder()
+    else:
+        path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise MissingWeightsError(
             f"no transformers model folder at {path} (config.json missing): point text_encoder "
@@ -140,5 +151,10 @@ def freeze_lower_layers(bert: nn.Module, config: ModelConfig) -> None:
     frozen = [layers[i] for i in range(count)]
     if config.freeze_text_embeddings:
         frozen.append(bert.embeddings)
+        # MPNet keeps its relative position bias beside the layers, shared by all of them: it is
+        # position information, as BERT's position embeddings are, and the frozen layers use it.
+        shared_bias = getattr(bert.encoder, "relative_attention_bias", None)
+        if shared_bias is not None:
+            frozen.append(shared_bias)
     for module in frozen:
         module.requires_grad_(False)

