@@ -134,3 +134,13 @@ def _load_dicom(fp) -> Image.Image:
     if photometric == "MONOCHROME1":  # high values are dark: invert to the usual display
         grey = Image.fromarray(255 - np.asarray(grey), mode="L")
     return grey
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Scale so the shorter side is `size` (bilinear): the first step of every view, and what the
+    image cache stores."""
+    w, h = image.size
+    scale = size / min(w, h)
+    if abs(scale - 1.0) < 1e-6:
+        return image
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)

@@ -38,15 +38,6 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("L"), dtype=np.uint8, copy=True))[None]
 
 
-def resize_shorter(image: Image.Image, size: int) -> Image.Image:
-    """Shrink (never enlarge beyond need) so the shorter side is `size`: the cacheable first step."""
-    w, h = image.size
-    scale = size / min(w, h)
-    if abs(scale - 1.0) < 1e-6:
-        return image
-    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-
-
 def _blur_kernel(max_sigma: float) -> int:
     k = int(2 * round(3 * max_sigma) + 1)
     return k

@@ -21,6 +21,7 @@ import numpy as np
 
 from convirt.bundle import Bundle, load_bundle
 from convirt.inference import Embedder
+from convirt.manifest import ManifestItem, Skip
 
 from . import faiss_index, layout, metadata
 from .embedding import (
@@ -32,7 +33,7 @@ from .embedding import (
     run_job,
 )
 from .errors import IndexStoreError, check_fingerprint
-from .sources import Skip, Source, SourceItem
+from .sources import Source
 from .staging import StagedImage, Staging
 from .version import SPACES, VersionFiles, VersionWriter, read_version
 
@@ -382,7 +383,7 @@ def open_writable_current(root: Path) -> VersionFiles:
     return current
 
 
-def image_row(item: SourceItem, staged: StagedImage, source: Source) -> tuple:
+def image_row(item: ManifestItem, staged: StagedImage, source: Source) -> tuple:
     meta = {**staged.file_meta, **{k: v for k, v in item.meta.items() if v != ""}}
     return (
         metadata.content_id(staged.sha256),
@@ -395,14 +396,14 @@ def image_row(item: SourceItem, staged: StagedImage, source: Source) -> tuple:
         staged.height,
         meta.get("modality") or None,
         meta.get("view") or None,
-        item.report,
+        item.text,
         json.dumps(meta, sort_keys=True),
         staged.thumbnail,
     )
 
 
 def insert_new(
-    conn, kept: list[tuple[SourceItem, str]], staging: Staging, source: Source
+    conn, kept: list[tuple[ManifestItem, str]], staging: Staging, source: Source
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Insert the metadata rows of newly embedded images; their ids and vectors, in that order."""
     encoder_dim, joint_dim = staging.dims

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from convirt.imageio import DICOM_SUFFIXES, ImageDecodeError, load_image, looks_like_dicom
 from convirt.inference import Embedder
+from convirt.manifest import ManifestItem, Skip
 
-from .sources import Skip, SourceItem
 from .staging import StagedImage, Staging
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,13 @@ class JobSettings:
 class Hashed:
     """An image whose content is already embedded (staged, or in the index): not decoded again."""
 
-    item: SourceItem
+    item: ManifestItem
     sha256: str
 
 
 @dataclass
 class Decoded:
-    item: SourceItem
+    item: ManifestItem
     sha256: str
     size_bytes: int
     width: int
@@ -77,7 +77,7 @@ class Decoded:
 
 @dataclass
 class Duplicate:
-    item: SourceItem
+    item: ManifestItem
     sha256: str
     first: str  # path of the copy that is kept
 
@@ -89,8 +89,8 @@ class Duplicate:
 class JobResult:
     """What happened to every item, in source order."""
 
-    kept: list[tuple[SourceItem, str]] = field(default_factory=list)  # (item, sha256) to index
-    known: list[tuple[SourceItem, str]] = field(default_factory=list)  # content already indexed
+    kept: list[tuple[ManifestItem, str]] = field(default_factory=list)  # (item, sha256) to index
+    known: list[tuple[ManifestItem, str]] = field(default_factory=list)  # content already indexed
     duplicates: list[Duplicate] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     embedded: int = 0  # images that went through the model in this run
@@ -99,7 +99,7 @@ class JobResult:
 
 
 def run_job(
-    items: list[SourceItem],
+    items: list[ManifestItem],
     embedder: Embedder,
     staging: Staging,
     settings: JobSettings,
@@ -159,7 +159,9 @@ def embed_batch(embedder: Embedder, batch: list[Decoded]) -> list[StagedImage]:
     ]
 
 
-def inspect(item: SourceItem, embedder: Embedder, skip: frozenset[str]) -> Decoded | Hashed | Skip:
+def inspect(
+    item: ManifestItem, embedder: Embedder, skip: frozenset[str]
+) -> Decoded | Hashed | Skip:
     """Read and hash a file; decode and preprocess it unless its content is already embedded."""
     try:
         data = item.path.read_bytes()

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convirt.imageio import IMAGE_SUFFIXES, looks_like_dicom
-from convirt.manifest import ManifestError, read_manifest_rows
+from convirt.manifest import ManifestError, ManifestItem, Skip
+from convirt.manifest import read_manifest as read_manifest_items
 
 from .errors import IndexStoreError
 
@@ -22,31 +23,12 @@ class SourceError(IndexStoreError):
 
 
 @dataclass
-class SourceItem:
-    """One image to index: where it is, how the source names it, and what the source says of it."""
-
-    path: Path  # absolute
-    relpath: str  # relative to the folder or the manifest's directory, '/'-separated
-    report: str = ""
-    meta: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Skip:
-    path: str
-    reason: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"path": self.path, "reason": self.reason}
-
-
-@dataclass
 class Source:
     """The items of one source, plus rows that point at nothing (reported, never embedded)."""
 
     kind: str  # "images" or "manifest"
     location: Path
-    items: list[SourceItem]
+    items: list[ManifestItem]
     missing: list[Skip] = field(default_factory=list)
 
     def describe(self) -> dict[str, str]:
@@ -86,14 +68,14 @@ def scan_folder(folder: str | Path) -> Source:
         for name in files:
             path = Path(directory) / name
             if not name.startswith(".") and _is_candidate(path):
-                items.append(SourceItem(path, path.relative_to(folder).as_posix()))
+                items.append(ManifestItem(path, path.relative_to(folder).as_posix()))
     items.sort(key=lambda item: item.relpath)
     return Source("images", folder, items)
 
 
 def single_file(path: str | Path) -> Source:
     path = Path(path).absolute()
-    return Source("images", path.parent, [SourceItem(path, path.name)])
+    return Source("images", path.parent, [ManifestItem(path, path.name)])
 
 
 def _is_candidate(path: Path) -> bool:
@@ -114,30 +96,11 @@ def read_manifest(
 ) -> Source:
     """Rows of a CSV or JSONL manifest; image paths are relative to the manifest's directory."""
     manifest = Path(manifest).absolute()
-    rows = read_rows(manifest)
-    if not rows:
-        raise SourceError(f"{manifest} has no rows")
-    if image_column not in rows[0]:
-        raise SourceError(
-            f"{manifest} has no column {image_column!r}; its columns are: "
-            f"{', '.join(rows[0])} (choose the image column with --image-column)"
-        )
-    items, missing = [], []
-    for row in rows:
-        relpath = Path(row[image_column]).as_posix()
-        path = Path(os.path.normpath(manifest.parent / relpath))
-        if not relpath or not path.is_file():
-            missing.append(Skip(str(path), "file not found (named by the manifest)"))
-            continue
-        meta = {k: v for k, v in row.items() if v and k not in (image_column, text_column)}
-        items.append(SourceItem(path, relpath, (row.get(text_column) or "").strip(), meta))
-    items.sort(key=lambda item: item.relpath)  # stable: repeated rows keep manifest order
-    return Source("manifest", manifest, items, missing)
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """A CSV or JSONL file as dicts of strings (None -> '')."""
     try:
-        return read_manifest_rows(path)
+        items, missing = read_manifest_items(
+            manifest, image_column=image_column, text_column=text_column
+        )
     except ManifestError as err:
         raise SourceError(str(err)) from err
+    items.sort(key=lambda item: item.relpath)  # stable: repeated rows keep manifest order
+    return Source("manifest", manifest, items, missing)

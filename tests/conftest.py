@@ -33,6 +33,14 @@ def find_tool(name: str, install: str) -> str:
 TEST_IMAGE_SIZE = 64
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_cache_dir(tmp_path_factory) -> Path:
+    """One image cache for the session (never the user's ~/.cache), inherited by subprocesses."""
+    folder = tmp_path_factory.mktemp("convirt-cache")
+    os.environ["CONVIRT_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def datasets() -> Path:
     root = data_root()

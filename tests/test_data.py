@@ -1,18 +1,27 @@
 import json
-import logging
 
+import numpy as np
 import pytest
 import torch
 from conftest import read_rows, write_manifest
 
-from training.data import EpochSampler, ManifestError, PairDataset, load_records
+from convirt.imagecache import ImageCache
+from convirt.imageio import load_image, resize_shorter
+from convirt.manifest import EMPTY_TEXT, FILE_NOT_FOUND, ManifestError, read_manifest
+from index.sources import read_manifest as index_manifest
+from training.data import EpochSampler, PairDataset, load_pairs
+
+
+def pairs(manifest, config, split=None, cache=None):
+    cache = cache or ImageCache()
+    return load_pairs([manifest], split, cache, config.resize, workers=1, progress=False)
 
 
 def test_manifest_rows_resolve_relative_to_the_manifest(medpix_subset):
-    records, skipped = load_records(medpix_subset, split="train", require_text=True)
-    assert len(records) == 24 and not skipped
-    assert all(r.image.is_absolute() and r.image.is_file() for r in records)
-    assert records[0].meta["location_category"]
+    items, skipped = read_manifest(medpix_subset, "train", require_text=True)
+    assert len(items) == 24 and not skipped
+    assert all(i.path.is_absolute() and i.path.is_file() for i in items)
+    assert items[0].meta["location_category"] and "image" not in items[0].meta
 
 
 def test_missing_files_and_empty_text_are_counted_skips(datasets, tmp_path):
@@ -20,17 +29,25 @@ def test_missing_files_and_empty_text_are_counted_skips(datasets, tmp_path):
     rows[1] = {**rows[1], "image": "images/does-not-exist.jpg"}
     rows[2] = {**rows[2], "text": "   "}
     manifest = write_manifest(tmp_path / "m.csv", rows, datasets / "medpix")
-    records, skipped = load_records(manifest, require_text=True)
-    assert len(records) == 4
-    assert sorted(s.reason for s in skipped) == ["empty text", "file not found"]
+    items, skipped = read_manifest(manifest, require_text=True)
+    assert len(items) == 4
+    assert sorted(s.reason for s in skipped) == [EMPTY_TEXT, FILE_NOT_FOUND]
     # without require_text the image-only row stays (an archive image still worth indexing)
-    records, _ = load_records(manifest)
-    assert len(records) == 5
+    items, _ = read_manifest(manifest)
+    assert len(items) == 5
+
+
+def test_training_and_indexing_read_a_manifest_alike(medpix_subset):
+    def key(item):
+        return item.relpath, item.path, item.text, sorted(item.meta.items())
+
+    items, _ = read_manifest(medpix_subset)
+    assert sorted(map(key, items)) == sorted(map(key, index_manifest(medpix_subset).items))
 
 
 def test_wrong_column_name_names_the_columns(medpix_subset):
     with pytest.raises(ManifestError, match=r"no column 'report'.*columns are: image, text"):
-        load_records(medpix_subset, text_column="report", require_text=True)
+        read_manifest(medpix_subset, text_column="report", require_text=True)
 
 
 def test_jsonl_manifest(datasets, tmp_path):
@@ -41,48 +58,50 @@ def test_jsonl_manifest(datasets, tmp_path):
         for r in rows
     ]
     path.write_text("\n".join(lines) + "\n\n")
-    records, _ = load_records(path, require_text=True)
-    assert [r.text for r in records] == [r["text"] for r in rows] and records[0].meta["n"] == "1"
+    items, _ = read_manifest(path, require_text=True)
+    assert [i.text for i in items] == [r["text"] for r in rows] and items[0].meta["n"] == "1"
     path.write_text("{broken\n")
     with pytest.raises(ManifestError, match=":1: not valid JSON"):
-        load_records(path)
+        read_manifest(path)
 
 
-def test_unreadable_images_are_skipped_when_preloading(
-    datasets, tmp_path, small_model_config, caplog
-):
+def test_unreadable_images_are_skipped_with_their_reason(datasets, tmp_path, small_model_config):
     rows = read_rows(datasets / "medpix" / "manifest.csv")[:4]
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    rows.append({**rows[0], "image": str(tmp_path / "broken.jpg")})
+    rows.insert(2, {**rows[0], "image": str(tmp_path / "broken.jpg")})
     manifest = write_manifest(tmp_path / "m.csv", rows, datasets / "medpix")
-    records, _ = load_records(manifest, require_text=True)
-    dataset = PairDataset(records, small_model_config, train=True, progress=False)
-    assert len(dataset) == 4
-    assert [s.path for s in dataset.skipped] == [str(tmp_path / "broken.jpg")]
+    table, skipped = pairs(manifest, small_model_config)
+    assert len(table) == 4 and list(table.positions) == [0, 1, 3, 4]
+    assert [s.path for s in skipped] == [str(tmp_path / "broken.jpg")]
+    assert "corrupt" in skipped[0].reason or "not a recognised" in skipped[0].reason
 
 
-def test_unreadable_image_without_preloading_is_skipped_in_the_worker(
-    datasets, tmp_path, small_model_config, caplog
-):
-    rows = read_rows(datasets / "medpix" / "manifest.csv")[:3]
-    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    rows.insert(1, {**rows[0], "image": str(tmp_path / "broken.jpg"), "text": "Broken scan."})
+def test_the_table_holds_each_report_once(datasets, tmp_path, small_model_config):
+    rows = read_rows(datasets / "medpix" / "manifest.csv")[:3] * 4
     manifest = write_manifest(tmp_path / "m.csv", rows, datasets / "medpix")
-    records, _ = load_records(manifest, require_text=True)
-    dataset = PairDataset(records, small_model_config, train=True, preload=False, progress=False)
-    with caplog.at_level(logging.WARNING):
-        pixels, sentence = dataset[(0, 1)]
-    assert pixels.shape == (3, 64, 64)
-    assert sentence != "Broken scan."  # the next record stood in
-    assert "broken.jpg" in caplog.text
+    table, _ = pairs(manifest, small_model_config)
+    assert len(table) == 12 and len(table.texts) == len({r["text"] for r in rows[:3]})
+    assert [table.text(i) for i in range(12)] == [r["text"] for r in rows]
 
 
 def test_samples_are_reproducible_per_epoch_and_index(medpix_subset, small_model_config):
-    records, _ = load_records(medpix_subset, split="train", require_text=True)
-    dataset = PairDataset(records[:4], small_model_config, train=True, seed=1, progress=False)
+    cache = ImageCache()
+    table, _ = pairs(medpix_subset, small_model_config, "train", cache)
+    reader = cache.reader(small_model_config.resize)
+    dataset = PairDataset(table, reader, small_model_config, train=True, seed=1)
     a, b, c = dataset[(0, 2)], dataset[(0, 2)], dataset[(1, 2)]
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
     assert not torch.equal(a[0], c[0])  # another epoch, another view
+    assert a[0].shape == (3, 64, 64)
+
+
+def test_cached_image_is_the_decoded_image_shrunk(medpix_subset, small_model_config):
+    cache = ImageCache()
+    table, _ = pairs(medpix_subset, small_model_config, "train", cache)
+    dataset = PairDataset(table, cache.reader(small_model_config.resize), small_model_config, False)
+    items, _ = read_manifest(medpix_subset, "train", require_text=True)
+    direct = resize_shorter(load_image(items[5].path), small_model_config.resize)
+    assert torch.equal(dataset.image_tensor(5)[0], torch.from_numpy(np.array(direct)))
 
 
 def test_sampler_partitions_an_epoch_across_ranks_and_resumes():
@@ -99,9 +118,9 @@ def test_sampler_partitions_an_epoch_across_ranks_and_resumes():
 def test_unknown_split_selects_nothing_and_missing_split_column_is_an_error(
     medpix_subset, tmp_path
 ):
-    records, skipped = load_records(medpix_subset, split="test")
-    assert records == [] and skipped == []
+    items, skipped = read_manifest(medpix_subset, "test")
+    assert items == [] and skipped == []
     no_split = tmp_path / "m.csv"
     no_split.write_text("image,text\na.png,b\n")
     with pytest.raises(ManifestError, match="no 'split' column"):
-        load_records(no_split, split="train")
+        read_manifest(no_split, "train")

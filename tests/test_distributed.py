@@ -64,6 +64,8 @@ def test_gathered_loss_gradient_equals_single_process(tmp_path):
 
 @pytest.mark.slow
 def test_training_runs_under_torchrun(medpix_subset, tmp_path):
+    trace = tmp_path / "trace" / "reads"
+    trace.parent.mkdir()
     done = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -73,8 +75,13 @@ def test_training_runs_under_torchrun(medpix_subset, tmp_path):
             "--num-workers", "0", "--threads", "1", "--no-progress",
         ],
         capture_output=True, text=True, timeout=600,
+        env={**os.environ, "CONVIRT_TRACE_SAMPLES": str(trace)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    # each rank read only its own share: two steps of 4 pairs each, no row read by both
+    shares = [set(path.read_text().split()) for path in trace.parent.iterdir()]
+    assert sorted(len(share) for share in shares) == [8, 8]
+    assert not shares[0] & shares[1]
     assert done.stdout.count('"steps": 2') == 1  # rank 0 alone reports
     assert (tmp_path / "bundle" / "weights.safetensors").is_file()
     steps = (tmp_path / "steps.csv").read_text().splitlines()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from convirt.paths import DATA_ROOT_ENV, data_root
 
-from .config import ConfigError, available_configs, load_config
+from .config import ConfigError, available_configs, load_config, parse_assignments
 
 DEFAULT_DATASETS = ("covid-cxr", "medpix")
 
@@ -68,9 +68,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    import yaml
-
-    overrides = {
+    return {
         "epochs": args.epochs,
         "max_steps": args.max_steps,
         "batch_size": args.batch_size,
@@ -81,13 +79,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "seed": args.seed,
         "sentence_filter": args.sentence_filter,
-    }
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
+    } | parse_assignments(args.set)
 
 
 def train_main(argv: list[str]) -> int:

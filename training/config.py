@@ -35,7 +35,10 @@ class TrainConfig(BaseModel):
     sentence_filter: Literal["none", "imaging"] = "none"
     train_split: str = "train"
     val_split: str = "dev"
-    preload: bool = Field(True, description="decode and resize every image once, into memory")
+    cache_dir: str | None = Field(
+        None, description="image cache folder (default: $CONVIRT_CACHE_DIR/images)"
+    )
+    cache_workers: int | None = Field(None, ge=1, description="decoding processes (all cores)")
     num_workers: int = Field(1, ge=0)
     # Runtime.
     device: str = "auto"
@@ -71,6 +74,17 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> T
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"invalid config {path}:\n{err}") from err
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE items as overrides; values are YAML (numbers, booleans, lists...)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -1,87 +1,104 @@
-"""Manifests of (image, report) pairs, the pair dataset and its deterministic sampler.
+"""The pair table, the pair dataset and its deterministic sampler.
 
 Every random choice for a sample (crop, flip, sentence...) is seeded by (seed, epoch, index), so a
 run is reproducible whatever the number of workers, and a resumed run sees exactly the samples an
 uninterrupted one would have seen.
+
+Images come from the image cache (convirt.imagecache), read by position when a sample needs them:
+memory holds a few numbers per row and the distinct report texts, whatever the archive's size.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
-from tqdm import tqdm
 
+from convirt.cachebuild import Resolver
 from convirt.config import ModelConfig
-from convirt.imageio import ImageDecodeError, load_image
-from convirt.manifest import ManifestError, read_manifest_rows
+from convirt.imagecache import CacheReader, Entry, ImageCache
+from convirt.manifest import ManifestItem, Skip, iter_manifest
 from convirt.sentences import report_sentences, sample_sentence
-from convirt.transforms import eval_transform, pil_to_tensor, resize_shorter, train_transform
+from convirt.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Record:
-    """One manifest row: an image path (absolute), its report text and the other columns."""
-
-    image: Path
-    text: str
-    meta: dict[str, str] = field(default_factory=dict)
-    source: str = ""
+# Set to a path prefix to log which rows each process reads ("PREFIX.PID": epoch,row per line):
+# shows, for instance, that torchrun ranks read disjoint shares of an epoch.
+TRACE_ENV = "CONVIRT_TRACE_SAMPLES"
 
 
 @dataclass
-class Skipped:
-    path: str
-    reason: str
+class PairTable:
+    """Rows of (cached image, report) as flat arrays. Each distinct report text is held once."""
+
+    offsets: np.ndarray  # int64: where the row's image starts in the cache's pixel file
+    heights: np.ndarray  # int32
+    widths: np.ndarray  # int32
+    text_ids: np.ndarray  # int32, into texts
+    texts: list[str]
+    positions: np.ndarray  # int64: each row's place among the items it was read from
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def entry(self, row: int) -> Entry:
+        return Entry(int(self.offsets[row]), int(self.heights[row]), int(self.widths[row]))
+
+    def text(self, row: int) -> str:
+        return self.texts[self.text_ids[row]]
 
 
-def load_records(
-    manifest: str | Path,
-    split: str | None = None,
-    image_column: str = "image",
-    text_column: str = "text",
-    split_column: str = "split",
-    require_text: bool = False,
-) -> tuple[list[Record], list[Skipped]]:
-    """Records of one split; missing files (and, with require_text, empty texts) are skipped."""
-    manifest = Path(manifest)
-    rows = read_manifest_rows(manifest)
-    if not rows:
-        raise ManifestError(f"{manifest} has no rows")
-    columns = list(rows[0].keys())
-    for needed in (image_column, text_column) if require_text else (image_column,):
-        if needed not in columns:
-            raise ManifestError(
-                f"{manifest} has no column {needed!r}; its columns are: {', '.join(columns)} "
-                "(choose with --image-column / --text-column)"
-            )
-    if split is not None and split_column not in columns:
-        raise ManifestError(f"{manifest} has no {split_column!r} column to select split {split!r}")
-    records, skipped = [], []
-    for row in rows:
-        if split is not None and row.get(split_column) != split:
+def pair_table(
+    resolved: Iterable[tuple[ManifestItem, Entry] | Skip],
+) -> tuple[PairTable, list[Skip]]:
+    """Collect resolved rows (see convirt.cachebuild.Resolver) into a table, and the skips."""
+    columns = {
+        name: array("q") for name in ("offsets", "heights", "widths", "text_ids", "positions")
+    }
+    text_ids: dict[str, int] = {}
+    skipped: list[Skip] = []
+    for position, row in enumerate(resolved):
+        if isinstance(row, Skip):
+            skipped.append(row)
             continue
-        image = (manifest.parent / row[image_column]).resolve()
-        text = (row.get(text_column) or "").strip()
-        if not image.is_file():
-            skipped.append(Skipped(str(image), "file not found"))
-        elif require_text and not text:
-            skipped.append(Skipped(str(image), "empty text"))
-        else:
-            meta = {k: v for k, v in row.items() if k not in (image_column, text_column)}
-            records.append(Record(image, text, meta, source=manifest.parent.name))
-    return records, skipped
+        item, entry = row
+        columns["offsets"].append(entry.offset)
+        columns["heights"].append(entry.height)
+        columns["widths"].append(entry.width)
+        columns["text_ids"].append(text_ids.setdefault(item.text, len(text_ids)))
+        columns["positions"].append(position)
+    arrays = {name: np.frombuffer(values, np.int64) for name, values in columns.items()}
+    for name in ("heights", "widths", "text_ids"):
+        arrays[name] = arrays[name].astype(np.int32)
+    return PairTable(**arrays, texts=list(text_ids)), skipped
 
 
-def report_skips(skipped: Sequence[Skipped], what: str) -> None:
+def load_pairs(
+    manifests: Sequence[Path],
+    split: str | None,
+    cache: ImageCache,
+    side: int,
+    workers: int | None = None,
+    progress: bool = True,
+) -> tuple[PairTable, list[Skip]]:
+    """The (image, report) pairs of one split of every manifest, read through the image cache
+    (filled first where images are missing from it)."""
+    items = chain.from_iterable(iter_manifest(m, split, require_text=True) for m in manifests)
+    resolver = Resolver(cache, side, workers, progress, desc=f"images [{split}]")
+    return pair_table(resolver.resolve(items))
+
+
+def report_skips(skipped: Sequence[Skip], what: str) -> None:
     if not skipped:
         return
     reasons: dict[str, int] = {}
@@ -91,87 +108,53 @@ def report_skips(skipped: Sequence[Skipped], what: str) -> None:
     log.warning("%s: skipped %d rows (%s); first: %s", what, len(skipped), summary, skipped[0].path)
 
 
-def decode_for_cache(path: Path, resize: int) -> torch.Tensor:
-    """Decode once and shrink so the shorter side is `resize`: what the transforms start from."""
-    return pil_to_tensor(resize_shorter(load_image(path), resize))
-
-
 class PairDataset(Dataset):
-    """(image tensor, one sampled sentence) per record; indexed by (epoch, index) keys."""
+    """(image tensor, one sampled sentence) per row; indexed by (epoch, index) keys."""
 
     def __init__(
         self,
-        records: Sequence[Record],
+        table: PairTable,
+        reader: CacheReader,
         config: ModelConfig,
         train: bool,
         seed: int = 0,
         sentence_filter: str = "none",
-        preload: bool = True,
-        threads: int = 2,
-        progress: bool = True,
     ):
+        self.table = table
+        self.reader = reader
         self.config = config
         self.train = train
         self.seed = seed
+        self.sentence_filter = sentence_filter
         self.transform = train_transform(config) if train else eval_transform(config)
-        self.skipped: list[Skipped] = []
-        self.cache: list[torch.Tensor] | None = None
-        if preload:
-            records = self._preload(records, threads, progress)
-        self.records = list(records)
-        self.sentences = [report_sentences(r.text, sentence_filter) for r in self.records]
-
-    def _preload(self, records: Sequence[Record], threads: int, progress: bool) -> list[Record]:
-        def decode(record: Record):
-            try:
-                return decode_for_cache(record.image, self.config.resize)
-            except ImageDecodeError as err:
-                return Skipped(str(record.image), str(err))
-
-        kept, cache = [], []
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            results = pool.map(decode, records)
-            bar = tqdm(results, total=len(records), desc="decoding images", disable=not progress)
-            for record, result in zip(records, bar, strict=True):
-                if isinstance(result, Skipped):
-                    self.skipped.append(result)
-                else:
-                    kept.append(record)
-                    cache.append(result)
-        self.cache = cache
-        return kept
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.table)
 
     def sample_seed(self, epoch: int, index: int) -> int:
         return hash((self.seed, epoch, index, self.train)) & 0x7FFF_FFFF
 
     def image_tensor(self, index: int) -> torch.Tensor:
-        if self.cache is not None:
-            return self.cache[index]
-        return decode_for_cache(self.records[index].image, self.config.resize)
+        """The cached image of a row: 1 x H x W uint8, shorter side = the config's resize."""
+        return torch.from_numpy(self.reader.read(self.table.entry(index)))[None]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str]:
         epoch, index = key
-        for attempt in range(len(self.records)):
-            candidate = (index + attempt) % len(self.records)
-            try:
-                return self._sample(epoch, candidate)
-            except ImageDecodeError as err:
-                # Without preloading, a bad file shows up only here, inside a loader worker:
-                # skip it for the next record rather than crash the whole run.
-                log.warning("skipping unreadable image %s: %s", self.records[candidate].image, err)
-        raise ImageDecodeError("no readable image in the dataset")
-
-    def _sample(self, epoch: int, index: int) -> tuple[torch.Tensor, str]:
+        self._log_read(epoch, index)
         seed = self.sample_seed(epoch, index)
         image = self.image_tensor(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             pixels = self.transform(image)
-        text = self.records[index].text
-        return pixels, sample_sentence(self.sentences[index], random.Random(seed), text)
+        text = self.table.text(index)
+        sentences = report_sentences(text, self.sentence_filter)
+        return pixels, sample_sentence(sentences, random.Random(seed), text)
+
+    def _log_read(self, epoch: int, index: int) -> None:
+        prefix = os.environ.get(TRACE_ENV)
+        if prefix:
+            with open(f"{prefix}.{os.getpid()}", "a") as f:
+                f.write(f"{epoch},{index}\n")
 
 
 class EpochSampler(Sampler):

@@ -24,11 +24,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from convirt.bundle import Bundle, initial_image_encoder
+from convirt.cachebuild import Resolver
+from convirt.imagecache import ImageCache
 from convirt.inference import Embedder
+from convirt.manifest import ManifestItem, read_manifest
 from convirt.sentences import report_sentences
 
 from . import metrics
-from .data import PairDataset, Record, load_records, report_skips
+from .data import PairDataset, pair_table, report_skips
 
 RECALL_KS = (1, 5, 10)
 PRECISION_KS = (5, 10, 50)
@@ -36,13 +39,13 @@ PRECISION_KS = (5, 10, 50)
 
 @dataclass
 class SplitEmbeddings:
-    records: list[Record]
+    records: list[ManifestItem]
     image_features: np.ndarray  # h_v / |h_v|
     image_projections: np.ndarray  # v / |v|
 
 
-def load_split(manifest: Path, split: str | None, text_column: str = "text") -> list[Record]:
-    records, skipped = load_records(manifest, split=split, text_column=text_column)
+def load_split(manifest: Path, split: str | None, text_column: str = "text") -> list[ManifestItem]:
+    records, skipped = read_manifest(manifest, split, text_column=text_column)
     report_skips(skipped, f"{manifest} [{split}]")
     if not records:
         raise ValueError(f"{manifest}: no images in split {split!r}")
@@ -50,16 +53,20 @@ def load_split(manifest: Path, split: str | None, text_column: str = "text") -> 
 
 
 def embed_images(
-    records: Sequence[Record],
+    records: Sequence[ManifestItem],
     embedder: Embedder,
     image_encoder: torch.nn.Module | None = None,
     progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> SplitEmbeddings:
-    """Eval-view embeddings of every readable image (unreadable ones are dropped and reported)."""
-    dataset = PairDataset(
-        records, embedder.bundle.config, train=False, preload=True, progress=progress
-    )
-    report_skips(dataset.skipped, "eval images")
+    """Eval-view embeddings of every readable image (unreadable ones are dropped and reported),
+    read through the image cache."""
+    cache, side = ImageCache(cache_dir), embedder.bundle.config.resize
+    resolver = Resolver(cache, side, progress=progress, desc="images")
+    table, skipped = pair_table(resolver.resolve(records))
+    report_skips(skipped, "eval images")
+    dataset = PairDataset(table, cache.reader(side), embedder.bundle.config, train=False)
+    cache.close()
     keys = [(0, i) for i in range(len(dataset))]
     batches = [keys[i : i + embedder.batch_size] for i in range(0, len(keys), embedder.batch_size)]
     loader = DataLoader(
@@ -75,7 +82,8 @@ def embed_images(
             h = v = h.cpu().numpy()
         features.append(h)
         projections.append(v)
-    return SplitEmbeddings(dataset.records, np.concatenate(features), np.concatenate(projections))
+    kept = [records[i] for i in table.positions]
+    return SplitEmbeddings(kept, np.concatenate(features), np.concatenate(projections))
 
 
 TEXT_MODES = {"full": None, "sentences": "none", "imaging-sentences": "imaging"}

@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from convirt.bundle import load_tokenizer, save_bundle
+from convirt.imagecache import ImageCache
 from convirt.loss import convirt_loss
 from convirt.model import ConVIRT, build_model
 
 from . import distributed
 from .checkpoint import TrainState, load_checkpoint, read_checkpoint_state, save_checkpoint
 from .config import TrainConfig
-from .data import Collator, EpochSampler, PairDataset, load_records, report_skips
+from .data import Collator, EpochSampler, PairDataset, load_pairs, report_skips
 
 log = logging.getLogger(__name__)
 
@@ -159,27 +160,27 @@ def resolve_device(name: str) -> torch.device:
 def build_datasets(
     config: TrainConfig, manifests: list[Path], progress: bool
 ) -> tuple[PairDataset, PairDataset]:
-    """Training pairs (text required) and validation pairs from every manifest."""
-    splits = {}
+    """Training and validation pairs (text required) of every manifest, through the image cache:
+    images it lacks are decoded into it first, once, for every later run."""
+    cache = ImageCache(config.cache_dir)
+    side = config.model.resize
+    datasets = {}
     for role, split in (("train", config.train_split), ("val", config.val_split)):
-        records = []
-        for manifest in manifests:
-            found, skipped = load_records(manifest, split=split, require_text=True)
-            report_skips(skipped, f"{manifest} [{split}]")
-            records += found
-        dataset = PairDataset(
-            records, config.model, train=role == "train", seed=config.seed,
-            sentence_filter=config.sentence_filter, preload=config.preload,
-            threads=config.threads or torch.get_num_threads(), progress=progress,
+        table, skipped = load_pairs(
+            manifests, split, cache, side, config.cache_workers, progress=progress
+        )
+        report_skips(skipped, f"{split} split")
+        datasets[role] = PairDataset(
+            table, cache.reader(side), config.model, train=role == "train", seed=config.seed,
+            sentence_filter=config.sentence_filter,
         )  # fmt: skip
-        report_skips(dataset.skipped, f"{split} images")
-        splits[role] = dataset
-    if len(splits["train"]) < config.batch_size:
+    cache.close()
+    if len(datasets["train"]) < config.batch_size:
         raise ValueError(
-            f"only {len(splits['train'])} training pairs with text in split "
+            f"only {len(datasets['train'])} training pairs with text in split "
             f"{config.train_split!r}, fewer than one batch of {config.batch_size}"
         )
-    return splits["train"], splits["val"]
+    return datasets["train"], datasets["val"]
 
 
 def train(
@@ -216,7 +217,12 @@ def train(
             )
             distributed.teardown(dist_info)
             return TrainResult(out_dir, out_dir / BUNDLE_DIR, saved_state)
+    started = time.perf_counter()
     run = start_run(config, manifests, out_dir, dist_info, device, progress)
+    log.info(
+        "ready to train in %.1f s: %d training pairs, %d validation pairs",
+        time.perf_counter() - started, len(run.train_set), len(run.val_set),
+    )  # fmt: skip
     if checkpoint_path.exists():
         run.state, _ = load_checkpoint(checkpoint_path, run.model, run.optimizer, run.scheduler)
         log.info("resuming at epoch %d batch %d", run.state.epoch + 1, run.state.batch_in_epoch)
@@ -237,7 +243,11 @@ def train(
 
 
 # Settings that may change between a run and its --resume without changing what is learned.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "device", "num_workers", "threads", "preload"}
+# ("preload" is gone, replaced by the image cache; runs saved with it still resume.)
+RESUMABLE_CHANGES = {
+    "epochs", "max_steps", "device", "num_workers", "threads", "preload", "cache_dir",
+    "cache_workers",
+}  # fmt: skip
 
 
 def is_complete(state: TrainState, config: TrainConfig) -> bool:
