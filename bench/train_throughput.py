@@ -15,20 +15,26 @@ import json
 import platform
 import tempfile
 import time
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
 
 import torch
 
 from training.cli import default_manifests
-from training.config import load_config
+from training.config import load_config, parse_assignments
 from training.data import EpochSampler
 from training.train import start_run, train_step
 
 
+def batches(run, first_epoch: int):
+    """Training batches epoch after epoch: a small data set still gives as many as asked."""
+    for epoch in count(first_epoch):
+        sampler = EpochSampler(len(run.train_set), run.config.batch_size, epoch, run.config.seed)
+        yield from run.train_loader(sampler)
+
+
 def measure_loop(run, steps: int, epoch: int) -> float:
-    sampler = EpochSampler(len(run.train_set), run.config.batch_size, epoch, run.config.seed)
-    loader = iter(run.train_loader(sampler))
+    loader = batches(run, epoch * 1000)
     train_step(run, next(loader))  # first batch pays for worker start-up: not counted
     started, pairs = time.perf_counter(), 0
     for batch in islice(loader, steps):
@@ -51,16 +57,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default=None)
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="any config field, as for convirt train (e.g. model.text_encoder=mpnet)",
+    )  # fmt: skip
+    parser.add_argument("--manifest", action="append", type=Path, dest="manifests")
     args = parser.parse_args()
-    config = load_config(
-        args.config, {"device": args.device, "num_workers": args.num_workers, "epochs": 1000}
-    )
+    overrides = {"device": args.device, "num_workers": args.num_workers, "epochs": 1000}
+    config = load_config(args.config, overrides | parse_assignments(args.set))
     with tempfile.TemporaryDirectory() as out:
         from training import distributed
         from training.train import resolve_device
 
         run = start_run(
-            config, default_manifests(), Path(out), distributed.DistInfo(),
+            config, args.manifests or default_manifests(), Path(out), distributed.DistInfo(),
             resolve_device(config.device), progress=False,
         )  # fmt: skip
         run.ddp_model.train()
@@ -75,7 +85,10 @@ def main() -> None:
         json.dumps(
             {
                 "config": args.config,
+                "overrides": args.set,
+                "text_encoder": config.model.text_encoder,
                 "device": str(run.device),
+                "gpu": torch.cuda.get_device_name() if run.device.type == "cuda" else None,
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
                 "batch_size": config.batch_size,
                 "image_size": config.model.image_size,
