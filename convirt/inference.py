@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .bundle import Bundle
+from .imageio import resize_shorter
 from .transforms import eval_transform, pil_to_tensor
 
 # Padded tokens one text forward pass aims at: past it, a longer chunk gains nothing on CPU.
@@ -45,8 +46,12 @@ class Embedder:
         return self.model.image_encoder.out_dim
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image to the eval view tensor (3xSxS float), ready to batch."""
-        return self.transform(pil_to_tensor(image))
+        """A PIL image to the eval view tensor (3xSxS float), ready to batch.
+
+        The same sequence as the image cache then the eval transform (shrink the shorter side to
+        the resize side, centre crop), so an upload or an indexed file embeds exactly as the
+        cached copy of it does in training and evaluation."""
+        return self.transform(pil_to_tensor(resize_shorter(image, self.bundle.config.resize)))
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> TextEmbedding:

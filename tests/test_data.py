@@ -5,8 +5,10 @@ import pytest
 import torch
 from conftest import read_rows, write_manifest
 
+from convirt.bundle import load_bundle
 from convirt.imagecache import ImageCache
 from convirt.imageio import load_image, resize_shorter
+from convirt.inference import Embedder
 from convirt.manifest import EMPTY_TEXT, FILE_NOT_FOUND, ManifestError, read_manifest
 from index.sources import read_manifest as index_manifest
 from training.data import EpochSampler, PairDataset, load_pairs
@@ -124,3 +126,14 @@ def test_unknown_split_selects_nothing_and_missing_split_column_is_an_error(
     no_split.write_text("image,text\na.png,b\n")
     with pytest.raises(ManifestError, match="no 'split' column"):
         read_manifest(no_split, "train")
+
+
+def test_an_upload_embeds_exactly_as_its_cached_copy(medpix_subset, small_model_config, bundle_dir):
+    cache = ImageCache()
+    table, _ = pairs(medpix_subset, small_model_config, "train", cache)
+    dataset = PairDataset(table, cache.reader(small_model_config.resize), small_model_config, False)
+    items, _ = read_manifest(medpix_subset, "train", require_text=True)
+    embedder = Embedder(load_bundle(bundle_dir))
+    for row in (0, 7):
+        direct = embedder.preprocess(load_image(items[row].path))
+        assert torch.equal(dataset[(0, row)][0], direct)
