@@ -70,8 +70,10 @@ class Decoded:
 def decode_file(path: str, side: int) -> Decoded | str:
     """Decode (DICOM rules included) and shrink to `side`; a reason string when it cannot."""
     try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
         image = load_image(path)
-    except ImageDecodeError as err:
+    except (ImageDecodeError, OSError) as err:
         return str(err)
     small = resize_shorter(image, side)
     return Decoded(np.asarray(small, dtype=np.uint8), image.size)
@@ -106,7 +108,9 @@ class Resolver:
         source = iter(items)
         try:
             while chunk := list(islice(source, ROWS_PER_CHUNK)):
-                yield from self._resolve_chunk(chunk)
+                resolved = self._resolve_chunk(chunk)
+                self._close_writer()  # between chunks: other builds (shards, ranks) take turns
+                yield from resolved
                 bar.update(len(chunk))
                 bar.set_postfix(decoded=self.counts.decoded, refresh=False)
         finally:
@@ -117,6 +121,9 @@ class Resolver:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        self._close_writer()
+
+    def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -63,11 +63,14 @@ class CacheError(RuntimeError):
 
 @dataclass(frozen=True)
 class Entry:
-    """Where one decoded image lies in its side's pixel file."""
+    """Where one decoded image lies in its side's pixel file (and, from look-ups, what it is)."""
 
     offset: int
     height: int
     width: int
+    sha256: str = ""
+    source_width: int = 0  # as decoded, before shrinking
+    source_height: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ class FileStat:
 
 def default_root() -> Path:
     return cache_dir() / "images"
+
+
+def cache_root(root: str | Path | None) -> Path:
+    """The folder of a cache: `root`, else the default one."""
+    return Path(root).expanduser() if root else default_root()
 
 
 def pixel_file(root: Path, side: int) -> Path:
@@ -94,7 +102,7 @@ class ImageCache:
     """One cache folder: look-ups for anyone, writes through `writer()` (one process at a time)."""
 
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root).expanduser() if root else default_root()
+        self.root = cache_root(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(self.root / DB_NAME, timeout=BUSY_TIMEOUT_S)
@@ -128,10 +136,13 @@ class ImageCache:
         for chunk in _chunks(sorted(set(hashes))):
             marks = ",".join("?" * len(chunk))
             query = (
-                "SELECT sha256, offset, height, width FROM entries "
+                "SELECT sha256, offset, height, width, source_width, source_height FROM entries "
                 f"WHERE side = ? AND sha256 IN ({marks})"
             )
-            found |= {row[0]: Entry(*row[1:]) for row in self.conn.execute(query, [side, *chunk])}
+            for sha, offset, height, width, source_width, source_height in self.conn.execute(
+                query, [side, *chunk]
+            ):
+                found[sha] = Entry(offset, height, width, sha, source_width, source_height)
         return found
 
     def failures(self, hashes: Iterable[str]) -> dict[str, str]:
@@ -247,7 +258,7 @@ class CacheWriter:
             self._files[side] = open(path, "ab")  # noqa: SIM115 (closed in close())
             self._ends[side] = self._committed_end(side)
         height, width = pixels.shape
-        entry = Entry(self._ends[side], height, width)
+        entry = Entry(self._ends[side], height, width, sha256, *source_size)
         self._files[side].write(np.ascontiguousarray(pixels, np.uint8).tobytes())
         self._ends[side] += pixels.nbytes
         self._pending_entries.append((side, sha256, entry.offset, height, width, *source_size))

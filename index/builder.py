@@ -49,9 +49,12 @@ class Options:
     device: str = "cpu"
     progress: bool = True
     keep: int = layout.KEEP_VERSIONS
+    cache_dir: Path | None = None  # the image cache (default: $CONVIRT_CACHE_DIR/images)
 
     def job_settings(self) -> JobSettings:
-        return JobSettings(self.batch_size, self.workers, self.chunk_batches, self.progress)
+        return JobSettings(
+            self.batch_size, self.workers, self.chunk_batches, self.progress, self.cache_dir
+        )
 
 
 @dataclass

@@ -257,7 +257,14 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=DEFAULT_WORKERS,
-        help="threads reading and decoding images ahead of the model (default: %(default)s)",
+        help="processes decoding into the image cache, then threads preparing cached images "
+        "ahead of the model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="image cache folder (default: $CONVIRT_CACHE_DIR/images): images decoded for "
+        "training, evaluation or an earlier build at the model's resize side are not decoded again",
     )
     p.add_argument(
         "--chunk-batches",
@@ -308,6 +315,7 @@ def options(args: argparse.Namespace, index_type: str = "auto") -> builder.Optio
         device=resolve_device(args.device),
         progress=not args.no_progress,
         keep=args.keep,
+        cache_dir=args.cache,
     )
 
 

@@ -1,28 +1,35 @@
-"""The embedding job: read, hash and decode images in a thread pool while the model embeds batches.
+"""The embedding job: images come through the image cache, then batches go through the model.
 
-Decoding (file read, sha256, JPEG/DICOM decode, thumbnail, resize/crop) runs in `workers` threads,
-a bounded number of items ahead of the model, so it hides behind the forward pass. Results are
-consumed in source order: batches, duplicate detection and staging commits are deterministic, which
-is what makes a resumed job end identical to an uninterrupted one.
+First every item is hashed and, where the cache lacks its content at the model's resize side,
+decoded into it by one process per core (convirt.cachebuild): images already decoded by training,
+evaluation or an earlier build are not decoded again. Then `workers` threads read the cached
+pixels, make the eval view and the thumbnail a bounded number of items ahead of the model, so
+that work hides behind the forward pass. Results are consumed in source order: batches, duplicate
+detection and staging commits are deterministic, which is what makes a resumed job end identical
+to an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Full, Queue
 from typing import TypeVar
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from convirt.cachebuild import ROWS_PER_CHUNK, Resolver
+from convirt.imagecache import CacheReader, Entry, ImageCache, cache_root, pixel_file
 from convirt.imageio import DICOM_SUFFIXES, ImageDecodeError, load_image, looks_like_dicom
 from convirt.inference import Embedder
 from convirt.manifest import ManifestItem, Skip
@@ -30,6 +37,8 @@ from convirt.manifest import ManifestItem, Skip
 from .staging import StagedImage, Staging
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 THUMBNAIL_SIZE = 128  # longest side, pixels
 THUMBNAIL_QUALITY = 85
@@ -53,6 +62,7 @@ class JobSettings:
     workers: int = DEFAULT_WORKERS
     chunk_batches: int = DEFAULT_CHUNK_BATCHES
     progress: bool = True
+    cache_dir: Path | None = None  # the image cache (default: $CONVIRT_CACHE_DIR/images)
 
 
 @dataclass
@@ -109,13 +119,16 @@ def run_job(
     started = time.perf_counter()
     staged = frozenset(staging.hashes())
     skip = staged | known_hashes
+    side = embedder.bundle.config.resize
+    reader = CacheReader(pixel_file(cache_root(settings.cache_dir), side))
+    resolved = prefetch(cached(items, side, settings), depth=2 * ROWS_PER_CHUNK)
     result, seen = JobResult(), {}
     batch: list[Decoded] = []
     chunk: list[StagedImage] = []
     bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not settings.progress)
     depth = max(2 * settings.batch_size, 4 * settings.workers)
     for outcome in ordered_map(
-        lambda it: inspect(it, embedder, skip), items, settings.workers, depth
+        lambda row: inspect(row, embedder, reader, skip), resolved, settings.workers, depth
     ):
         bar.update(1)
         bar.set_postfix(new=result.embedded, skipped=len(result.skipped), refresh=False)
@@ -159,35 +172,102 @@ def embed_batch(embedder: Embedder, batch: list[Decoded]) -> list[StagedImage]:
     ]
 
 
-def inspect(
-    item: ManifestItem, embedder: Embedder, skip: frozenset[str]
-) -> Decoded | Hashed | Skip:
-    """Read and hash a file; decode and preprocess it unless its content is already embedded."""
+def cached(
+    items: list[ManifestItem], side: int, settings: JobSettings
+) -> Iterator[tuple[ManifestItem, Entry] | Skip]:
+    """Each item with its cache entry (decoded into the cache first where it was missing)."""
+    cache = ImageCache(settings.cache_dir)  # opened by the thread that iterates this
     try:
-        data = item.path.read_bytes()
+        yield from Resolver(cache, side, settings.workers, progress=False).resolve(items)
+    finally:
+        cache.close()
+
+
+def prefetch(source: Iterator[T], depth: int) -> Iterator[T]:
+    """Run a generator in a thread of its own, `depth` items ahead of the consumer: the cache
+    fills (in its worker processes) while the model embeds what is ready. A consumer that stops
+    early stops the generator too (its finally blocks run, its worker processes end)."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in source:
+                if not offer(item):
+                    return
+            offer(done)
+        except BaseException as err:  # handed to the consumer, raised there
+            offer(_Failure(err))
+        finally:
+            source.close()
+
+    thread = threading.Thread(target=produce, name="index-cache", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+def inspect(
+    row: tuple[ManifestItem, Entry] | Skip,
+    embedder: Embedder,
+    reader: CacheReader,
+    skip: frozenset[str],
+) -> Decoded | Hashed | Skip:
+    """What the index stores of one cached image, unless its content is already embedded."""
+    if isinstance(row, Skip):
+        return row
+    item, entry = row
+    if entry.sha256 in skip:
+        return Hashed(item, entry.sha256)
+    try:
+        size = item.path.stat().st_size
+        with open(item.path, "rb") as f:
+            head = f.read(132)
     except OSError as err:
         return Skip(str(item.path), f"cannot read the file: {err.strerror or err}")
-    if not data:
-        return Skip(str(item.path), "empty file (0 bytes)")
-    sha = hashlib.sha256(data).hexdigest()
-    if sha in skip:
-        return Hashed(item, sha)
-    is_dicom = looks_like_dicom(data[:132]) or item.path.suffix.lower() in DICOM_SUFFIXES
-    try:
-        image = load_image(item.path if is_dicom else data)
-        pixels = embedder.preprocess(image)
-    except ImageDecodeError as err:
-        return Skip(str(item.path), str(err))
+    image = Image.fromarray(reader.read(entry), mode="L")
+    is_dicom = looks_like_dicom(head) or item.path.suffix.lower() in DICOM_SUFFIXES
     return Decoded(
         item,
-        sha,
-        len(data),
-        image.width,
-        image.height,
-        dicom_fields(data) if is_dicom else {},
-        make_thumbnail(image),
-        pixels,
+        entry.sha256,
+        size,
+        entry.source_width,
+        entry.source_height,
+        dicom_fields(item.path) if is_dicom else {},
+        thumbnail_of(image, item),
+        embedder.preprocess(image),  # the cached image is already at the resize side
     )
+
+
+def thumbnail_of(cached: Image.Image, item: ManifestItem) -> bytes:
+    """From the cached copy, unless the model's resize side is smaller than a thumbnail."""
+    if max(cached.size) >= THUMBNAIL_SIZE:
+        return make_thumbnail(cached)
+    try:
+        return make_thumbnail(load_image(item.path))
+    except ImageDecodeError:
+        return make_thumbnail(cached)
 
 
 def make_thumbnail(image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
@@ -198,18 +278,14 @@ def make_thumbnail(image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
     return out.getvalue()
 
 
-def dicom_fields(data: bytes) -> dict[str, str]:
+def dicom_fields(path: Path) -> dict[str, str]:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # the pixels decoded, so a header problem only costs metadata
         return {}
     return {name: str(ds.get(tag)) for tag, name in DICOM_FIELDS.items() if ds.get(tag)}
-
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int) -> Iterator[R]:

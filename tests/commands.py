@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from convirt.cli import SUBCOMMANDS
-from convirt.paths import DATA_ROOT_ENV
+from convirt.paths import CACHE_DIR_ENV, DATA_ROOT_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = {
@@ -176,10 +176,11 @@ def as_list(value: str | list[str]) -> list[str]:
 
 
 def container_variables() -> set[str]:
-    """The CONVIRT_* variables a container's `convirt` reads: every setting, and DATA_ROOT_ENV."""
+    """The CONVIRT_* variables a container's `convirt` reads: every setting, DATA_ROOT_ENV and
+    CACHE_DIR_ENV."""
     from service.settings import Settings, env_name
 
-    return {env_name(field) for field in Settings.model_fields} | {DATA_ROOT_ENV}
+    return {env_name(field) for field in Settings.model_fields} | {DATA_ROOT_ENV, CACHE_DIR_ENV}
 
 
 @cache

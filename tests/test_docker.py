@@ -41,7 +41,7 @@ from commands import (
 )
 from conftest import find_tool
 
-from convirt.paths import DATA_ROOT_ENV
+from convirt.paths import CACHE_DIR_ENV, DATA_ROOT_ENV
 
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / "docker" / "convirt.env.example"
@@ -307,7 +307,8 @@ def test_every_convirt_variable_is_known():
         re.findall(r"\$\$\{?(CONVIRT_\w+)", compose_text)
     )
     problems = [
-        f"{where}: {var} is neither a setting (service/settings.py) nor {DATA_ROOT_ENV}"
+        f"{where}: {var} is neither a setting (service/settings.py), {DATA_ROOT_ENV} "
+        f"nor {CACHE_DIR_ENV}"
         for where, variables in set_in_containers.items()
         for var in sorted(v for v in variables if v.startswith("CONVIRT_"))
         if var not in container_side

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from conftest import make_bundle
 from PIL import Image
 
 from convirt.bundle import load_bundle
+from convirt.cachebuild import Resolver
+from convirt.imagecache import ImageCache
 from convirt.imageio import load_image
 from convirt.inference import Embedder
 from index import cli, layout
@@ -463,3 +466,21 @@ def test_cli_explains_every_subcommand(capsys):
         assert "--root" in capsys.readouterr().out
     assert cli.main(["info", "--root", "/nonexistent/index"]) == 1
     assert "no index at /nonexistent/index" in capsys.readouterr().err
+
+
+def test_a_build_decodes_only_what_the_image_cache_lacks(archive, bundle_dir, tmp_path):
+    cache = tmp_path / "cache"
+    options = replace(OPTIONS, cache_dir=cache)
+    side = load_bundle(bundle_dir).config.resize
+    # training or `convirt cache build` decoded the medpix images already, at the model's side
+    medpix = [item for item in scan_folder(archive).items if "medpix" in item.relpath]
+    list(Resolver(ImageCache(cache), side, workers=1, progress=False).resolve(medpix))
+    before = ImageCache(cache).info()["sides"][side]["images"]
+    first = build(tmp_path / "a", bundle_dir, scan_folder(archive), options)
+    after = ImageCache(cache).info()["sides"][side]["images"]
+    assert after - before == IMAGES_INDEXED - len(medpix)  # only the others were decoded
+    second = build(tmp_path / "b", bundle_dir, scan_folder(archive), options)
+    assert ImageCache(cache).info()["sides"][side]["images"] == after
+    with open_current(tmp_path / "a") as a, open_current(tmp_path / "b") as b:
+        assert np.array_equal(a.vectors["joint"], b.vectors["joint"])
+    assert first.count == second.count == IMAGES_INDEXED
