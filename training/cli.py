@@ -54,6 +54,11 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--num-workers", type=int, help="data loader worker processes")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--cache", type=Path,
+        help="image cache folder (default: $CONVIRT_CACHE_DIR/images); filled when images are "
+        "missing from it",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int)
     parser.add_argument(
         "--sentence-filter", choices=["none", "imaging"],
@@ -77,6 +82,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "device": args.device,
         "num_workers": args.num_workers,
         "threads": args.threads,
+        "cache_dir": str(args.cache) if args.cache else None,
         "seed": args.seed,
         "sentence_filter": args.sentence_filter,
     } | parse_assignments(args.set)
@@ -155,6 +161,9 @@ def eval_parser() -> argparse.ArgumentParser:
         help="also use images without a report (default: only the image/report pairs)",
     )  # fmt: skip
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--cache", type=Path, help="image cache folder (default: $CONVIRT_CACHE_DIR/images)"
+    )
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     parser.add_argument(
         "--format", choices=["json", "table"], default="json",
@@ -179,7 +188,7 @@ def eval_main(argv: list[str]) -> int:
             bundle, args.manifest, None if args.split == "all" else args.split,
             label_column=args.label_column, queries_csv=args.queries, baseline=args.baseline,
             text_mode=args.text_mode, all_images=args.all_images, device=args.device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, cache_dir=args.cache,
         )  # fmt: skip
     except (BundleError, ValueError, FileNotFoundError) as err:
         print(f"convirt eval: {err}", file=sys.stderr)

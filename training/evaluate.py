@@ -182,6 +182,7 @@ def evaluate(
     all_images: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> dict[str, float]:
     """Every metric the inputs allow, as one flat dict (prefixed keys for baseline and chance).
 
@@ -192,7 +193,7 @@ def evaluate(
     records = load_split(manifest, split)
     if not all_images:
         records = [r for r in records if r.text] or records
-    split_embeddings = embed_images(records, embedder, progress=progress)
+    split_embeddings = embed_images(records, embedder, progress=progress, cache_dir=cache_dir)
     result: dict[str, float] = {"n_images": len(split_embeddings.records)}
     result |= text_image_metrics(split_embeddings, embedder, text_mode)
     if label_column:
@@ -202,7 +203,7 @@ def evaluate(
     if baseline == "imagenet":
         encoder = initial_image_encoder(bundle.config).to(device).eval()
         base = embed_images(
-            split_embeddings.records, embedder, image_encoder=encoder, progress=progress
+            split_embeddings.records, embedder, encoder, progress=progress, cache_dir=cache_dir
         )
         if label_column:
             for key, value in image_image_metrics(base, label_column).items():
