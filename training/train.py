@@ -430,7 +430,8 @@ def _provenance(config: TrainConfig, manifests: list[Path], n_train: int, n_val:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:  # in blocks: a manifest of 300k rows is ~80 MB
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _git_commit() -> str | None:
