@@ -19,6 +19,7 @@ from itertools import count, islice
 from pathlib import Path
 
 import torch
+from torch.utils.data import Sampler
 
 from training.cli import default_manifests
 from training.config import load_config, parse_assignments
@@ -26,11 +27,22 @@ from training.data import EpochSampler
 from training.train import start_run, train_step
 
 
+class ChainedEpochs(Sampler):
+    """The keys of epoch after epoch from one loader: a small data set (the GPU check carries
+    560 pairs) still gives as many batches as asked, without restarting the workers."""
+
+    def __init__(self, run, first_epoch: int):
+        self.run, self.first_epoch = run, first_epoch
+
+    def __iter__(self):
+        for epoch in count(self.first_epoch):
+            yield from EpochSampler(
+                len(self.run.train_set), self.run.config.batch_size, epoch, self.run.config.seed
+            )
+
+
 def batches(run, first_epoch: int):
-    """Training batches epoch after epoch: a small data set still gives as many as asked."""
-    for epoch in count(first_epoch):
-        sampler = EpochSampler(len(run.train_set), run.config.batch_size, epoch, run.config.seed)
-        yield from run.train_loader(sampler)
+    return iter(run.train_loader(ChainedEpochs(run, first_epoch)))
 
 
 def measure_loop(run, steps: int, epoch: int) -> float:
