@@ -104,17 +104,22 @@ class Resolver:
     def resolve(
         self, items: Iterable[ManifestItem | Skip]
     ) -> Iterator[tuple[ManifestItem, Entry] | Skip]:
-        bar = tqdm(desc=self.desc, unit="img", disable=not self.progress, dynamic_ncols=True)
-        source = iter(items)
+        source, bar = iter(items), None
         try:
             while chunk := list(islice(source, ROWS_PER_CHUNK)):
+                # made once rows come: a manifest that cannot be read leaves no empty bar behind
+                if bar is None:
+                    bar = tqdm(
+                        desc=self.desc, unit="img", disable=not self.progress, dynamic_ncols=True
+                    )
                 resolved = self._resolve_chunk(chunk)
                 self._close_writer()  # between chunks: other builds (shards, ranks) take turns
                 yield from resolved
                 bar.update(len(chunk))
                 bar.set_postfix(decoded=self.counts.decoded, refresh=False)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             self.close()
 
     def close(self) -> None:
