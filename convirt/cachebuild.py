@@ -93,8 +93,11 @@ class Resolver:
         workers: int | None = None,
         progress: bool = True,
         desc: str = "caching images",
+        have: frozenset[str] = frozenset(),
     ):
-        self.cache, self.side = cache, side
+        """`have`: contents the caller needs no pixels of (already embedded, say): not decoded,
+        and passed on as an Entry that holds only their sha256."""
+        self.cache, self.side, self.have = cache, side, have
         self.workers = workers or default_workers()
         self.progress, self.desc = progress, desc
         self.counts = BuildCounts()
@@ -182,6 +185,8 @@ class Resolver:
         """Each row's entry, decoding the content the cache lacks; a reason where it cannot."""
         entries = self.cache.entries(self.side, hashes.values())
         failures = self.cache.failures(set(hashes.values()) - set(entries))
+        for sha in self.have.intersection(hashes.values()) - set(entries):
+            entries[sha] = Entry(-1, 0, 0, sha)  # no pixels: the caller has what it needs
         missing = [i for i, sha in hashes.items() if sha not in entries and sha not in failures]
         if missing and self._writer is None:
             self._open_writer()

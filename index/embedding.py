@@ -121,7 +121,7 @@ def run_job(
     skip = staged | known_hashes
     side = embedder.bundle.config.resize
     reader = CacheReader(pixel_file(cache_root(settings.cache_dir), side))
-    resolved = prefetch(cached(items, side, settings), depth=2 * ROWS_PER_CHUNK)
+    resolved = prefetch(cached(items, side, settings, skip), depth=2 * ROWS_PER_CHUNK)
     result, seen = JobResult(), {}
     batch: list[Decoded] = []
     chunk: list[StagedImage] = []
@@ -173,12 +173,14 @@ def embed_batch(embedder: Embedder, batch: list[Decoded]) -> list[StagedImage]:
 
 
 def cached(
-    items: list[ManifestItem], side: int, settings: JobSettings
+    items: list[ManifestItem], side: int, settings: JobSettings, embedded: frozenset[str]
 ) -> Iterator[tuple[ManifestItem, Entry] | Skip]:
-    """Each item with its cache entry (decoded into the cache first where it was missing)."""
+    """Each item with its cache entry, decoded into the cache first where it was missing, unless
+    its content is `embedded` already (then only hashed)."""
     cache = ImageCache(settings.cache_dir)  # opened by the thread that iterates this
     try:
-        yield from Resolver(cache, side, settings.workers, progress=False).resolve(items)
+        resolver = Resolver(cache, side, settings.workers, progress=False, have=embedded)
+        yield from resolver.resolve(items)
     finally:
         cache.close()
 

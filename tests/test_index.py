@@ -484,3 +484,13 @@ def test_a_build_decodes_only_what_the_image_cache_lacks(archive, bundle_dir, tm
     with open_current(tmp_path / "a") as a, open_current(tmp_path / "b") as b:
         assert np.array_equal(a.vectors["joint"], b.vectors["joint"])
     assert first.count == second.count == IMAGES_INDEXED
+
+
+def test_adding_what_is_indexed_decodes_nothing_even_with_an_empty_cache(
+    built, archive, bundle_dir, tmp_path
+):
+    root = copy_root(built, tmp_path / "root")
+    cold = tmp_path / "empty-cache"
+    summary = add(root, bundle_dir, scan_folder(archive), replace(OPTIONS, cache_dir=cold))
+    assert summary.changes.get("embedded", 0) == 0
+    assert ImageCache(cold).info()["sides"] == {}  # hashed, never decoded
