@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from convirt.imagecache import ImageCache
 from training.config import TrainConfig, load_config
 from training.train import train
 
@@ -141,3 +142,15 @@ def test_cli_errors_are_clear(tmp_path, medpix_subset):
     help_text = run_cli("train", "--help")
     assert help_text.returncode == 0 and "--resume" in help_text.stdout
     assert run_cli("nonsense").returncode == 2
+
+
+def test_training_decodes_into_the_image_cache_once(medpix_subset, small_model_config, tmp_path):
+    cache = tmp_path / "cache"
+    config = small_config(small_model_config, max_steps=1, num_workers=0, cache_dir=str(cache))
+    train(config, [medpix_subset], tmp_path / "a", progress=False)
+    side = small_model_config.resize
+    pixels = cache / f"side-{side}.u8"
+    first = (ImageCache(cache).info()["sides"][side]["images"], pixels.stat().st_mtime_ns)
+    assert first[0] == 36  # the 24 train and 12 dev images of the subset
+    train(config, [medpix_subset], tmp_path / "b", progress=False)  # a second run, a resume...
+    assert (ImageCache(cache).info()["sides"][side]["images"], pixels.stat().st_mtime_ns) == first
