@@ -7,10 +7,13 @@ and every rebuild of the same file: ids survive add/remove/merge and are what cl
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 from collections.abc import Iterable, Mapping
+from contextlib import closing
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +62,9 @@ COLUMNS = (
     "report",
     "meta",
 )
-FILTER_COLUMNS = frozenset(COLUMNS) - {"meta", "report"}
+# Absolute server paths (path, source) and content hashes are kept out of the query surface:
+# filtering on them would confirm what is on the server's disks. relpath is the archive's own name.
+FILTER_COLUMNS = frozenset(COLUMNS) - {"meta", "report", "path", "source", "sha256"}
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\- ]+$")
 
 
@@ -176,24 +181,53 @@ def thumbnail(conn: sqlite3.Connection, image_id: int) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
-def filter_sql(filters: Mapping[str, Any]) -> tuple[str, list[Any]]:
-    """WHERE clause for equality filters on columns or on manifest fields (the meta JSON)."""
+def filter_sql(
+    filters: Mapping[str, Any], fields: frozenset[str] | None = None
+) -> tuple[str, list[Any]]:
+    """WHERE clause for equality filters on columns or on manifest fields (the meta JSON).
+
+    `fields`: the manifest fields the index holds; any other name is refused, naming them, where
+    it would only scan every row to find nothing."""
     clauses, params = [], []
     for key, value in filters.items():
         if key in FILTER_COLUMNS:
             clauses.append(f"{key} = ?")
             params.append(value)
-        elif SAFE_KEY.match(key):
+        elif SAFE_KEY.match(key) and (fields is None or key in fields):
             clauses.append("json_extract(meta, ?) = ?")
             params += [f'$."{key}"', str(value)]  # manifest fields are stored as strings
         else:
+            known = sorted(FILTER_COLUMNS | (fields or frozenset()))
             raise ValueError(
-                f"filter field {key!r}: use a column ({', '.join(sorted(FILTER_COLUMNS))}) "
-                "or a metadata field made of letters, digits, '_', '-', '.' and spaces"
+                f"filter field {key!r} is not in this index; known: {', '.join(known)}"
             )
     return " AND ".join(clauses) or "1", params
 
 
 def filtered_ids(conn: sqlite3.Connection, filters: Mapping[str, Any]) -> list[int]:
-    where, params = filter_sql(filters)
-    return [row[0] for row in conn.execute(f"SELECT id FROM images WHERE {where}", params)]
+    where, params = filter_sql(filters, meta_fields(conn))
+    try:
+        rows = conn.execute(f"SELECT id FROM images WHERE {where}", params)
+    except OverflowError as err:  # an integer SQLite cannot hold
+        raise ValueError(f"filter value out of range: {err}") from None
+    return [row[0] for row in rows]
+
+
+def meta_fields(conn: sqlite3.Connection) -> frozenset[str]:
+    """The manifest fields present in a version (read once per file: versions never change)."""
+    ((path,),) = conn.execute("SELECT file FROM pragma_database_list WHERE name = 'main'")
+    if not path:
+        return _scan_meta_fields(conn)
+    stat = os.stat(path)  # the key: a root rebuilt from scratch reuses version names
+    return _meta_fields(path, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _meta_fields(path: str, *identity: int) -> frozenset[str]:
+    with closing(open_readonly(Path(path))) as conn:
+        return _scan_meta_fields(conn)
+
+
+def _scan_meta_fields(conn: sqlite3.Connection) -> frozenset[str]:
+    rows = conn.execute("SELECT DISTINCT key FROM images, json_each(images.meta)")
+    return frozenset(row[0] for row in rows)

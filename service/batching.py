@@ -99,18 +99,21 @@ class MicroBatcher(Generic[Item, Result]):
         self.last_batch_size = len(live)
         if not live:
             return
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         self.running = [future for _, future in live]
         try:
-            results = await loop.run_in_executor(
-                self.executor, self.run_batch, [item for item, _ in live]
-            )
-        except Exception as err:  # one bad batch fails its own requests, never the worker
-            log.exception("batch of %d failed", len(live))
-            for _, future in live:
-                if not future.done():
-                    future.set_exception(err)
+            results = await self._call([item for item, _ in live])
+        except Exception as err:
+            if len(live) == 1:
+                _fail(live[0][1], err)
+                return
+            # One bad query must not fail the queries batched with it: run them one at a time,
+            # so each gets its own answer or its own error.
+            log.warning(
+                "a batch of %d failed (%s: %s); running its queries one by one",
+                len(live), type(err).__name__, err,
+            )  # fmt: skip
+            await self._run_alone(live)
             return
         finally:
             self.running = []
@@ -119,3 +122,24 @@ class MicroBatcher(Generic[Item, Result]):
         for (_, future), result in zip(live, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    async def _call(self, items: list[Item]) -> Sequence[Result]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.run_batch, items)
+
+    async def _run_alone(self, live: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        for item, future in live:
+            if future.done():
+                continue
+            try:
+                (result,) = await self._call([item])
+            except Exception as err:
+                _fail(future, err)
+            else:
+                future.set_result(result)
+
+
+def _fail(future: asyncio.Future, err: Exception) -> None:
+    """The request's own error (the route turns it into a response; the worker lives on)."""
+    if not future.done():
+        future.set_exception(err)

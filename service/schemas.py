@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -10,6 +11,48 @@ K_MAX = 100
 K_DEFAULT = 10
 ID_MAX = 2**63 - 1  # index ids are positive signed 64-bit integers
 FilterValue = str | int | float | bool
+# Bounds on filters: far above any real use, far below what costs the server anything.
+MAX_FILTERS = 32
+MAX_FILTER_KEY_CHARS = 64
+MAX_FILTER_VALUE_CHARS = 512
+INT64 = (-(2**63), 2**63 - 1)  # what SQLite stores
+
+
+def valid_unicode(text: str, what: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800") that no encoder or database accepts: refuse
+    them here, with a 422, rather than fail deep inside the tokenizer or SQLite."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start : err.end].encode("unicode_escape").decode()
+        raise ValueError(
+            f"{what} is not valid Unicode: it holds {bad} at position {err.start} (a lone "
+            "surrogate); send UTF-8 text"
+        ) from None
+    return text
+
+
+def check_filters(filters: dict[str, Any]) -> dict[str, Any]:
+    """Filters as the index can run them: a few flat fields with bounded, storable values."""
+    if len(filters) > MAX_FILTERS:
+        raise ValueError(f"{len(filters)} filters: at most {MAX_FILTERS} fields per query")
+    for key, value in filters.items():
+        valid_unicode(key, "a filter field")
+        if not key or len(key) > MAX_FILTER_KEY_CHARS:
+            raise ValueError(f"filter field names are 1 to {MAX_FILTER_KEY_CHARS} characters")
+        if not isinstance(value, str | int | float | bool):
+            raise ValueError(f"filter {key!r}: a value is a string, number or boolean")
+        if isinstance(value, str):
+            valid_unicode(value, f"filter {key!r}")
+            if len(value) > MAX_FILTER_VALUE_CHARS:
+                raise ValueError(
+                    f"filter {key!r}: values are at most {MAX_FILTER_VALUE_CHARS} characters"
+                )
+        elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+            raise ValueError(f"filter {key!r}: integers must fit in 64 bits")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"filter {key!r}: numbers must be finite")
+    return filters
 
 
 class TextQuery(BaseModel):
@@ -32,7 +75,12 @@ class TextQuery(BaseModel):
     def not_blank(cls, text: str) -> str:
         if not text.strip():
             raise ValueError("text is empty; send a report sentence")
-        return text
+        return valid_unicode(text, "text")
+
+    @field_validator("filters")
+    @classmethod
+    def bounded_filters(cls, filters: dict[str, FilterValue]) -> dict[str, FilterValue]:
+        return check_filters(filters)
 
 
 class ImageMetadata(BaseModel):

@@ -19,10 +19,14 @@ from ..results import describe_hits
 from ..schemas import (
     K_DEFAULT,
     K_MAX,
+    MAX_FILTER_KEY_CHARS,
+    MAX_FILTER_VALUE_CHARS,
+    MAX_FILTERS,
     SearchResponse,
     SearchResult,
     TextQuery,
     TextSearchResponse,
+    check_filters,
     errors,
 )
 from ..uploads import image_bytes
@@ -110,11 +114,16 @@ async def decode(engine: Engine, data: bytes) -> torch.Tensor:
 
 
 def parse_filters(text: str | None) -> dict[str, Any]:
+    """The form field `filters` (JSON text) checked as a JSON body's filters are."""
     if not text:
         return {}
+    if len(text) > MAX_FILTERS_JSON_CHARS:  # before parsing: nesting 10,000 deep is short text
+        raise ApiError(
+            422, "invalid_filters", f"filters is longer than {MAX_FILTERS_JSON_CHARS} characters"
+        )
     try:
         filters = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise ApiError(422, "invalid_filters", f"filters is not valid JSON: {err}") from err
     if not isinstance(filters, dict) or not all(
         isinstance(v, str | int | float | bool) for v in filters.values()
@@ -122,7 +131,10 @@ def parse_filters(text: str | None) -> dict[str, Any]:
         raise ApiError(
             422, "invalid_filters", "filters must be a JSON object of field: value (no nesting)"
         )
-    return filters
+    try:
+        return check_filters(filters)
+    except ValueError as err:
+        raise ApiError(422, "invalid_filters", str(err)) from err
 
 
 async def run_search(
@@ -143,6 +155,10 @@ async def run_search(
         if not filters:
             raise
         raise ApiError(422, "invalid_filters", str(err)) from err
+
+
+# Room for MAX_FILTERS fields of the longest names and values, and no more.
+MAX_FILTERS_JSON_CHARS = MAX_FILTERS * (MAX_FILTER_KEY_CHARS + MAX_FILTER_VALUE_CHARS + 8)
 
 
 def elapsed_ms(started: float) -> float:
