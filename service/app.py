@@ -12,11 +12,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
 from .docs import fastapi_docs_url, install_local_docs
 from .errors import install_error_handlers
-from .limits import BodySizeLimit
+from .limits import BodyReadDeadline, BodySizeLimit
 from .loading import Resources, load_resources
 from .metrics import Metrics, RequestMetrics
 from .routes import admin, health, images, page, search
@@ -62,16 +63,38 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         redoc_url=None,
     )
     app.state.service = service
-    install_error_handlers(app)
+    install_error_handlers(app)  # its middleware innermost: 500s pass the metrics below
     app.add_middleware(
         BodySizeLimit,
         upload_limit=settings.max_upload_bytes,
         other_limit=settings.max_json_bytes,
     )
-    # outermost, so it counts the 413s of the size limit too
+    app.add_middleware(BodyReadDeadline, seconds=settings.body_timeout)
+    app.add_middleware(
+        TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings), www_redirect=False
+    )
+    # outermost, so it counts the 413s of the size limit and the 400s of the host check too
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)
     for module in (search, images, admin, health, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_local_docs(app)
+    if settings.fault_route:
+        install_fault_route(app)
     return app
+
+
+class DeliberateFault(RuntimeError):
+    pass
+
+
+def install_fault_route(app: FastAPI) -> None:
+    """GET /_fault: a 500 on purpose (CONVIRT_FAULT_ROUTE=1, tests only; not in the OpenAPI)."""
+
+    @app.get("/_fault", include_in_schema=False)
+    async def fault() -> None:
+        raise DeliberateFault("a deliberate unexpected error (CONVIRT_FAULT_ROUTE is on)")
+
+
+def allowed_hosts(settings: Settings) -> list[str]:
+    return [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()] or ["*"]

@@ -85,6 +85,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .limits import guarded_protocol
     from .loading import StartupError, load_resources
 
     try:
@@ -100,5 +101,10 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        http=guarded_protocol(settings.header_timeout, settings.max_header_bytes),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        limit_concurrency=settings.max_concurrency,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     return 0

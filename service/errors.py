@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +90,104 @@ def describe_problem(err: dict[str, Any]) -> dict[str, str]:
     return {"field": field, "problem": str(err.get("msg", "invalid"))}
 
 
-async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal error; the service logs say more")
+class ErrorLog:
+    """Logs unexpected errors: the traceback of an error raised at one place (exception type, file
+    and line) at most once per `interval` seconds, a one-line summary with a count otherwise, so a
+    client repeating a failing request cannot flood the log."""
+
+    MAX_PLACES = 1000
+    MAX_TEXT = 200  # characters of a path or message quoted in a line
+
+    def __init__(self, interval: float = 60.0, clock: Any = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self.places: dict[tuple[str, str, int], list[float]] = {}  # -> [last traceback, repeats]
+
+    def error(self, method: str, path: str, exc: BaseException) -> None:
+        place = where_raised(exc)
+        now = self.clock()
+        seen = self.places.get(place)
+        where = f"{method} {shorten(path, self.MAX_TEXT)}"
+        if seen is None or now - seen[0] >= self.interval:
+            repeats = 0 if seen is None else int(seen[1])
+            if seen is None and len(self.places) >= self.MAX_PLACES:
+                self.places.clear()
+            self.places[place] = [now, 0]
+            more = f" ({repeats} more like it since its last traceback)" if repeats else ""
+            log.error("unexpected error on %s%s", where, more, exc_info=exc)
+            return
+        seen[1] += 1
+        log.error(
+            "unexpected error on %s: %s at %s:%d: %s (repeat %d; traceback at most every %gs)",
+            where,
+            place[0],
+            Path(place[1]).name,
+            place[2],
+            shorten(str(exc), self.MAX_TEXT),
+            int(seen[1]),
+            self.interval,
+        )
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def where_raised(exc: BaseException) -> tuple[str, str, int]:
+    filename, line = "?", 0
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        filename, line = frame.f_code.co_filename, lineno
+    return type(exc).__qualname__, filename, line
+
+
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+INTERNAL_ERROR = ("internal_error", "internal error; the service logs say more")
+
+
+class UnexpectedErrors:
+    """ASGI middleware: any exception below it becomes a JSON 500 on a connection that stays
+    usable, logged once (rate-limited).
+
+    Starlette's own 500 handler re-raises the exception after answering, so uvicorn logs a second
+    traceback and, as the response has been sent, closes the connection without announcing it:
+    the client's next request on it got no answer. Here the exception stops.
+    """
+
+    def __init__(self, app: ASGIApp, errors: ErrorLog):
+        self.app = app
+        self.errors = errors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            self.errors.error(scope.get("method", "?"), scope.get("path", "?"), exc)
+            if started:
+                return  # part of a response is out: uvicorn closes the connection
+            await error_response(500, *INTERNAL_ERROR)(scope, receive, send)
+
+
+def install_error_handlers(app: FastAPI, errors: ErrorLog | None = None) -> None:
+    """JSON error bodies for HTTP errors and invalid requests, and UnexpectedErrors innermost of
+    the user middleware (so the request metrics, outside it, count its 500s)."""
+    errors = errors or ErrorLog()
+
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # only for an error in a middleware outside UnexpectedErrors (Starlette re-raises it)
+        errors.error(request.method, request.url.path, exc)
+        return error_response(500, *INTERNAL_ERROR)
+
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected_error)
+    app.add_middleware(UnexpectedErrors, errors=errors)
