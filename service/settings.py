@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         description="most image queries one encoder call embeds (on CPU a CNN gains nothing "
         "past a few images per call, and larger batches cost memory; raise it on a GPU)",
     )
+    max_concurrent_decodes: int = Field(
+        2,
+        ge=1,
+        description="most uploads decoded at once (each may take up to ~100 MB while it "
+        "decodes); further uploads wait their turn",
+    )
     reload_poll_seconds: float = Field(
         0.0,
         ge=0,
@@ -65,6 +71,47 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="uvicorn log level (debug, info, warning, error)")
     access_log: bool = Field(False, description="log every request (uvicorn's access log)")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a connection has to send a complete request head, from its opening "
+        "or its previous response (then 408 and closed)",
+    )
+    body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a request has to send its whole body, from the end of its head "
+        "(then 408 and closed)",
+    )
+    keep_alive_timeout: int = Field(
+        5, ge=1, description="seconds an idle keep-alive connection is kept open"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="largest request head (request line and headers) in bytes (431 above it)",
+    )
+    max_concurrency: int = Field(
+        1000,
+        ge=1,
+        description="most open connections or requests in progress; past it new requests get "
+        "a 503 at once",
+    )
+    allowed_hosts: str = Field(
+        "*",
+        description="comma-separated Host header values served (*.example.com matches "
+        "subdomains); others get a 400 (*: any host)",
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description="comma-separated proxy addresses whose X-Forwarded-For/-Proto headers are "
+        "trusted (*: any; only behind a proxy that sets them)",
+    )
+    fault_route: bool = Field(
+        False,
+        description="tests only, never in production: GET /_fault raises an unexpected error "
+        "(a 500), to check how the service answers and logs one",
+    )
 
 
 def env_name(field: str) -> str:
