@@ -1,8 +1,18 @@
-"""Decode PNG, JPEG and DICOM into 8-bit greyscale PIL images, with clear errors for bad input."""
+"""Decode PNG, JPEG and DICOM into 8-bit greyscale PIL images, with clear errors for bad input.
+
+Decoding is bounded before it starts: a file's header says how many bytes its pixels take once
+decoded, and anything above MAX_DECODED_BYTES is refused (ImageTooLargeError) without decoding.
+A multi-frame DICOM has only the one frame we use decoded; a JPEG far larger than any side the
+model uses is decoded at a reduced scale (libjpeg's DCT scaling, 1/2 to 1/8) that keeps its
+shorter side at least DRAFT_MIN_SIDE; conversion to 8 bits works through a lookup table or in
+strips of rows, never in whole-image float copies.
+"""
 
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +21,32 @@ from PIL import Image, UnidentifiedImageError
 # Refuse decompression bombs: ~100 megapixels is far above any radiograph we expect.
 MAX_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# ...and any image whose decoded pixels take more than this many bytes (rows x columns x samples
+# per pixel x bytes per sample, for the one frame we decode): a 100-megapixel 8-bit greyscale
+# image, or a 50-megapixel 16-bit one, or a 25-megapixel RGBA one.
+MAX_DECODED_BYTES = 100_000_000
+# A JPEG whose shorter side is at least twice this is decoded scaled down by 2, 4 or 8, keeping
+# the shorter side at least this long: far above the sides the model resizes to (256 or less),
+# so what the model sees is unchanged in quality, for a fraction of the memory and time.
+DRAFT_MIN_SIDE = 1024
+STRIP_PIXELS = 1 << 20  # pixels converted at a time when a conversion needs float temporaries
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# What the image cache's entries were decoded by: bump it whenever decoding gives other pixels for
+# the same file (a new rule, a fixed bug), so caches made before are not read as current.
+DECODER_VERSION = 2
+# Bytes per pixel of each PIL mode as decoded ("1" is unpacked to a byte per pixel).
+MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3}
+MODE_BYTES |= {"HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
+MODE_BYTES |= {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# JPEG 2000 decoders work in 32-bit integers whatever the bit depth.
+JPEG2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+JPEG2000_SYNTAXES |= {
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+}
 
 
 class ImageDecodeError(ValueError):
@@ -21,7 +54,8 @@ class ImageDecodeError(ValueError):
 
 
 class ImageTooLargeError(ImageDecodeError):
-    """The image has more pixels than MAX_PIXELS (a likely decompression bomb)."""
+    """The image would take more than MAX_PIXELS pixels or MAX_DECODED_BYTES bytes once decoded
+    (a likely decompression bomb)."""
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -29,7 +63,11 @@ def looks_like_dicom(head: bytes) -> bool:
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:
-    """Open a file path or raw bytes as an 8-bit greyscale ('L') image, fully decoded."""
+    """Open a file path or raw bytes as an 8-bit greyscale ('L') image, fully decoded.
+
+    Raises ImageDecodeError for anything that cannot be decoded (ImageTooLargeError for images
+    too large to decode), never another exception type for bad input.
+    """
     data = source if isinstance(source, bytes) else None
     path = None if data is not None else Path(source)
     head = data[:132] if data is not None else _read_head(path)
@@ -49,6 +87,20 @@ def _read_head(path: Path) -> bytes:
         raise ImageDecodeError(f"cannot read {path}: {err.strerror or err}") from err
 
 
+def _check_size(what: str, width: int, height: int, pixel_bytes: int) -> None:
+    """ImageTooLargeError unless width x height pixels of pixel_bytes each fit both budgets."""
+    if width * height > MAX_PIXELS:
+        raise ImageTooLargeError(
+            f"{what} is {width}x{height} pixels, above the {MAX_PIXELS:,} limit"
+        )
+    decoded = width * height * pixel_bytes
+    if decoded > MAX_DECODED_BYTES:
+        raise ImageTooLargeError(
+            f"{what} is {width}x{height} pixels of {pixel_bytes} byte(s): {decoded:,} bytes once "
+            f"decoded, above the {MAX_DECODED_BYTES:,}-byte limit"
+        )
+
+
 def _load_raster(fp) -> Image.Image:
     try:
         with Image.open(fp) as img:
@@ -56,36 +108,121 @@ def _load_raster(fp) -> Image.Image:
                 raise ImageTooLargeError(
                     f"image is {img.width}x{img.height} pixels, above the {MAX_PIXELS:,} limit"
                 )
+            size = img.size
+            _draft(img)
+            _check_size("image", img.width, img.height, MODE_BYTES.get(img.mode, 4))
             img.load()
-            return _to_grey(img)
+            grey = _to_grey(img)
+            grey.info["source_size"] = size  # width, height in the file, before any reduction
+            return grey
     except Image.DecompressionBombError as err:
         raise ImageTooLargeError(f"image refused as a decompression bomb: {err}") from err
     except UnidentifiedImageError as err:
         raise ImageDecodeError("not a recognised image format (PNG, JPEG or DICOM)") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, ImageDecodeError):
-            raise
+    except ImageDecodeError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error...)
         raise ImageDecodeError(f"corrupt or truncated image: {err}") from err
+
+
+def _draft(img: Image.Image) -> None:
+    """Have libjpeg decode a huge JPEG at 1/2, 1/4 or 1/8 scale, keeping the shorter side at least
+    DRAFT_MIN_SIDE; anything smaller (every image we train on) decodes exactly as before."""
+    shorter = min(img.size)
+    if img.format != "JPEG" or shorter < 2 * DRAFT_MIN_SIDE:
+        return
+    scale = next(s for s in (8, 4, 2) if shorter >= s * DRAFT_MIN_SIDE)
+    img.draft(img.mode, (img.width // scale, img.height // scale))
 
 
 def _to_grey(img: Image.Image) -> Image.Image:
     if img.mode == "L":
         return img.copy()
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return _array_to_grey(np.asarray(img))  # uint16: through a lookup table
+    if img.mode in ("I", "F"):
         return _array_to_grey(np.asarray(img, dtype=np.float32))
     if img.mode in ("RGBA", "LA", "P", "PA"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
+        return _composite_on_black(img)
     return img.convert("L")
 
 
-def _array_to_grey(pixels: np.ndarray) -> Image.Image:
-    """Min-max scale any numeric array to 0..255."""
-    pixels = pixels.astype(np.float32)
-    low, high = float(np.nanmin(pixels)), float(np.nanmax(pixels))
+def _composite_on_black(img: Image.Image) -> Image.Image:
+    """Alpha-composite on opaque black, then to greyscale: in strips of rows, so the RGBA
+    temporaries stay small (every step is per pixel, so the result is the same as in one go)."""
+    grey = Image.new("L", img.size)
+    rows = max(1, STRIP_PIXELS // max(1, img.width))
+    for top in range(0, img.height, rows):
+        strip = img.crop((0, top, img.width, min(img.height, top + rows))).convert("RGBA")
+        background = Image.new("RGBA", strip.size, (0, 0, 0, 255))
+        grey.paste(Image.alpha_composite(background, strip).convert("L"), (0, top))
+    return grey
+
+
+def _array_to_grey(
+    pixels: np.ndarray,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    invert: bool = False,
+) -> Image.Image:
+    """Min-max scale transform(pixels) (any numeric array; transform: per-value, e.g. DICOM
+    LUTs) to 0..255 in float32, inverted if asked.
+
+    8- and 16-bit integers go through a lookup table of every possible value, so no float copy
+    of the image is ever made; anything else is converted in strips of rows. Both give exactly
+    what converting the whole array at once to float32 would.
+    """
+    if pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2:
+        if not pixels.dtype.isnative:
+            pixels = pixels.astype(pixels.dtype.newbyteorder("="))
+        return _grey_by_table(pixels, transform, invert)
+    if transform is not None:
+        pixels = np.asarray(transform(pixels))
+    flat = pixels.reshape(pixels.shape[0], -1) if pixels.ndim > 1 else pixels.reshape(1, -1)
+    # float32 rounding is monotonic, so the extremes of the rounded values are the rounded
+    # extremes: no float32 copy is needed to find them
+    low = float(np.float32(np.nanmin(pixels)))
+    high = float(np.float32(np.nanmax(pixels)))
     scale = 255.0 / (high - low) if high > low else 0.0
-    return Image.fromarray(np.rint((pixels - low) * scale).clip(0, 255).astype(np.uint8), mode="L")
+    out = np.empty(flat.shape, np.uint8)
+    rows = max(1, STRIP_PIXELS // max(1, flat.shape[1]))
+    for top in range(0, flat.shape[0], rows):
+        strip = flat[top : top + rows].astype(np.float32)
+        out[top : top + rows] = np.rint((strip - low) * scale).clip(0, 255).astype(np.uint8)
+    if invert:
+        np.subtract(255, out, out=out)
+    return Image.fromarray(out.reshape(pixels.shape), mode="L")
+
+
+def _grey_by_table(
+    pixels: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None, invert: bool
+) -> Image.Image:
+    unsigned = np.dtype(f"u{pixels.dtype.itemsize}")
+    # domain[i]: the value whose bits, read unsigned, are i (so pixels.view(unsigned) indexes it)
+    domain = np.arange(1 << (8 * pixels.dtype.itemsize), dtype=unsigned).view(pixels.dtype)
+    codes = pixels.view(unsigned)
+    present = np.zeros(domain.size, bool)
+    rows = _strip_rows(codes)
+    for top in range(0, codes.shape[0], rows):
+        present |= np.bincount(codes[top : top + rows].ravel(), minlength=domain.size) > 0
+    values = np.asarray(transform(domain) if transform is not None else domain)
+    values = values.astype(np.float32)
+    used = values[present]
+    low, high = float(np.nanmin(used)), float(np.nanmax(used))
+    scale = 255.0 / (high - low) if high > low else 0.0
+    table = np.rint((values - low) * scale).clip(0, 255).astype(np.uint8)
+    if invert:
+        table = 255 - table
+    out = np.empty(codes.shape, np.uint8)
+    for top in range(0, codes.shape[0], rows):
+        out[top : top + rows] = table[codes[top : top + rows]]
+    return Image.fromarray(out, mode="L")
+
+
+def _strip_rows(pixels: np.ndarray) -> int:
+    width = math.prod(pixels.shape[1:]) if pixels.ndim > 1 else pixels.size
+    return max(1, STRIP_PIXELS // max(1, width))
 
 
 def _infer_transfer_syntax(ds) -> None:
@@ -105,35 +242,64 @@ def _infer_transfer_syntax(ds) -> None:
 
 def _load_dicom(fp) -> Image.Image:
     import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(fp, force=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # pydicom raises many types for malformed files
         raise ImageDecodeError(f"unreadable DICOM file: {err}") from err
+    try:
+        return _decode_dicom(ds)
+    except ImageDecodeError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as err:  # a bad header value, LUT or window: this file, not the caller
+        raise ImageDecodeError(f"cannot decode DICOM pixel data: {err}") from err
+
+
+def _header_int(ds, keyword: str, default: int) -> int:
+    value = ds.get(keyword, default)
+    try:
+        return int(default if value is None or value == "" else value)
+    except (TypeError, ValueError) as err:
+        raise ImageDecodeError(f"DICOM {keyword} is not a number: {value!r}") from err
+
+
+def _decode_dicom(ds) -> Image.Image:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     if "PixelData" not in ds:
         raise ImageDecodeError("DICOM file has no pixel data (PixelData element missing)")
     _infer_transfer_syntax(ds)
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    if rows * cols > MAX_PIXELS:
-        raise ImageTooLargeError(f"DICOM is {cols}x{rows} pixels, above the {MAX_PIXELS:,} limit")
+    rows, cols = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+    samples = max(1, _header_int(ds, "SamplesPerPixel", 1))
+    frames = _header_int(ds, "NumberOfFrames", 1)
+    sample_bytes = max(1, math.ceil(_header_int(ds, "BitsAllocated", 8) / 8))
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) in JPEG2000_SYNTAXES:
+        sample_bytes = max(sample_bytes, 4)
+    _check_size("DICOM frame", cols, rows, samples * sample_bytes)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    colour = photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or samples > 1
+    if frames > 1:  # multi-frame: decode only the frame we use (colour: the first; else middle)
+        ds.pixel_array_options(index=0 if colour else frames // 2)
     try:
         pixels = ds.pixel_array
     except Exception as err:  # pydicom raises many types for truncated or undecodable data
         raise ImageDecodeError(f"cannot decode DICOM pixel data: {err}") from err
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or pixels.ndim == 4:
+    if colour or pixels.ndim == 4:
         frame = pixels[0] if pixels.ndim == 4 else pixels
         return Image.fromarray(np.ascontiguousarray(frame).astype(np.uint8)).convert("L")
-    if pixels.ndim == 3:  # multi-frame: take the middle frame
+    if pixels.ndim == 3:  # several frames despite the index: take the middle one
         pixels = pixels[pixels.shape[0] // 2]
-    pixels = apply_modality_lut(pixels, ds)
-    pixels = apply_voi_lut(pixels, ds) if "WindowCenter" in ds or "VOILUTSequence" in ds else pixels
-    grey = _array_to_grey(np.asarray(pixels))
-    if photometric == "MONOCHROME1":  # high values are dark: invert to the usual display
-        grey = Image.fromarray(255 - np.asarray(grey), mode="L")
-    return grey
+    windowed = "WindowCenter" in ds or "VOILUTSequence" in ds
+
+    def transform(values: np.ndarray) -> np.ndarray:
+        values = apply_modality_lut(values, ds)
+        return apply_voi_lut(values, ds) if windowed else values
+
+    return _array_to_grey(pixels, transform, invert=photometric == "MONOCHROME1")
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:

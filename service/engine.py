@@ -2,9 +2,10 @@
 
 Every encoder call runs in the thread that loaded the model (torch uses its own intra-op threads
 inside it), fed by two micro-batchers, one per modality. Uploads are decoded and preprocessed in a
-separate pool of one thread per CPU (one torch thread each), in parallel with the model: at most
-that many decodes run at once, however many uploads arrive together. Index searches run in a
-third pool, faiss single-threaded (see service.threads for why).
+separate pool of one thread per CPU (one torch thread each), in parallel with the model; at most
+`max_concurrent_decodes` of them decode at once (decoding a large image takes memory), however
+many uploads arrive together. Index searches run in a third pool, faiss single-threaded (see
+service.threads for why).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Engine:
         self.embedder = Embedder(bundle, settings.device, batch_size=settings.max_batch)
         self.executor = model_thread
         self.decoders = decode_pool()
+        self.decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
         self.searchers = search_pool()
         window_s = settings.batch_window_ms / 1000
         self.texts: MicroBatcher[str, TextVector] = MicroBatcher(
@@ -104,9 +106,11 @@ class Engine:
         """Decode and preprocess an upload in the decode pool.
 
         Raises convirt.imageio.ImageDecodeError (ImageTooLargeError for decompression bombs).
+        At most settings.max_concurrent_decodes run at once; the others wait here, off the pool.
         """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.decoders, self._prepare_image, data)
+        async with self.decode_slots:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.decoders, self._prepare_image, data)
 
     async def search(self, run: Callable[[], T]) -> T:
         """Run an index search (or anything calling faiss) in the search pool."""

@@ -1,12 +1,21 @@
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from openjpeg.utils import encode_array
 from PIL import Image
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence
+from pydicom.uid import JPEG2000Lossless
 
-from convirt.imageio import ImageDecodeError, ImageTooLargeError, load_image
+from convirt import imageio
+from convirt.imageio import DRAFT_MIN_SIDE, ImageDecodeError, ImageTooLargeError, load_image
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -119,3 +128,161 @@ def test_decompression_bomb_is_refused_before_decoding():
     Image.new("1", (20000, 20000)).save(buffer, format="PNG")
     with pytest.raises(ImageTooLargeError):
         load_image(buffer.getvalue())
+
+
+# -- hostile input (issue 10): decoded-size budget, one frame, reduced JPEG decode, bad LUTs ------
+
+
+def png_header_only(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no data behind it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("bit_depth", "colour_type", "too_large"),
+    [(8, 0, False), (16, 0, True), (8, 2, True), (8, 6, True)],
+)
+def test_decoded_bytes_not_pixels_are_budgeted(bit_depth, colour_type, too_large):
+    # 8000 x 8000 is under the pixel limit: 64 MB as 8-bit grey, but 128 MB as 16-bit grey,
+    # 192 MB as RGB and 256 MB as RGBA, over the byte limit: refused before any decoding
+    data = png_header_only(8000, 8000, bit_depth, colour_type)
+    if too_large:
+        with pytest.raises(ImageTooLargeError, match="bytes once decoded"):
+            load_image(data)
+    else:  # within the budget: decoding starts, and finds the data missing
+        with pytest.raises(ImageDecodeError, match="corrupt or truncated") as raised:
+            load_image(data)
+        assert not isinstance(raised.value, ImageTooLargeError)
+
+
+def test_dicom_bytes_are_budgeted_from_the_header():
+    ds = pydicom.dcmread(DICOM_DIR / "CT_small.dcm")  # 16-bit
+    ds.Rows = ds.Columns = 8000  # 128 MB once decoded; the pixel data is not even there
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(ImageTooLargeError, match="128,000,000 bytes once decoded"):
+        load_image(buffer.getvalue())
+
+
+def test_multi_frame_dicom_decodes_only_its_middle_frame(tmp_path):
+    ds = pydicom.dcmread(DICOM_DIR / "CT_small.dcm")
+    frame = ds.pixel_array
+    frames = np.stack([np.roll(frame, 7 * n, axis=1) for n in range(5)])
+    ds.NumberOfFrames = 5
+    ds.PixelData = frames.tobytes()
+    path = tmp_path / "frames.dcm"
+    ds.save_as(path)
+    ds.NumberOfFrames = 1
+    ds.PixelData = frames[2].tobytes()
+    ds.save_as(tmp_path / "middle.dcm")
+    assert load_image(path).tobytes() == load_image(tmp_path / "middle.dcm").tobytes()
+    # compressed, frames other than the middle one are never decoded: make them garbage
+    garbage = b"\xff\x4f\xff\x51" + b"\x00" * 60
+    fragments = [garbage] * 5
+    fragments[2] = encode_array(frames[2].astype(np.uint16), bits_stored=16)
+    ds.NumberOfFrames = 5
+    ds.PixelRepresentation = 0
+    ds.PixelData = encapsulate(fragments)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.save_as(tmp_path / "frames_j2k.dcm")
+    ds.NumberOfFrames = 1
+    ds.PixelData = encapsulate(fragments[2:3])
+    ds.save_as(tmp_path / "middle_j2k.dcm")
+    expected = load_image(tmp_path / "middle_j2k.dcm").tobytes()
+    assert load_image(tmp_path / "frames_j2k.dcm").tobytes() == expected
+
+
+def test_colour_dicom_keeps_its_size():
+    ds = pydicom.dcmread(DICOM_DIR / "examples_jpeg2k.dcm")  # 3 samples, YBR_RCT
+    image = load_image(DICOM_DIR / "examples_jpeg2k.dcm")
+    assert image.size == (ds.Columns, ds.Rows) and np.asarray(image).std() > 0
+
+
+def jpeg_of(width: int, height: int) -> bytes:
+    ramp = np.add.outer(np.arange(height) % 251, np.arange(width) % 241).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_huge_jpeg_is_decoded_at_a_reduced_scale():
+    image = load_image(jpeg_of(4400, 2100))
+    assert image.size == (2200, 1050)  # 1/2: the shorter side stays at least DRAFT_MIN_SIDE
+    assert min(image.size) >= DRAFT_MIN_SIDE
+    assert image.info["source_size"] == (4400, 2100)
+
+
+def test_jpeg_under_twice_the_draft_side_decodes_in_full():
+    data = jpeg_of(3000, 2 * DRAFT_MIN_SIDE - 1)
+    with Image.open(io.BytesIO(data)) as full:
+        expected = full.convert("L").tobytes()
+    assert load_image(data).tobytes() == expected
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.float64])
+def test_greyscale_conversion_equals_one_float32_pass(monkeypatch, dtype):
+    monkeypatch.setattr(imageio, "STRIP_PIXELS", 1000)  # many strips
+    rng = np.random.default_rng(0)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    if info is None:
+        pixels = rng.normal(0, 1000, (97, 61)).astype(dtype)
+    else:
+        pixels = rng.integers(info.min // 2, info.max // 2, (97, 61), dtype=dtype, endpoint=True)
+    as_float = pixels.astype(np.float32)
+    low, high = float(as_float.min()), float(as_float.max())
+    expected = np.rint((as_float - low) * (255.0 / (high - low))).clip(0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(imageio._array_to_grey(pixels)), expected)
+    inverted = imageio._array_to_grey(pixels, lambda v: v * 3 - 1, invert=True)
+    transformed = (pixels * 3 - 1).astype(np.float32)
+    low, high = float(transformed.min()), float(transformed.max())
+    scaled = np.rint((transformed - low) * (255.0 / (high - low))).clip(0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(inverted), 255 - scaled)
+
+
+def test_alpha_compositing_in_strips_equals_one_pass(monkeypatch):
+    monkeypatch.setattr(imageio, "STRIP_PIXELS", 1000)
+    rgba = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 70, 4), np.uint8))
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    expected = Image.alpha_composite(background, rgba).convert("L")
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    assert load_image(buffer.getvalue()).tobytes() == expected.tobytes()
+
+
+def dicom_variant(edit) -> bytes:
+    ds = pydicom.dcmread(DICOM_DIR / "CT_small.dcm")
+    edit(ds)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def zero_window_width(ds):
+    ds.WindowCenter, ds.WindowWidth = 40, 0
+
+
+def text_window(ds):
+    ds["WindowCenter"] = DataElement(0x00281050, "LO", "soft tissue")
+    ds["WindowWidth"] = DataElement(0x00281051, "LO", "wide")
+
+
+def empty_modality_lut(ds):
+    ds.ModalityLUTSequence = Sequence([Dataset()])
+
+
+def text_rows(ds):
+    ds["Rows"] = DataElement(0x00280010, "LO", "many")
+
+
+@pytest.mark.parametrize("edit", [zero_window_width, text_window, empty_modality_lut, text_rows])
+def test_unusable_dicom_header_is_a_decode_error(edit):
+    with pytest.raises(ImageDecodeError, match="DICOM"):
+        load_image(dicom_variant(edit))
