@@ -97,26 +97,29 @@ def build(
         check_index_type(index_type, embedder)
         if shard is not None:
             source = source.shard(*shard)
-        staging = open_staging(root, embedder)
-        job = run_job(source.items, embedder, staging, options.job_settings())
-        if shard is None:
-            refuse_empty(source, job)
-        with VersionWriter(root, started) as writer:
-            ids, vectors = insert_new(writer.meta, job.kept, staging, source)
-            metadata.insert_duplicates(writer.meta, duplicate_rows(job))
-            skipped = sorted(job.skipped + source.missing, key=lambda s: s.path)
-            report = job_report("build", job, skipped, writer.meta)
-            info = {
-                **model_info(bundle),
-                "operation": "build",
-                "parent": layout.read_current(root),
-                "source": source.describe(),
-                "shard": {"index": shard[0], "count": shard[1]} if shard else None,
-                **job_info(job, skipped, writer.meta),
-            }
-            directory = writer.publish(vectors, ids, info, report, index_type)
-        staging.remove()
-        layout.prune_versions(root, options.keep)
+        with (
+            layout.disk_full_as_error(root, "build", lambda: new_bytes(source, embedder)),
+            closing(open_staging(root, embedder)) as staging,
+        ):
+            job = run_job(source.items, embedder, staging, options.job_settings())
+            if shard is None:
+                refuse_empty(source, job)
+            with VersionWriter(root, started) as writer:
+                ids, vectors = insert_new(writer.meta, job.kept, staging, source)
+                metadata.insert_duplicates(writer.meta, duplicate_rows(job))
+                skipped = sorted(job.skipped + source.missing, key=lambda s: s.path)
+                report = job_report("build", job, skipped, writer.meta)
+                info = {
+                    **model_info(bundle),
+                    "operation": "build",
+                    "parent": layout.read_current(root),
+                    "source": source.describe(),
+                    "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+                    **job_info(job, skipped, writer.meta),
+                }
+                directory = writer.publish(vectors, ids, info, report, index_type)
+            staging.remove()
+            layout.prune_versions(root, options.keep)
     return summarise("build", directory, report["counts"], started)
 
 
@@ -133,40 +136,51 @@ def add(
             f"index {root} (version {current.name})", current.fingerprint, bundle.fingerprint
         )
         embedder = Embedder(bundle, options.device, options.batch_size)
-        with closing(metadata.open_readonly(current.meta_path)) as conn:
-            indexed = metadata.hashes_and_paths(conn)
-        staging = open_staging(root, embedder)
-        job = run_job(source.items, embedder, staging, options.job_settings(), frozenset(indexed))
-        by_path = {path: image_id for image_id, path in indexed.values()}
-        replaced = sorted(
-            {by_path[str(item.path)] for item, _ in job.kept if str(item.path) in by_path}
-        )
-        already = [str(item.path) for item, sha in job.known if indexed[sha][1] == str(item.path)]
-        old_ids = current.ids()
-        keep = ~np.isin(old_ids, replaced)
-        with VersionWriter(root, started) as writer:
-            metadata.copy_from(writer.meta, current.meta_path, old_ids[keep], old_ids[keep])
-            new_ids, new_vectors = insert_new(writer.meta, job.kept, staging, source)
-            metadata.insert_duplicates(writer.meta, duplicate_rows(job, already))
-            ids = np.concatenate([old_ids[keep], new_ids])
-            vectors = {
-                space: np.concatenate([current.vectors(space)[keep], new_vectors[space]])
-                for space in SPACES
-            }
-            skipped = sorted(job.skipped + source.missing, key=lambda s: s.path)
-            report = job_report("add", job, skipped, writer.meta)
-            report["counts"].update(replaced=len(replaced), already_indexed=len(already))
-            report.update(added=[str(item.path) for item, _ in job.kept], already_indexed=already)
-            info = {
-                **current.info,
-                "operation": "add",
-                "parent": current.name,
-                "added_from": source.describe(),
-                **job_info(job, skipped, writer.meta),
-            }
-            directory = writer.publish(vectors, ids, info, report, current.info["index_type"])
-        staging.remove()
-        layout.prune_versions(root, options.keep)
+        with (
+            layout.disk_full_as_error(
+                root, "add", lambda: version_bytes(current) + new_bytes(source, embedder)
+            ),
+            closing(open_staging(root, embedder)) as staging,
+        ):
+            with closing(metadata.open_readonly(current.meta_path)) as conn:
+                indexed = metadata.hashes_and_paths(conn)
+            job = run_job(
+                source.items, embedder, staging, options.job_settings(), frozenset(indexed)
+            )
+            by_path = {path: image_id for image_id, path in indexed.values()}
+            replaced = sorted(
+                {by_path[str(item.path)] for item, _ in job.kept if str(item.path) in by_path}
+            )
+            already = [
+                str(item.path) for item, sha in job.known if indexed[sha][1] == str(item.path)
+            ]
+            old_ids = current.ids()
+            keep = ~np.isin(old_ids, replaced)
+            with VersionWriter(root, started) as writer:
+                metadata.copy_from(writer.meta, current.meta_path, old_ids[keep], old_ids[keep])
+                new_ids, new_vectors = insert_new(writer.meta, job.kept, staging, source)
+                metadata.insert_duplicates(writer.meta, duplicate_rows(job, already))
+                ids = np.concatenate([old_ids[keep], new_ids])
+                vectors = {
+                    space: np.concatenate([current.vectors(space)[keep], new_vectors[space]])
+                    for space in SPACES
+                }
+                skipped = sorted(job.skipped + source.missing, key=lambda s: s.path)
+                report = job_report("add", job, skipped, writer.meta)
+                report["counts"].update(replaced=len(replaced), already_indexed=len(already))
+                report.update(
+                    added=[str(item.path) for item, _ in job.kept], already_indexed=already
+                )
+                info = {
+                    **current.info,
+                    "operation": "add",
+                    "parent": current.name,
+                    "added_from": source.describe(),
+                    **job_info(job, skipped, writer.meta),
+                }
+                directory = writer.publish(vectors, ids, info, report, current.info["index_type"])
+            staging.remove()
+            layout.prune_versions(root, options.keep)
     return summarise("add", directory, report["counts"], started)
 
 
@@ -183,8 +197,9 @@ def remove(
         current = open_writable_current(root)
         with closing(metadata.open_readonly(current.meta_path)) as conn:
             doomed, aliases = resolve_targets(conn, root, list(ids), list(paths))
-        directory, count = rewrite(root, current, "remove", doomed, aliases, None, started)
-        layout.prune_versions(root, keep)
+        with layout.disk_full_as_error(root, "remove", lambda: version_bytes(current)):
+            directory, count = rewrite(root, current, "remove", doomed, aliases, None, started)
+            layout.prune_versions(root, keep)
     changes = {"removed": len(doomed), "duplicate paths removed": len(aliases)}
     return Summary(
         "remove", directory.name, directory, count, changes, time.perf_counter() - started
@@ -199,8 +214,9 @@ def reindex(root: str | Path, index_type: str, keep: int = layout.KEEP_VERSIONS)
         current = open_writable_current(root)
         for space, dim in current.info["dims"].items():
             check_factory_for(index_type, dim, space)
-        directory, count = rewrite(root, current, "reindex", [], [], index_type, started)
-        layout.prune_versions(root, keep)
+        with layout.disk_full_as_error(root, "reindex", lambda: version_bytes(current)):
+            directory, count = rewrite(root, current, "reindex", [], [], index_type, started)
+            layout.prune_versions(root, keep)
     return Summary("reindex", directory.name, directory, count, {}, time.perf_counter() - started)
 
 
@@ -247,45 +263,62 @@ def merge(
     chosen, losers = choose_primaries(shards)
     with layout.write_lock(root):
         layout.remove_tmp_dirs(root)
-        with VersionWriter(root, started) as writer:
-            ids, vectors = copy_shards(writer, shards, chosen)
-            metadata.insert_duplicates(writer.meta, losers)
-            settle_duplicates(writer.meta)
-            reports = [s.report() for s in shards]
-            skipped = sorted(
-                (s for r in reports for s in r.get("skipped", [])), key=lambda s: s["path"]
-            )
-            repeated = sorted(p for r in reports for p in r.get("repeated_rows", []))
-            duplicates = table_duplicates(writer.meta)
-            counts = {
-                "embedded": sum(r["counts"].get("embedded", 0) for r in reports),
-                "resumed": sum(r["counts"].get("resumed", 0) for r in reports),
-                "skipped": len(skipped),
-                "duplicates": len(duplicates) + len(repeated),
-            }
-            report = {
-                "operation": "merge",
-                "counts": counts,
-                "skipped": skipped,
-                "duplicates": duplicates,
-                "repeated_rows": repeated,
-            }
-            info = {
-                **{k: shards[0].info[k] for k in ("fingerprint", "model", "source")},
-                "operation": "merge",
-                "shards": [str(Path(s).absolute()) for s in shard_roots],
-                "shard": None,
-                "parent": layout.read_current(root),
-                "embed_seconds": round(sum(s.info.get("embed_seconds", 0) for s in shards), 3),
-                "skipped": len(skipped),
-                "duplicates": len(duplicates),
-            }
-            directory = writer.publish(vectors, ids, info, report, index_type)
-        layout.prune_versions(root, keep)
+        needed = sum(version_bytes(shard) for shard in shards)
+        with layout.disk_full_as_error(root, "merge", lambda: needed):
+            with VersionWriter(root, started) as writer:
+                ids, vectors = copy_shards(writer, shards, chosen)
+                metadata.insert_duplicates(writer.meta, losers)
+                settle_duplicates(writer.meta)
+                reports = [s.report() for s in shards]
+                skipped = sorted(
+                    (s for r in reports for s in r.get("skipped", [])), key=lambda s: s["path"]
+                )
+                repeated = sorted(p for r in reports for p in r.get("repeated_rows", []))
+                duplicates = table_duplicates(writer.meta)
+                counts = {
+                    "embedded": sum(r["counts"].get("embedded", 0) for r in reports),
+                    "resumed": sum(r["counts"].get("resumed", 0) for r in reports),
+                    "skipped": len(skipped),
+                    "duplicates": len(duplicates) + len(repeated),
+                }
+                report = {
+                    "operation": "merge",
+                    "counts": counts,
+                    "skipped": skipped,
+                    "duplicates": duplicates,
+                    "repeated_rows": repeated,
+                }
+                info = {
+                    **{k: shards[0].info[k] for k in ("fingerprint", "model", "source")},
+                    "operation": "merge",
+                    "shards": [str(Path(s).absolute()) for s in shard_roots],
+                    "shard": None,
+                    "parent": layout.read_current(root),
+                    "embed_seconds": round(sum(s.info.get("embed_seconds", 0) for s in shards), 3),
+                    "skipped": len(skipped),
+                    "duplicates": len(duplicates),
+                }
+                directory = writer.publish(vectors, ids, info, report, index_type)
+            layout.prune_versions(root, keep)
     return summarise("merge", directory, counts, started)
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+# Roughly what one image's metadata row takes (paths, report, metadata and its JPEG thumbnail).
+ROW_BYTES = 8 * 1024
+
+
+def new_bytes(source: Source, embedder: Embedder) -> int:
+    """About the disk space embedding a source takes: staged once, then written into a version
+    (.npy vectors, flat FAISS indexes and a metadata row with a thumbnail, both times)."""
+    vector = 4 * (embedder.dim + embedder.image_feature_dim)
+    return len(source.items) * (3 * vector + 2 * ROW_BYTES)
+
+
+def version_bytes(files: VersionFiles) -> int:
+    """The size of a published version: what a copy of it (add, remove, reindex) takes."""
+    return layout.tree_bytes(files.directory)
 
 
 def load_model(model: ModelLike, device: str) -> Bundle:

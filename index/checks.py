@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from . import faiss_index, layout, metadata
+from .errors import CorruptVersionError, IndexStoreError, reason
+from .layout import human
 from .version import SPACES, VersionFiles, read_version
 
 NORM_TOLERANCE = 1e-3
@@ -64,14 +68,6 @@ def format_info(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size} B"
-
-
 @dataclass
 class Verification:
     version: str
@@ -92,9 +88,15 @@ class Verification:
 
 
 def verify(root: str | Path, fingerprint: str | None = None, hashes: bool = False) -> Verification:
-    """Check the current version: ids, vectors, FAISS, SQLite and (re-hashed) image files agree."""
+    """Check the current version: ids, vectors, FAISS, SQLite and (re-hashed) image files agree.
+
+    Damaged files (truncated, garbled, unreadable) are findings like any other disagreement."""
     root = Path(root)
-    files = read_version(layout.current_version_dir(root))
+    directory = layout.current_version_dir(root)
+    try:
+        files = read_version(directory)
+    except IndexStoreError as err:
+        return Verification(directory.name, problems=[str(err)])
     result = Verification(files.name)
     if fingerprint is not None and fingerprint != files.fingerprint:
         result.problems.append(
@@ -103,14 +105,19 @@ def verify(root: str | Path, fingerprint: str | None = None, hashes: bool = Fals
     ids = check_vectors(files, result)
     if not files.info.get("shard"):
         check_faiss(files, ids, result)
-    with closing(metadata.open_readonly(files.meta_path)) as conn:
-        check_metadata(conn, files, ids, result)
-        check_files(conn, result, hashes)
+    try:
+        with closing(metadata.open_readonly(files.meta_path)) as conn:
+            check_metadata(conn, files, ids, result)
+            check_files(conn, result, hashes)
+    except sqlite3.Error as err:
+        result.problems.append(f"meta.sqlite cannot be read: {err}")
     return result
 
 
-def check_vectors(files: VersionFiles, result: Verification) -> np.ndarray:
-    ids = files.ids()
+def check_vectors(files: VersionFiles, result: Verification) -> np.ndarray | None:
+    ids = load_array(files.ids, "ids.npy", result.problems)
+    if ids is None:
+        return None
     if len(ids) != files.info["count"]:
         result.problems.append(
             f"ids.npy has {len(ids)} ids, version.json says {files.info['count']}"
@@ -118,7 +125,11 @@ def check_vectors(files: VersionFiles, result: Verification) -> np.ndarray:
     if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
         result.problems.append("ids.npy is not sorted and unique")
     for space in SPACES:
-        vectors = files.vectors(space, mmap=True)
+        vectors = load_array(
+            lambda space=space: files.vectors(space, mmap=True), f"{space}.npy", result.problems
+        )
+        if vectors is None:
+            continue
         expected = (len(ids), files.info["dims"][space])
         if vectors.shape != expected:
             result.problems.append(f"{space}.npy has shape {vectors.shape}, expected {expected}")
@@ -131,14 +142,20 @@ def check_vectors(files: VersionFiles, result: Verification) -> np.ndarray:
     return ids
 
 
-def check_faiss(files: VersionFiles, ids: np.ndarray, result: Verification) -> None:
+def check_faiss(files: VersionFiles, ids: np.ndarray | None, result: Verification) -> None:
     for space in SPACES:
         try:
             index = files.faiss_index(space)
         except Exception as err:
-            result.problems.append(f"{space}.faiss cannot be read: {err}")
+            result.problems.append(f"{space}.faiss cannot be read: {reason(err)}")
             continue
-        if index.ntotal != len(ids):
+        if ids is None:
+            if index.ntotal != files.info["count"]:
+                result.problems.append(
+                    f"{space}.faiss holds {index.ntotal} vectors, "
+                    f"version.json says {files.info['count']}"
+                )
+        elif index.ntotal != len(ids):
             result.problems.append(
                 f"{space}.faiss holds {index.ntotal} vectors, ids.npy {len(ids)}"
             )
@@ -147,12 +164,17 @@ def check_faiss(files: VersionFiles, ids: np.ndarray, result: Verification) -> N
     result.checked["faiss_indexes"] = len(SPACES)
 
 
-def check_metadata(conn, files: VersionFiles, ids: np.ndarray, result: Verification) -> None:
+def check_metadata(conn, files: VersionFiles, ids: np.ndarray | None, result: Verification) -> None:
     integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
     if integrity != "ok":
         result.problems.append(f"meta.sqlite is damaged: {integrity}")
     stored = np.array([r[0] for r in conn.execute("SELECT id FROM images ORDER BY id")], np.int64)
-    if not np.array_equal(stored, ids):
+    if ids is None:
+        if len(stored) != files.info["count"]:
+            result.problems.append(
+                f"meta.sqlite has {len(stored)} images, version.json says {files.info['count']}"
+            )
+    elif not np.array_equal(stored, ids):
         extra, missing = np.setdiff1d(stored, ids), np.setdiff1d(ids, stored)
         result.problems.append(
             f"metadata and vectors disagree: {len(extra)} ids only in meta.sqlite, "
@@ -193,3 +215,83 @@ def file_problem(path: Path, sha: str, size: int, rehash: bool) -> str | None:
     if rehash and hashlib.sha256(path.read_bytes()).hexdigest() != sha:
         return "image file changed (content hash differs)"
     return None
+
+
+# -- what a server checks before it switches to a version -------------------------------------------
+
+
+@dataclass
+class OpenedVersion:
+    """A version's FAISS indexes, ids, vectors (memory-mapped) and metadata, checked to agree."""
+
+    indexes: dict[str, Any]
+    ids: np.ndarray
+    vectors: dict[str, np.ndarray]
+    db: sqlite3.Connection
+
+
+def open_checked(files: VersionFiles) -> OpenedVersion:
+    """Open what a server reads and check it; CorruptVersionError lists every problem found.
+
+    Both FAISS files must load, ids.npy and the .npy vectors must load with the recorded
+    dimensions, meta.sqlite must pass `PRAGMA quick_check`, and FAISS, the vectors, SQLite and
+    version.json must count the same images. Cheaper than `verify` (no per-vector comparison, no
+    image files), so it runs at every start and reload.
+    """
+    problems: list[str] = []
+    counts: dict[str, int] = {}
+    dims = files.info.get("dims") or {}
+    indexes: dict[str, Any] = {}
+    for space in SPACES:
+        try:
+            index = files.faiss_index(space)
+        except Exception as err:
+            problems.append(f"{space}.faiss cannot be read: {reason(err)}")
+            continue
+        if index.d != dims.get(space):
+            problems.append(f"{space}.faiss has dimension {index.d}, expected {dims.get(space)}")
+        indexes[space], counts[f"{space}.faiss"] = index, int(index.ntotal)
+    ids = load_array(files.ids, "ids.npy", problems)
+    if ids is not None:
+        counts["ids.npy"] = len(ids)
+    vectors: dict[str, np.ndarray] = {}
+    for space in SPACES:
+        array = load_array(
+            lambda space=space: files.vectors(space, mmap=True), f"{space}.npy", problems
+        )
+        if array is None:
+            continue
+        if array.ndim != 2 or array.shape[1] != dims.get(space):
+            problems.append(f"{space}.npy has shape {array.shape}, expected N x {dims.get(space)}")
+        else:
+            counts[f"{space}.npy"] = array.shape[0]
+        vectors[space] = array
+    db = None
+    try:
+        db = metadata.open_readonly(files.meta_path)
+        quick = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if quick != ["ok"]:
+            problems.append(f"meta.sqlite is damaged: {'; '.join(quick[:3])}")
+        else:
+            counts["meta.sqlite"] = db.execute("SELECT count(*) FROM images").fetchone()[0]
+    except sqlite3.Error as err:
+        problems.append(f"meta.sqlite cannot be read: {err}")
+    expected = files.info.get("count")
+    if any(n != expected for n in counts.values()):
+        listed = ", ".join(f"{name} {n}" for name, n in counts.items())
+        problems.append(f"image counts disagree: version.json says {expected}, {listed}")
+    if problems:
+        if db is not None:
+            db.close()
+        raise CorruptVersionError(files.directory, problems)
+    assert ids is not None and db is not None
+    return OpenedVersion(indexes, ids, vectors, db)
+
+
+def load_array(load: Callable[[], np.ndarray], name: str, problems: list[str]) -> np.ndarray | None:
+    """An .npy file, or None with the reason appended to problems (truncated, garbled, missing)."""
+    try:
+        return load()
+    except Exception as err:
+        problems.append(f"{name} cannot be read: {reason(err)}")
+        return None

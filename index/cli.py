@@ -12,7 +12,7 @@ from convirt.paths import MissingWeightsError
 
 from . import builder, checks, faiss_index, layout
 from .embedding import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_BATCHES, DEFAULT_WORKERS
-from .errors import IndexStoreError
+from .errors import DiskFullError, IndexStoreError
 from .sources import Source, parse_shard, scan_folder, single_file
 from .sources import read_manifest as read_source_manifest
 
@@ -22,7 +22,8 @@ Build, update and inspect a FAISS index of an image archive (PNG, JPEG, DICOM).
 Every write (build, add, remove, reindex, merge) creates a new version under ROOT/versions/ and
 then switches ROOT/CURRENT to it atomically: readers see the old version until the new one is
 complete. A killed build or add, run again with the same arguments, resumes: images already
-embedded (known by content hash) are not embedded again.
+embedded (known by content hash) are not embedded again. A write that runs out of disk space
+stops with exit status 2, naming the disk and the space needed and free; nothing is published.
 """
 
 INDEX_TYPE_HELP = (
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.run(args) or 0)
+    except DiskFullError as err:
+        print(f"convirt index {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except (IndexStoreError, BundleError, MissingWeightsError, PermissionError) as err:
         print(f"convirt index {args.command}: error: {err}", file=sys.stderr)
         return 1
@@ -202,7 +206,8 @@ def add_verify(commands) -> None:
         "check that index, metadata and image files agree",
         "Checks ids, vectors (normalised), both FAISS indexes, the SQLite metadata and that every\n"
         "indexed image file still exists with its size (--hashes: and its content hash).\n"
-        "Exit status 1 when a problem is found; each problem says what to do.",
+        "Damaged files (truncated meta.sqlite, garbled .faiss or .npy) are reported like any\n"
+        "other problem. Exit status 1 when a problem is found; each problem says what to do.",
     )
     add_root(p, "--root", "index root")
     p.add_argument("--model", type=Path, help="also check the index was built with this bundle")

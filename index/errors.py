@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 
 class IndexStoreError(RuntimeError):
     """An index root, version or operation cannot be used as asked."""
@@ -32,7 +35,31 @@ class IndexSpecError(IndexStoreError):
     """An --index-type that FAISS cannot build for these vectors."""
 
 
+class CorruptVersionError(IndexStoreError):
+    """A published version whose files cannot be read or do not agree with each other."""
+
+    def __init__(self, directory: Path, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(
+            f"index version {directory.name} ({directory}) is damaged and was not opened: "
+            + "; ".join(self.problems)
+            + ". Point CURRENT back at the previous version or rebuild "
+            "(`convirt index verify --root ROOT` lists every problem)"
+        )
+
+
+class DiskFullError(IndexStoreError):
+    """The disk holding the index root ran out of space while a new version was written."""
+
+
 def check_fingerprint(where: str, index_fingerprint: str, model_fingerprint: str | None) -> None:
     """Raise ModelMismatchError when a model fingerprint is given and differs from the index's."""
     if model_fingerprint is not None and model_fingerprint != index_fingerprint:
         raise ModelMismatchError(where, index_fingerprint, model_fingerprint)
+
+
+def reason(err: BaseException) -> str:
+    """An error's message without FAISS's C++ location prefix ("Error in ... at FILE:LINE: ")."""
+    text = str(err) or type(err).__name__
+    match = re.match(r"^Error in .*? at \S+:\d+: (.*)$", text, re.DOTALL)
+    return match.group(1).strip() if match else text

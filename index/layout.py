@@ -13,14 +13,16 @@ that, so a reader sees the old version or the new one, never a half-written one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .errors import IndexLockedError, IndexStoreError, NoIndexError
+from .errors import DiskFullError, IndexLockedError, IndexStoreError, NoIndexError, reason
 
 CURRENT_NAME = "CURRENT"
 VERSIONS_DIR = "versions"
@@ -31,6 +33,12 @@ VERSION_DIGITS = 6
 # Published versions kept by default (the current one and the ones before it, for readers still
 # holding them open and for rolling back by editing CURRENT).
 KEEP_VERSIONS = 3
+# A write that failed with an ambiguous error (SQLite "disk I/O error", a short write) while less
+# than this (or less than the operation needs) is free counts as the disk being full.
+LOW_SPACE_BYTES = 16 * 2**20
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_WORDS = ("no space left", "disk is full", "disk full", "quota exceeded")
+AMBIGUOUS_WORDS = ("disk i/o error", "write", "flush")  # "written", "fwrite" too
 
 
 def versions_dir(root: Path) -> Path:
@@ -166,3 +174,115 @@ def write_lock(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+# -- running out of disk -------------------------------------------------------------------------
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+def filesystem_of(path: Path) -> tuple[str, str]:
+    """(mount point, device) of the filesystem holding path (or its nearest existing parent)."""
+    mount = existing_parent(path)
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    device = "?"
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) >= 2 and fields[1] == str(mount):
+                    device = fields[0]  # the last entry for a mount point is the visible one
+    except OSError:
+        pass
+    return str(mount), device
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under path (0 when it does not exist)."""
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            with suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+def is_disk_full(root: Path, err: BaseException, needed: int) -> bool:
+    """Whether a failed write means the disk holding root is full (or over quota).
+
+    ENOSPC/EDQUOT or SQLite's "database or disk is full" say so outright; an ambiguous write
+    failure (SQLite "disk I/O error", NumPy's "N requested and M written", a FAISS write error)
+    counts when the disk has less free space than the operation needs."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for error in chain:
+        if isinstance(error, IndexStoreError):
+            continue
+        if getattr(error, "errno", None) in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(error, OSError | sqlite3.Error | RuntimeError):
+            text = str(error).lower()
+            if any(word in text for word in DISK_FULL_WORDS):
+                return True
+            if any(word in text for word in AMBIGUOUS_WORDS) and free_bytes(root) < max(
+                needed, LOW_SPACE_BYTES
+            ):
+                return True
+    return False
+
+
+def free_bytes(root: Path) -> int:
+    try:
+        return shutil.disk_usage(existing_parent(root)).free
+    except OSError:
+        return 0
+
+
+def existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextmanager
+def disk_full_as_error(root: Path, operation: str, needed: Callable[[], int]) -> Iterator[None]:
+    """Turn a write that failed for want of space into DiskFullError naming the disk, the space
+    needed and the space free. Nothing is published then: CURRENT still names the old version."""
+    try:
+        yield
+    except (OSError, sqlite3.Error, RuntimeError) as err:
+        if isinstance(err, IndexStoreError):
+            raise
+        try:
+            estimate = int(needed())
+        except Exception:
+            estimate = 0
+        if not is_disk_full(root, err, estimate):
+            raise
+        raise disk_full_error(root, operation, estimate, err) from err
+
+
+def disk_full_error(root: Path, operation: str, needed: int, err: BaseException) -> DiskFullError:
+    root = Path(root)
+    mount, device = filesystem_of(root)
+    usage = shutil.disk_usage(existing_parent(root))
+    current = read_current(root) if root.is_dir() else None
+    unchanged = f"version {current} is still the current one" if current else "no version yet"
+    need = f"about {human(needed)}" if needed else "more than that"
+    return DiskFullError(
+        f"no space left on the disk holding the index root {root} (filesystem {device} mounted "
+        f"at {mount}: {human(usage.free)} free of {human(usage.total)}; this {operation} needs "
+        f"{need}): free some space there or move the index root to a larger disk, then run the "
+        f"same command again (it resumes). Nothing was published: {unchanged} "
+        f"({type(err).__name__}: {reason(err)})"
+    )

@@ -6,7 +6,8 @@
     if store.has_newer_version(): store = open_current(...)   # then close the old one
 
 An IndexStore reads one immutable version, so it never changes under a reader; searches may run
-from several threads at once.
+from several threads at once. Opening one checks it first (FAISS loads, `PRAGMA quick_check`, the
+counts of FAISS, the vectors and SQLite agree): a damaged version raises CorruptVersionError.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import faiss_index, layout, metadata
+from . import checks, faiss_index, layout, metadata
 from .errors import IndexStoreError, check_fingerprint
 from .version import VersionFiles, read_version
 
@@ -46,10 +47,12 @@ class IndexStore:
         self.root = Path(root)
         self.files = files
         self.info = files.info
-        self.indexes = {space: files.faiss_index(space) for space in ("joint", "encoder")}
-        self.ids = files.ids()
-        self.vectors = {space: files.vectors(space, mmap=True) for space in ("joint", "encoder")}
-        self.db = metadata.open_readonly(files.meta_path)
+        # every file is opened and checked before anyone searches it: CorruptVersionError
+        opened = checks.open_checked(files)
+        self.indexes = opened.indexes
+        self.ids = opened.ids
+        self.vectors = opened.vectors
+        self.db = opened.db
         self.lock = threading.Lock()
 
     @property

@@ -79,6 +79,13 @@ def read_version(directory: Path) -> VersionFiles:
         info = json.loads(path.read_text())
     except FileNotFoundError:
         raise IndexStoreError(f"{path} is missing: {directory} is not a complete version") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise IndexStoreError(
+            f"{path} cannot be read ({err}): {directory} is damaged; point CURRENT at another "
+            "version or rebuild"
+        ) from None
+    if not isinstance(info, dict):
+        raise IndexStoreError(f"{path} is not a version description: {directory} is damaged")
     if info.get("format") != VERSION_FORMAT:
         raise IndexStoreError(
             f"{directory}: index format {info.get('format')!r}, this version reads "
@@ -98,7 +105,11 @@ class VersionWriter:
         self.root = Path(root)
         self.name = layout.next_version_name(self.root)
         self.directory = layout.new_tmp_dir(self.root, self.name)
-        self.meta = metadata.create(self.directory / metadata.META_DB)
+        try:
+            self.meta = metadata.create(self.directory / metadata.META_DB)
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)  # e.g. the disk is full
+            raise
         self.started = time.perf_counter() if started is None else started
 
     def __enter__(self) -> VersionWriter:

@@ -75,7 +75,9 @@ class ServiceState:
         """Serve the newest index version. Requests in flight finish on the version they started on.
 
         Raises ModelMismatchError when the new version was built with another model, and other
-        IndexStoreErrors when it cannot be opened; the current version keeps serving either way.
+        IndexStoreErrors when it cannot be opened or is damaged (CorruptVersionError: files that
+        do not load, fail `PRAGMA quick_check` or disagree on the image count); the current
+        version keeps serving either way, and each failure counts as a "failed" reload.
         """
         assert self.engine is not None and self.stores is not None
         async with self.reload_lock:
@@ -91,6 +93,12 @@ class ServiceState:
             except IndexStoreError:
                 self.metrics.reloads.labels("failed").inc()
                 raise
+            except Exception as err:  # FAISS, SQLite, NumPy or the OS failed on a file
+                self.metrics.reloads.labels("failed").inc()
+                raise IndexStoreError(
+                    f"the new index version in {self.settings.index_root} cannot be opened "
+                    f"({type(err).__name__}: {err}); still serving version {old.version}"
+                ) from err
             self.stores.swap(new)
             self._publish(new)
             self.metrics.reloads.labels("switched").inc()
@@ -102,14 +110,18 @@ class ServiceState:
         self.metrics.set_index(store.version, store.fingerprint, store.count)
 
     async def _poll(self) -> None:
-        """Switch to a newer index version by itself, every reload_poll_seconds."""
+        """Switch to a newer index version by itself, every reload_poll_seconds.
+
+        A version that cannot be served is logged (once per distinct reason) and polling goes on,
+        so the next good version is picked up; only cancellation (shutdown) ends the loop.
+        """
         last_error = None
         while True:
             await asyncio.sleep(self.settings.reload_poll_seconds)
             try:
                 await self.reload()
                 last_error = None
-            except (IndexStoreError, OSError) as err:
+            except Exception as err:
                 if str(err) != last_error:
                     log.warning("index not reloaded, still serving the old version: %s", err)
                 last_error = str(err)
