@@ -76,7 +76,8 @@ def decode_file(path: str, side: int) -> Decoded | str:
     except (ImageDecodeError, OSError) as err:
         return str(err)
     small = resize_shorter(image, side)
-    return Decoded(np.asarray(small, dtype=np.uint8), image.size)
+    # a very large JPEG is decoded at reduced scale: its size is then the file's own, in info
+    return Decoded(np.asarray(small, dtype=np.uint8), image.info.get("source_size", image.size))
 
 
 def _decode_task(task: tuple[str, int]) -> Decoded | str:

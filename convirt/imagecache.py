@@ -1,7 +1,8 @@
 """A persistent cache of decoded images, each shrunk to a resize side: decoded once, then read by
 every training run, resume, evaluation and rank.
 
-Layout of a cache folder (default: $CONVIRT_CACHE_DIR/images, else ~/.cache/convirt/images):
+Layout of a cache folder (default: $CONVIRT_CACHE_DIR/images, else ~/.cache/convirt/images), in a
+subfolder per decoder version (`decoder-2/`: images decoded by other rules are another cache):
 
     cache.sqlite   files:    path, size, mtime_ns -> sha256 (what the file held when hashed)
                    entries:  side, sha256 -> offset, height, width, source width and height
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .imageio import DECODER_VERSION
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,9 @@ def default_root() -> Path:
 
 
 def cache_root(root: str | Path | None) -> Path:
-    """The folder of a cache: `root`, else the default one."""
-    return Path(root).expanduser() if root else default_root()
+    """Where a cache's files are: `root` (else the default folder), for this decoder version."""
+    folder = Path(root).expanduser() if root else default_root()
+    return folder / f"decoder-{DECODER_VERSION}"
 
 
 def pixel_file(root: Path, side: int) -> Path:

@@ -13,7 +13,7 @@ import pytest
 from conftest import read_rows, write_manifest
 
 from convirt.cachebuild import Resolver
-from convirt.imagecache import CacheError, ImageCache, pixel_file
+from convirt.imagecache import CacheError, ImageCache, cache_root, pixel_file
 from convirt.imageio import load_image, resize_shorter
 from convirt.manifest import Skip, iter_manifest
 
@@ -114,7 +114,7 @@ def cache_build(cache, manifests, workers=2) -> list[str]:
 
 
 def committed(cache) -> int:
-    db = cache / "cache.sqlite"
+    db = cache_root(cache) / "cache.sqlite"
     if not db.exists():
         return 0
     with sqlite3.connect(db, timeout=30) as conn:
@@ -137,12 +137,12 @@ def children(pid: int) -> list[int]:
 
 
 def snapshot(cache) -> tuple:
-    with sqlite3.connect(cache / "cache.sqlite") as conn:
+    with sqlite3.connect(cache_root(cache) / "cache.sqlite") as conn:
         tables = tuple(
             conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
             for table in ("entries", "failures", "files")
         )
-    return tables, (cache / "side-96.u8").read_bytes()
+    return tables, pixel_file(cache_root(cache), 96).read_bytes()
 
 
 @pytest.mark.slow

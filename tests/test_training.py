@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from convirt.imagecache import ImageCache
+from convirt.imagecache import ImageCache, pixel_file
 from training.config import TrainConfig, load_config
 from training.train import train
 
@@ -149,7 +149,7 @@ def test_training_decodes_into_the_image_cache_once(medpix_subset, small_model_c
     config = small_config(small_model_config, max_steps=1, num_workers=0, cache_dir=str(cache))
     train(config, [medpix_subset], tmp_path / "a", progress=False)
     side = small_model_config.resize
-    pixels = cache / f"side-{side}.u8"
+    pixels = pixel_file(ImageCache(cache).root, side)
     first = (ImageCache(cache).info()["sides"][side]["images"], pixels.stat().st_mtime_ns)
     assert first[0] == 36  # the 24 train and 12 dev images of the subset
     train(config, [medpix_subset], tmp_path / "b", progress=False)  # a second run, a resume...
