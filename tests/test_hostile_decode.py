@@ -21,15 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import test_service
 from openjpeg.utils import encode_array
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
+from test_imageio import dicom_variant, empty_modality_lut, text_window, zero_window_width
 from test_service import DICOM_FILES, error_of, png_chunk, result_ids, upload
 
 from index import layout
@@ -97,28 +95,10 @@ def constant_png(width: int, height: int, bit_depth: int, colour_type: int) -> b
 
 def bad_dicoms() -> dict[str, bytes]:
     """CT_small.dcm with an unusable window or modality LUT (each raised out of the decoder)."""
-
-    def variant(edit) -> bytes:
-        ds = pydicom.dcmread(DICOM_FILES / "CT_small.dcm")
-        edit(ds)
-        buffer = io.BytesIO()
-        ds.save_as(buffer)
-        return buffer.getvalue()
-
-    def zero_width(ds):
-        ds.WindowCenter, ds.WindowWidth = 40, 0
-
-    def text_window(ds):
-        ds["WindowCenter"] = DataElement(0x00281050, "LO", "soft tissue")
-        ds["WindowWidth"] = DataElement(0x00281051, "LO", "wide")
-
-    def empty_lut(ds):
-        ds.ModalityLUTSequence = Sequence([Dataset()])  # an item without descriptor or data
-
     return {
-        "window_width_0.dcm": variant(zero_width),
-        "text_window.dcm": variant(text_window),
-        "empty_modality_lut.dcm": variant(empty_lut),
+        "window_width_0.dcm": dicom_variant(zero_window_width),
+        "text_window.dcm": dicom_variant(text_window),
+        "empty_modality_lut.dcm": dicom_variant(empty_modality_lut),
     }
 
 
