@@ -20,12 +20,20 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from .imagecache import CacheError, CacheWriter, Entry, FileStat, ImageCache
-from .imageio import ImageDecodeError, load_image, resize_shorter
+from .imageio import (
+    DICOM_PREAMBLE,
+    DICOM_SUFFIXES,
+    ImageDecodeError,
+    load_image,
+    looks_like_dicom,
+    resize_shorter,
+)
 from .manifest import ManifestItem, Skip
 
 log = logging.getLogger(__name__)
@@ -67,12 +75,22 @@ class Decoded:
     source_size: tuple[int, int]  # width, height as decoded
 
 
-def decode_file(path: str, side: int) -> Decoded | str:
-    """Decode (DICOM rules included) and shrink to `side`; a reason string when it cannot."""
+def decode_file(path: str, side: int, sha256: str) -> Decoded | str | Skip:
+    """Decode (DICOM rules included) and shrink to `side`. A reason string when the content
+    cannot be decoded (remembered); a Skip when the file could not be read as it was hashed
+    (a read error, a file changing under us: this run only, never remembered)."""
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        image = load_image(path)
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return Skip(path, f"cannot read the file: {err.strerror or err}")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return Skip(path, "the file changed while it was read: run again to take the new content")
+    if not data:
+        return "empty file (0 bytes)"
+    if Path(path).suffix.lower() in DICOM_SUFFIXES and not looks_like_dicom(data[:132]):
+        data = DICOM_PREAMBLE + data  # a data set saved without the file preamble
+    try:
+        image = load_image(data)  # from memory: every error now is the content's
     except (ImageDecodeError, OSError) as err:
         return str(err)
     small = resize_shorter(image, side)
@@ -80,7 +98,7 @@ def decode_file(path: str, side: int) -> Decoded | str:
     return Decoded(np.asarray(small, dtype=np.uint8), image.info.get("source_size", image.size))
 
 
-def _decode_task(task: tuple[str, int]) -> Decoded | str:
+def _decode_task(task: tuple[str, int, str]) -> Decoded | str | Skip:
     return decode_file(*task)
 
 
@@ -200,9 +218,11 @@ class Resolver:
         return {i: entries.get(sha) or failures[sha] for i, sha in hashes.items()}
 
     def _decode(self, first: dict[str, int], stats, entries: dict, failures: dict) -> None:
-        tasks = [(stats[i].path, self.side) for i in first.values()]
+        tasks = [(stats[i].path, self.side, sha) for sha, i in first.items()]
         for sha, result in zip(first, self._map(_decode_task, tasks), strict=True):
-            if isinstance(result, str):
+            if isinstance(result, Skip):  # unread this time: the row is skipped, nothing stored
+                failures[sha] = result.reason
+            elif isinstance(result, str):
                 self._writer.fail(sha, result)
                 failures[sha] = result
                 self.counts.failed += 1

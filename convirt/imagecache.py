@@ -28,6 +28,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -185,11 +186,14 @@ class CacheReader:
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
+        self._opening = threading.Lock()
 
     def read(self, entry: Entry) -> np.ndarray:
-        """The entry's pixels as a fresh, writable height x width uint8 array."""
+        """The entry's pixels as a fresh, writable height x width uint8 array (thread-safe)."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            with self._opening:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
         pixels = np.empty((entry.height, entry.width), np.uint8)
         if os.preadv(self._fd, [pixels], entry.offset) != pixels.nbytes:
             raise CacheError(
@@ -199,11 +203,18 @@ class CacheReader:
         return pixels
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_fd": None}
+        return {"path": self.path}
 
-    def __del__(self) -> None:
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class CacheWriter:
@@ -289,11 +300,15 @@ class CacheWriter:
         return len(self._pending_entries) + len(self._pending_failures)
 
     def close(self) -> None:
-        self.commit()
-        for f in self._files.values():
-            f.close()
-        fcntl.flock(self._lock, fcntl.LOCK_UN)
-        self._lock.close()
+        """Commit what is pending, then always release the files and the lock (a failed commit,
+        a full disk say, leaves only an uncommitted tail, cut off by the next writer)."""
+        try:
+            self.commit()
+        finally:
+            for f in self._files.values():
+                f.close()
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
 
     def __enter__(self) -> CacheWriter:
         return self

@@ -33,6 +33,8 @@ STRIP_PIXELS = 1 << 20  # pixels converted at a time when a conversion needs flo
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+# What a DICOM file starts with; a data set saved without it can be read with it put in front.
+DICOM_PREAMBLE = b"\x00" * 128 + b"DICM"
 # What the image cache's entries were decoded by: bump it whenever decoding gives other pixels for
 # the same file (a new rule, a fixed bug), so caches made before are not read as current.
 DECODER_VERSION = 2

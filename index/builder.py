@@ -263,8 +263,8 @@ def merge(
     chosen, losers = choose_primaries(shards)
     with layout.write_lock(root):
         layout.remove_tmp_dirs(root)
-        needed = sum(version_bytes(shard) for shard in shards)
-        with layout.disk_full_as_error(root, "merge", lambda: needed):
+        needed = lambda: sum(version_bytes(shard) for shard in shards)  # noqa: E731 (asked on failure)
+        with layout.disk_full_as_error(root, "merge", needed):
             with VersionWriter(root, started) as writer:
                 ids, vectors = copy_shards(writer, shards, chosen)
                 metadata.insert_duplicates(writer.meta, losers)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from convirt.bundle import BundleError, read_manifest
+from convirt.imagecache import CacheError
 from convirt.paths import MissingWeightsError
 
 from . import builder, checks, faiss_index, layout
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except DiskFullError as err:
         print(f"convirt index {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (IndexStoreError, BundleError, MissingWeightsError, PermissionError) as err:
+    except (IndexStoreError, BundleError, MissingWeightsError, PermissionError, CacheError) as err:
         print(f"convirt index {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Full, Queue
@@ -122,43 +123,47 @@ def run_job(
     side = embedder.bundle.config.resize
     reader = CacheReader(pixel_file(cache_root(settings.cache_dir), side))
     resolved = prefetch(cached(items, side, settings, skip), depth=2 * ROWS_PER_CHUNK)
-    result, seen = JobResult(), {}
-    batch: list[Decoded] = []
-    chunk: list[StagedImage] = []
-    bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not settings.progress)
-    depth = max(2 * settings.batch_size, 4 * settings.workers)
-    for outcome in ordered_map(
-        lambda row: inspect(row, embedder, reader, skip), resolved, settings.workers, depth
-    ):
-        bar.update(1)
-        bar.set_postfix(new=result.embedded, skipped=len(result.skipped), refresh=False)
-        if isinstance(outcome, Skip):
-            result.skipped.append(outcome)
-            continue
-        if outcome.sha256 in seen:
-            result.duplicates.append(Duplicate(outcome.item, outcome.sha256, seen[outcome.sha256]))
-            continue
-        seen[outcome.sha256] = str(outcome.item.path)
-        if outcome.sha256 in known_hashes:
-            result.known.append((outcome.item, outcome.sha256))
-            continue
-        result.kept.append((outcome.item, outcome.sha256))
-        if isinstance(outcome, Hashed):
-            result.resumed += 1
-            continue
-        batch.append(outcome)
-        if len(batch) == settings.batch_size:
+    # closed on any exit: the prefetch thread, its decoding processes and the file descriptor
+    with closing(reader), closing(resolved):
+        result, seen = JobResult(), {}
+        batch: list[Decoded] = []
+        chunk: list[StagedImage] = []
+        bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not settings.progress)
+        depth = max(2 * settings.batch_size, 4 * settings.workers)
+        for outcome in ordered_map(
+            lambda row: inspect(row, embedder, reader, skip), resolved, settings.workers, depth
+        ):
+            bar.update(1)
+            bar.set_postfix(new=result.embedded, skipped=len(result.skipped), refresh=False)
+            if isinstance(outcome, Skip):
+                result.skipped.append(outcome)
+                continue
+            if outcome.sha256 in seen:
+                result.duplicates.append(
+                    Duplicate(outcome.item, outcome.sha256, seen[outcome.sha256])
+                )
+                continue
+            seen[outcome.sha256] = str(outcome.item.path)
+            if outcome.sha256 in known_hashes:
+                result.known.append((outcome.item, outcome.sha256))
+                continue
+            result.kept.append((outcome.item, outcome.sha256))
+            if isinstance(outcome, Hashed):
+                result.resumed += 1
+                continue
+            batch.append(outcome)
+            if len(batch) == settings.batch_size:
+                chunk += embed_batch(embedder, batch)
+                result.embedded += len(batch)
+                batch = []
+                if len(chunk) >= settings.chunk_batches * settings.batch_size:
+                    staging.put(chunk)
+                    chunk = []
+        if batch:
             chunk += embed_batch(embedder, batch)
             result.embedded += len(batch)
-            batch = []
-            if len(chunk) >= settings.chunk_batches * settings.batch_size:
-                staging.put(chunk)
-                chunk = []
-    if batch:
-        chunk += embed_batch(embedder, batch)
-        result.embedded += len(batch)
-    if chunk:
-        staging.put(chunk)
+        if chunk:
+            staging.put(chunk)
     bar.close()
     result.seconds = time.perf_counter() - started
     return result

@@ -54,6 +54,8 @@ class IndexStore:
         self.vectors = opened.vectors
         self.db = opened.db
         self.lock = threading.Lock()
+        # the manifest fields a filter may name, read once: a version never changes
+        self.meta_fields = metadata.meta_fields(self.db)
 
     @property
     def version(self) -> str:
@@ -142,7 +144,8 @@ class IndexStore:
         if not filters:
             return self._faiss_search(space, queries, min(k, self.count))
         with self.lock:
-            allowed = np.asarray(metadata.filtered_ids(self.db, filters), dtype=np.int64)
+            allowed = metadata.filtered_ids(self.db, filters, self.meta_fields)
+            allowed = np.asarray(allowed, dtype=np.int64)
         if len(allowed) == 0:
             return [[] for _ in queries]
         params = faiss_index.search_params(self.indexes[space], allowed)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
+from index import layout
 from index.errors import IndexStoreError
 from index.store import IndexStore, open_current
 
@@ -112,16 +113,21 @@ class ServiceState:
     async def _poll(self) -> None:
         """Switch to a newer index version by itself, every reload_poll_seconds.
 
-        A version that cannot be served is logged (once per distinct reason) and polling goes on,
-        so the next good version is picked up; only cancellation (shutdown) ends the loop.
+        A version that cannot be served is logged and not checked again (versions never change:
+        checking a damaged one reads all of it, every poll); polling goes on, so the next good
+        version is picked up. Only cancellation (shutdown) ends the loop.
         """
-        last_error = None
+        refused = None
         while True:
             await asyncio.sleep(self.settings.reload_poll_seconds)
+            current = None
             try:
+                current = await run_in_threadpool(layout.read_current, self.settings.index_root)
+                if current is not None and current == refused:
+                    continue
                 await self.reload()
-                last_error = None
+                refused = None
             except Exception as err:
-                if str(err) != last_error:
+                if current is None or current != refused:
                     log.warning("index not reloaded, still serving the old version: %s", err)
-                last_error = str(err)
+                refused = current

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import PurePath
 
-from convirt.imageio import looks_like_dicom
+from convirt.imageio import DICOM_PREAMBLE, looks_like_dicom
 
 from .errors import ApiError
 
@@ -15,7 +15,6 @@ SIGNATURES = {
     b"MM\x00*": "tiff",
     b"BM": "bmp",
 }
-DICOM_PREAMBLE = b"\x00" * 128 + b"DICM"
 DICOM_CONTENT_TYPES = {"application/dicom", "application/dicom+octet-stream"}
 
 

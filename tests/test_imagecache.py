@@ -1,5 +1,6 @@
 """The image cache: decoded once, keyed by content and side, resumable after kill -9."""
 
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import read_rows, write_manifest
 
-from convirt.cachebuild import Resolver
+from convirt import cachebuild
+from convirt.cachebuild import Resolver, decode_file
 from convirt.imagecache import CacheError, ImageCache, cache_root, pixel_file
 from convirt.imageio import load_image, resize_shorter
 from convirt.manifest import Skip, iter_manifest
@@ -170,3 +172,22 @@ def test_a_build_killed_with_sigkill_resumes_to_an_identical_cache(datasets, tmp
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(resumed.stdout)["decoded"] == total - done_before
     assert snapshot(killed) == snapshot(reference)
+
+
+def test_a_read_error_or_a_file_changing_skips_the_row_for_this_run_only(
+    small_archive, tmp_path, monkeypatch
+):
+    item = next(i for i in iter_manifest(small_archive) if not isinstance(i, Skip))
+    sha = hashlib.sha256(item.path.read_bytes()).hexdigest()
+    assert isinstance(decode_file(str(item.path), 64, "0" * 64), Skip)  # changed since hashed
+    assert isinstance(decode_file(str(tmp_path / "gone.jpg"), 64, sha), Skip)  # unreadable
+    assert not isinstance(decode_file(str(item.path), 64, sha), Skip | str)
+    real = cachebuild.decode_file
+    monkeypatch.setattr(cachebuild, "decode_file", lambda p, *a: Skip(p, "cannot read: EIO"))
+    cache = ImageCache(tmp_path / "cache")
+    out, _ = resolve(cache, small_archive)
+    assert all(isinstance(row, Skip) and "EIO" in row.reason for row in out)
+    assert cache.failures([sha]) == {}  # nothing remembered against the content
+    monkeypatch.setattr(cachebuild, "decode_file", real)
+    out, resolver = resolve(cache, small_archive)
+    assert resolver.counts.decoded == 4 and not any(isinstance(row, Skip) for row in out)

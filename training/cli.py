@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from convirt.imagecache import CacheError
 from convirt.paths import DATA_ROOT_ENV, data_root
 
 from .config import ConfigError, available_configs, load_config, parse_assignments
@@ -110,7 +111,7 @@ def train_main(argv: list[str]) -> int:
         result = train(
             config, manifests, args.out, resume=args.resume, progress=not args.no_progress
         )
-    except (FileExistsError, ValueError) as err:
+    except (FileExistsError, ValueError, CacheError) as err:
         print(f"convirt train: {err}", file=sys.stderr)
         return 2
     state = result.state
@@ -190,7 +191,7 @@ def eval_main(argv: list[str]) -> int:
             text_mode=args.text_mode, all_images=args.all_images, device=args.device,
             progress=not args.no_progress, cache_dir=args.cache,
         )  # fmt: skip
-    except (BundleError, ValueError, FileNotFoundError) as err:
+    except (BundleError, ValueError, FileNotFoundError, CacheError) as err:
         print(f"convirt eval: {err}", file=sys.stderr)
         return 2
     result = {"model": bundle.fingerprint, "split": args.split, **result}

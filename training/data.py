@@ -127,6 +127,8 @@ class PairDataset(Dataset):
         self.seed = seed
         self.sentence_filter = sentence_filter
         self.transform = train_transform(config) if train else eval_transform(config)
+        self.trace = os.environ.get(TRACE_ENV)
+        self._sentences: dict[int, list[str]] = {}  # per report, filled as samples need them
 
     def __len__(self) -> int:
         return len(self.table)
@@ -147,13 +149,20 @@ class PairDataset(Dataset):
             torch.manual_seed(seed)
             pixels = self.transform(image)
         text = self.table.text(index)
-        sentences = report_sentences(text, self.sentence_filter)
-        return pixels, sample_sentence(sentences, random.Random(seed), text)
+        return pixels, sample_sentence(self.sentences(index), random.Random(seed), text)
+
+    def sentences(self, index: int) -> list[str]:
+        """The report's sentences a sample draws from, split once per report (per process)."""
+        text_id = int(self.table.text_ids[index])
+        if text_id not in self._sentences:
+            self._sentences[text_id] = report_sentences(
+                self.table.texts[text_id], self.sentence_filter
+            )
+        return self._sentences[text_id]
 
     def _log_read(self, epoch: int, index: int) -> None:
-        prefix = os.environ.get(TRACE_ENV)
-        if prefix:
-            with open(f"{prefix}.{os.getpid()}", "a") as f:
+        if self.trace:
+            with open(f"{self.trace}.{os.getpid()}", "a") as f:
                 f.write(f"{epoch},{index}\n")
 
 
