@@ -212,7 +212,7 @@ def file_problem(path: Path, sha: str, size: int, rehash: bool) -> str | None:
         return f"image file unreadable ({err.strerror or err})"
     if actual_size != size:
         return f"image file changed (size {actual_size}, indexed {size})"
-    if rehash and hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+    if rehash and _sha256(path) != sha:
         return "image file changed (content hash differs)"
     return None
 
@@ -295,3 +295,8 @@ def load_array(load: Callable[[], np.ndarray], name: str, problems: list[str]) -
     except Exception as err:
         problems.append(f"{name} cannot be read: {reason(err)}")
         return None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:  # in blocks: an archive's DICOMs can be large
+        return hashlib.file_digest(f, "sha256").hexdigest()
