@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from convirt.config import ModelConfig
 
+from .pretrain_text import PretrainTextConfig
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -17,22 +19,38 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = Field(default_factory=ModelConfig)
+    # Optional first stage: masked-LM pretraining of the text tower on the train splits' reports
+    # (and iu-reports), written to OUT/text-pretrained; ConVIRT then starts from that tower.
+    pretrain_text: PretrainTextConfig | None = None
     # Optimisation (paper: Adam 1e-4, weight decay 1e-6, batch 32, tau 0.1, lambda 0.75).
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     temperature: float = Field(0.1, gt=0)
+    # Learn tau with the weights (CLIP's way), starting from `temperature`, kept in [0.01, 1].
+    learn_temperature: bool = False
     image_weight: float = Field(0.75, ge=0, le=1, description="lambda: weight of l(v->u)")
     epochs: int = Field(200, ge=1)
     max_steps: int | None = Field(None, ge=1)
+    # "plateau": the paper's halving of the LR when the validation loss stalls; "cosine": linear
+    # warm-up over warmup_steps, then a cosine decay to zero at the last step of the last epoch.
+    lr_schedule: Literal["plateau", "cosine"] = "plateau"
+    warmup_steps: int = Field(0, ge=0)
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(5, ge=0)
     early_stopping_patience: int = Field(10, ge=1)
+    # Which epoch becomes the bundle (and what early stopping watches): the lowest validation
+    # loss (paper), or the best mean text->image R@10 over the dev splits (training/validation.py).
+    select_by: Literal["val_loss", "retrieval"] = "val_loss"
+    # Validate and export an exponential moving average of the weights (decay per step) when set.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     # "frozen" keeps the image encoder's BatchNorm statistics fixed (affine weights still learn):
     # train and eval then normalise alike, which matters with small batches.
     image_batchnorm: Literal["train", "frozen"] = "train"
     # Data.
     sentence_filter: Literal["none", "imaging"] = "none"
+    # Reports of at most this many words are used whole instead of one sampled sentence (0: never).
+    full_text_words: int = Field(0, ge=0)
     train_split: str = "train"
     val_split: str = "dev"
     cache_dir: str | None = Field(

@@ -119,6 +119,7 @@ class PairDataset(Dataset):
         train: bool,
         seed: int = 0,
         sentence_filter: str = "none",
+        full_text_words: int = 0,
     ):
         self.table = table
         self.reader = reader
@@ -126,6 +127,7 @@ class PairDataset(Dataset):
         self.train = train
         self.seed = seed
         self.sentence_filter = sentence_filter
+        self.full_text_words = full_text_words
         self.transform = train_transform(config) if train else eval_transform(config)
         self.trace = os.environ.get(TRACE_ENV)
         self._sentences: dict[int, list[str]] = {}  # per report, filled as samples need them
@@ -152,12 +154,15 @@ class PairDataset(Dataset):
         return pixels, sample_sentence(self.sentences(index), random.Random(seed), text)
 
     def sentences(self, index: int) -> list[str]:
-        """The report's sentences a sample draws from, split once per report (per process)."""
+        """The report's sentences a sample draws from, split once per report (per process).
+        A report of at most `full_text_words` words is one "sentence": the whole of it."""
         text_id = int(self.table.text_ids[index])
         if text_id not in self._sentences:
-            self._sentences[text_id] = report_sentences(
-                self.table.texts[text_id], self.sentence_filter
-            )
+            text = self.table.texts[text_id]
+            if self.full_text_words and len(text.split()) <= self.full_text_words:
+                self._sentences[text_id] = [text.strip()]
+            else:
+                self._sentences[text_id] = report_sentences(text, self.sentence_filter)
         return self._sentences[text_id]
 
     def _log_read(self, epoch: int, index: int) -> None:
@@ -211,16 +216,13 @@ class Collator:
         self.max_tokens = max_tokens
 
     def __call__(self, batch: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([b[0] for b in batch])
-        tokens = self.tokenizer(
-            [b[1] for b in batch],
-            padding=True,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_tensors="pt",
-        )
         return {
-            "pixels": pixels,
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
+            "pixels": torch.stack([b[0] for b in batch]),
+            **self.tokenize([b[1] for b in batch]),
         }
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}

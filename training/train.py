@@ -1,7 +1,8 @@
 """`convirt train`: the ConVIRT training loop, written out plainly.
 
-One epoch = every training pair once, in batches. After each epoch: validation loss, the LR plateau
-scheduler, early stopping, a checkpoint (for --resume), and the bundle when validation improved.
+One epoch = every training pair once, in batches. After each epoch: validation (loss and dev
+retrieval, training/validation.py), the LR plateau scheduler, early stopping, a checkpoint (for
+--resume), and the bundle when the selection criterion (`select_by`) improved.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import subprocess
 import time
 from contextlib import nullcontext
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -24,16 +27,20 @@ from convirt.bundle import load_tokenizer, save_bundle
 from convirt.imagecache import ImageCache
 from convirt.loss import convirt_loss
 from convirt.model import ConVIRT, build_model
+from convirt.paths import default_iu_reports
 
 from . import distributed
 from .checkpoint import TrainState, load_checkpoint, read_checkpoint_state, save_checkpoint
 from .config import TrainConfig
 from .data import Collator, EpochSampler, PairDataset, load_pairs, report_skips
+from .pretrain_text import pretrain_text, read_pretrain_info, report_corpus
+from .validation import DevSplit, Validation, validate
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BUNDLE_DIR = "bundle"
+TEXT_STAGE_DIR = "text-pretrained"
 
 
 @dataclass
@@ -51,10 +58,10 @@ class Run:
     model: ConVIRT
     ddp_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
     state: TrainState
     train_set: PairDataset
-    val_set: PairDataset
+    dev_splits: list[DevSplit]
     collate: Collator
     tokenizer: object
     dist: distributed.DistInfo
@@ -63,6 +70,20 @@ class Run:
     metrics: MetricsLog
     provenance: dict
     progress: bool
+    identity: dict  # what a checkpoint must match to be resumed (see run_identity)
+    ema: AveragedModel | None = None  # the averaged weights validated and exported (ema_decay)
+    log_temperature: torch.nn.Parameter | None = None  # learn_temperature
+
+    @property
+    def temperature(self) -> torch.Tensor | float:
+        if self.log_temperature is None:
+            return self.config.temperature
+        return self.log_temperature.exp().clamp(0.01, 1.0)
+
+    @property
+    def exported_model(self) -> ConVIRT:
+        """The weights that are validated and become the bundle: the average when kept."""
+        return self.ema.module if self.ema is not None else self.model
 
     def autocast(self):
         if self.config.precision == "bf16":
@@ -70,12 +91,9 @@ class Run:
         return nullcontext()
 
     def train_loader(self, sampler: EpochSampler) -> DataLoader:
-        return self._loader(self.train_set, sampler=sampler, batch_size=self.config.batch_size)
+        return self.loader(self.train_set, sampler=sampler, batch_size=self.config.batch_size)
 
-    def val_loader(self, batches: list[list[tuple[int, int]]]) -> DataLoader:
-        return self._loader(self.val_set, batch_sampler=batches)
-
-    def _loader(self, dataset: PairDataset, **batching) -> DataLoader:
+    def loader(self, dataset: PairDataset, **batching) -> DataLoader:
         return DataLoader(
             dataset,
             num_workers=self.config.num_workers,
@@ -90,29 +108,54 @@ class Run:
         if self.dist.is_main:
             save_checkpoint(
                 self.out_dir / CHECKPOINT_NAME, self.model, self.optimizer, self.scheduler,
-                self.state, run_identity(self.config, self.provenance["manifests"]),
+                self.state, self.identity, extras=self.checkpoint_extras(),
             )  # fmt: skip
 
-    def export_bundle(self, note: str) -> None:
+    def checkpoint_extras(self) -> dict:
+        extras = {}
+        if self.ema is not None:
+            extras["ema"] = self.ema.state_dict()
+        if self.log_temperature is not None:
+            extras["log_temperature"] = self.log_temperature.detach().clone()
+        return extras
+
+    def restore_extras(self, extras: dict) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(extras["ema"])
+        if self.log_temperature is not None:
+            with torch.no_grad():
+                self.log_temperature.copy_(extras["log_temperature"])
+
+    def export_bundle(self, note: str, validation: Validation | None = None) -> None:
         if self.dist.is_main:
             provenance = {
                 **self.provenance,
                 "epochs_completed": self.state.epoch,
                 "step": self.state.step,
                 "best_val_loss": self.state.best_val_loss,
+                "selected_by": self.config.select_by,
                 "note": note,
             }
-            save_bundle(self.model, self.tokenizer, self.out_dir / BUNDLE_DIR, provenance)
+            if validation is not None:
+                provenance["val_loss"] = validation.loss
+                provenance["dev_recall_at_10"] = validation.recall
+            save_bundle(self.exported_model, self.tokenizer, self.out_dir / BUNDLE_DIR, provenance)
 
 
 class MetricsLog:
-    """Per-epoch and per-step CSV files (appended on resume) and TensorBoard when installed."""
+    """Per-epoch and per-step CSV files (appended on resume) and TensorBoard when installed.
 
-    EPOCH_FIELDS = ("epoch", "step", "train_loss", "val_loss", "lr", "pairs_per_s", "seconds")
+    metrics.csv has one dev_r10_<split> column per dev split (text->image recall@10) and their
+    mean, dev_r10, beside the losses.
+    """
+
+    EPOCH_FIELDS = ("epoch", "step", "train_loss", "val_loss", "dev_r10", "lr", "pairs_per_s",
+                    "seconds")  # fmt: skip
     STEP_FIELDS = ("step", "epoch", "loss", "lr")
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, dev_splits: list[str] = ()):
         self.enabled = enabled
+        self.epoch_fields = (*self.EPOCH_FIELDS, *(f"dev_r10_{name}" for name in dev_splits))
         self.epochs_path = out_dir / "metrics.csv"
         self.steps_path = out_dir / "steps.csv"
         self.tensorboard = _tensorboard_writer(out_dir / "tensorboard") if enabled else None
@@ -125,9 +168,9 @@ class MetricsLog:
 
     def epoch(self, **row) -> None:
         if self.enabled:
-            self._append(self.epochs_path, self.EPOCH_FIELDS, row)
+            self._append(self.epochs_path, self.epoch_fields, row)
             if self.tensorboard:
-                for key in ("train_loss", "val_loss", "lr", "pairs_per_s"):
+                for key in ("train_loss", "val_loss", "dev_r10", "lr", "pairs_per_s"):
                     self.tensorboard.add_scalar(f"epoch/{key}", row[key], row["epoch"])
                 self.tensorboard.flush()
 
@@ -159,28 +202,42 @@ def resolve_device(name: str) -> torch.device:
 
 def build_datasets(
     config: TrainConfig, manifests: list[Path], progress: bool
-) -> tuple[PairDataset, PairDataset]:
-    """Training and validation pairs (text required) of every manifest, through the image cache:
-    images it lacks are decoded into it first, once, for every later run."""
+) -> tuple[PairDataset, list[DevSplit]]:
+    """Training pairs (text required) of every manifest together, and each manifest's validation
+    pairs apart (retrieval is scored per dev split), through the image cache: images it lacks
+    are decoded into it first, once, for every later run."""
     cache = ImageCache(config.cache_dir)
     side = config.model.resize
-    datasets = {}
-    for role, split in (("train", config.train_split), ("val", config.val_split)):
+
+    def pairs(sources: list[Path], split: str, train: bool) -> PairDataset:
         table, skipped = load_pairs(
-            manifests, split, cache, side, config.cache_workers, progress=progress
+            sources, split, cache, side, config.cache_workers, progress=progress
         )
         report_skips(skipped, f"{split} split")
-        datasets[role] = PairDataset(
-            table, cache.reader(side), config.model, train=role == "train", seed=config.seed,
-            sentence_filter=config.sentence_filter,
+        return PairDataset(
+            table, cache.reader(side), config.model, train=train, seed=config.seed,
+            sentence_filter=config.sentence_filter, full_text_words=config.full_text_words,
         )  # fmt: skip
+
+    train_set = pairs(manifests, config.train_split, train=True)
+    names = split_names(manifests)
+    dev = [DevSplit(name, pairs([m], config.val_split, False)) for name, m in zip(names, manifests, strict=True)]  # fmt: skip
     cache.close()
-    if len(datasets["train"]) < config.batch_size:
+    if len(train_set) < config.batch_size:
         raise ValueError(
-            f"only {len(datasets['train'])} training pairs with text in split "
+            f"only {len(train_set)} training pairs with text in split "
             f"{config.train_split!r}, fewer than one batch of {config.batch_size}"
         )
-    return datasets["train"], datasets["val"]
+    return train_set, [d for d in dev if len(d.dataset)]
+
+
+def split_names(manifests: list[Path]) -> list[str]:
+    """A short name per manifest: its folder (medpix, roco...), numbered when two share one."""
+    names = []
+    for manifest in manifests:
+        name = Path(manifest).resolve().parent.name or "data"
+        names.append(name if name not in names else f"{name}{len(names)}")
+    return names
 
 
 def train(
@@ -218,13 +275,18 @@ def train(
             distributed.teardown(dist_info)
             return TrainResult(out_dir, out_dir / BUNDLE_DIR, saved_state)
     started = time.perf_counter()
-    run = start_run(config, manifests, out_dir, dist_info, device, progress)
+    identity = run_identity(config, manifest_hashes(manifests))
+    config = text_stage(config, manifests, out_dir, dist_info, progress)
+    run = start_run(config, manifests, out_dir, dist_info, device, progress, identity)
     log.info(
         "ready to train in %.1f s: %d training pairs, %d validation pairs",
-        time.perf_counter() - started, len(run.train_set), len(run.val_set),
+        time.perf_counter() - started, len(run.train_set), run.provenance["val_pairs"],
     )  # fmt: skip
     if checkpoint_path.exists():
-        run.state, _ = load_checkpoint(checkpoint_path, run.model, run.optimizer, run.scheduler)
+        run.state, _, extras = load_checkpoint(
+            checkpoint_path, run.model, run.optimizer, run.scheduler
+        )
+        run.restore_extras(extras)
         log.info("resuming at epoch %d batch %d", run.state.epoch + 1, run.state.batch_in_epoch)
 
     while not run.state.finished and run.state.epoch < config.epochs:
@@ -244,6 +306,7 @@ def train(
 
 # Settings that may change between a run and its --resume without changing what is learned.
 # ("preload" is gone, replaced by the image cache; runs saved with it still resume.)
+# (Under lr_schedule: cosine, changing epochs re-times the decay from where the run stands.)
 RESUMABLE_CHANGES = {
     "epochs", "max_steps", "device", "num_workers", "threads", "preload", "cache_dir",
     "cache_workers",
@@ -278,29 +341,93 @@ def refuse_changed_config(saved: dict, current: dict, out_dir: Path) -> None:
         )
 
 
-def start_run(config, manifests, out_dir, dist_info, device, progress) -> Run:
+def text_stage(
+    config: TrainConfig,
+    manifests: list[Path],
+    out_dir: Path,
+    dist_info: distributed.DistInfo,
+    progress: bool,
+) -> TrainConfig:
+    """With `pretrain_text` set: pretrain the text tower into OUT/text-pretrained (once: a rerun
+    or --resume reuses it) and return the config whose model starts from it."""
+    settings = config.pretrain_text
+    if settings is None:
+        return config
+    folder = (out_dir / TEXT_STAGE_DIR).resolve()
+    if read_pretrain_info(folder) is not None:
+        log.info("text tower: reusing the pretraining in %s", folder)
+    elif dist_info.enabled:
+        raise ValueError(
+            "pretrain_text is not run under torchrun: run `convirt pretrain-text --out DIR` "
+            "first, then train with --set model.text_encoder=DIR --set pretrain_text=null"
+        )
+    else:
+        iu_reports = default_iu_reports() if settings.iu_reports else None
+        corpus = report_corpus(manifests, config.train_split, iu_reports)
+        log.info("text tower: %.1f min of masked-LM pretraining on %d sentences",
+                 settings.minutes, len(corpus))  # fmt: skip
+        result = pretrain_text(
+            config.model.text_encoder, corpus, folder, settings, progress, config.device
+        )
+        log.info("text tower: %d steps, held-out MLM loss %.3f -> %.3f", result.steps,
+                 result.heldout_loss_before, result.heldout_loss_after)  # fmt: skip
+    model = config.model.model_copy(update={"text_encoder": str(folder)})
+    return config.model_copy(update={"model": model})
+
+
+def start_run(config, manifests, out_dir, dist_info, device, progress, identity) -> Run:
     tokenizer = load_tokenizer(config.model)
-    train_set, val_set = build_datasets(config, manifests, progress and dist_info.is_main)
+    train_set, dev_splits = build_datasets(config, manifests, progress and dist_info.is_main)
     model = build_model(config.model, seed=config.seed).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience
-    )
+    groups = [{"params": trainable}]
+    log_temperature = None
+    if config.learn_temperature:
+        log_temperature = torch.nn.Parameter(
+            torch.tensor(float(config.temperature), device=device).log()
+        )
+        groups.append({"params": [log_temperature], "weight_decay": 0.0})
+    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = len(train_set) // dist_info.world_size // config.batch_size
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     ddp_model = model
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         ddp_model = DistributedDataParallel(model, device_ids=device_ids)
+    ema = None
+    if config.ema_decay is not None:
+        ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+    n_dev = sum(len(d.dataset) for d in dev_splits)
     return Run(
         config=config, model=model, ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
-        state=TrainState(), train_set=train_set, val_set=val_set,
+        state=TrainState(), train_set=train_set, dev_splits=dev_splits,
         collate=Collator(tokenizer, config.model.max_text_tokens), tokenizer=tokenizer,
         dist=dist_info, device=device, out_dir=out_dir,
-        metrics=MetricsLog(out_dir, enabled=dist_info.is_main),
-        provenance=_provenance(config, manifests, len(train_set), len(val_set)), progress=progress,
+        metrics=MetricsLog(out_dir, dist_info.is_main, [d.name for d in dev_splits]),
+        provenance=_provenance(config, manifests, len(train_set), n_dev), progress=progress,
+        ema=ema, log_temperature=log_temperature, identity=identity,
     )  # fmt: skip
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """The paper's plateau halving (stepped per epoch on the validation loss), or a warm-up and
+    cosine decay (stepped per optimiser step) over the whole run."""
+    if config.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience
+        )
+    total = max(1, config.epochs * steps_per_epoch)  # --max-steps stops a run, not its schedule
+    warmup = config.warmup_steps
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train_epoch(run: Run) -> bool:
@@ -354,64 +481,66 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     with run.autocast():
         v, u = run.ddp_model(pixels, input_ids, attention_mask)
     v, u = distributed.gather_with_grad(v, run.dist), distributed.gather_with_grad(u, run.dist)
-    loss = convirt_loss(v, u, run.config.temperature, run.config.image_weight)
+    loss = convirt_loss(v, u, run.temperature, run.config.image_weight)
     run.optimizer.zero_grad(set_to_none=True)
     (loss * run.dist.world_size).backward()
     run.optimizer.step()
+    if run.config.lr_schedule == "cosine":
+        run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
     run.state.step += 1
     run.state.batch_in_epoch += 1
     return loss.item(), len(v)
 
 
-@torch.no_grad()
-def validation_loss(run: Run) -> float:
-    """Mean loss over the validation pairs in fixed batches (eval view, fixed sentences)."""
-    size, batch_size = len(run.val_set), run.config.batch_size
-    batches = [
-        [(0, i) for i in range(start, min(start + batch_size, size))]
-        for start in range(0, size, batch_size)
-    ]
-    batches = [b for b in batches if len(b) >= 2]
-    if not batches:
-        return float("nan")
-    run.model.eval()
-    total, count = 0.0, 0
-    for batch in run.val_loader(batches):
-        pixels = batch["pixels"].to(run.device)
+def validation(run: Run) -> Validation:
+    """Loss and dev retrieval of the weights that would be exported."""
+    model = run.exported_model
+
+    def prepare(pixels: torch.Tensor) -> torch.Tensor:
         if run.config.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        with run.autocast():
-            v, u = run.model(pixels, batch["input_ids"].to(run.device),
-                             batch["attention_mask"].to(run.device))  # fmt: skip
-        total += convirt_loss(v, u, run.config.temperature, run.config.image_weight).item() * len(v)
-        count += len(v)
-    return total / count
+        return pixels
+
+    with run.autocast():
+        return validate(
+            model, run.dev_splits, run.collate, run.config.batch_size, float(torch.as_tensor(run.temperature).detach()),
+            run.config.image_weight, run.loader, run.device, prepare,
+        )  # fmt: skip
 
 
 def end_epoch(run: Run) -> None:
     """Validation, LR schedule, best-bundle export, early stopping, metrics row."""
     state, config = run.state, run.config
     train_loss = state.loss_sum / max(1, state.pairs_in_epoch)
-    val_loss = validation_loss(run)
-    if val_loss != val_loss:  # NaN: no validation split; steer by the training loss instead
-        val_loss = train_loss
-    val_loss = distributed.broadcast_value(val_loss, run.dist, run.device)
-    run.scheduler.step(val_loss)
+    checked = validation(run)
+    if checked.loss != checked.loss:  # NaN: no validation split; steer by the training loss
+        checked.loss = train_loss
+    checked.loss = distributed.broadcast_value(checked.loss, run.dist, run.device)
+    if config.lr_schedule == "plateau":
+        run.scheduler.step(checked.loss)
     state.epoch += 1
-    if val_loss < state.best_val_loss - 1e-4:
-        state.best_val_loss, state.best_epoch = val_loss, state.epoch
+    state.best_val_loss = min(state.best_val_loss, checked.loss)
+    score = distributed.broadcast_value(checked.score(config.select_by), run.dist, run.device)
+    if score != score:  # no dev retrieval (no dev split): fall back on the loss
+        score = -checked.loss
+    if score > state.best_score + 1e-4:
+        state.best_score, state.best_epoch = score, state.epoch
         state.epochs_without_improvement = 0
-        run.export_bundle(note=f"best epoch {state.epoch}")
+        run.export_bundle(f"best epoch {state.epoch} by {config.select_by}", checked)
     else:
         state.epochs_without_improvement += 1
     run.metrics.epoch(
-        epoch=state.epoch, step=state.step, train_loss=train_loss, val_loss=val_loss,
-        lr=run.optimizer.param_groups[0]["lr"],
+        epoch=state.epoch, step=state.step, train_loss=train_loss, val_loss=checked.loss,
+        dev_r10=checked.mean_recall, lr=run.optimizer.param_groups[0]["lr"],
         pairs_per_s=state.pairs_in_epoch / max(state.train_seconds, 1e-9),
         seconds=state.train_seconds,
+        **{f"dev_r10_{name}": value for name, value in checked.recall.items()},
     )  # fmt: skip
-    log.info("epoch %d: train %.4f val %.4f (best %.4f at %d)", state.epoch, train_loss, val_loss,
-             state.best_val_loss, state.best_epoch)  # fmt: skip
+    recalls = " ".join(f"{name} {value:.3f}" for name, value in checked.recall.items())
+    log.info("epoch %d: train %.4f val %.4f dev R@10 %s (best: epoch %d by %s)", state.epoch,
+             train_loss, checked.loss, recalls or "-", state.best_epoch, config.select_by)  # fmt: skip
     if state.epochs_without_improvement >= config.early_stopping_patience:
         log.info("early stopping: no improvement for %d epochs", state.epochs_without_improvement)
         state.finished = True
