@@ -12,6 +12,10 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli:train_main", "train a ConVIRT model on image/report pairs"),
+    "pretrain-text": (
+        "training.pretrain_text:main",
+        "adapt the text encoder to report language (masked-LM) before training",
+    ),
     "eval": ("training.cli:eval_main", "retrieval metrics of a model bundle on a split"),
     "cache": ("convirt.cache_cli:main", "decode a manifest's images once into the image cache"),
     "index": ("index.cli:main", "build, update and inspect a FAISS index of an image archive"),

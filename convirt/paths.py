@@ -18,6 +18,21 @@ def data_root() -> Path:
     return (REPO_ROOT.parent / "shared" / "datasets").resolve()
 
 
+# The image/report datasets every training command reads by default (under data_root()).
+PAIRED_DATASETS = ("covid-cxr", "medpix", "roco")
+
+
+def default_manifests() -> list[Path]:
+    """The manifest of each paired dataset under data_root()."""
+    return [data_root() / name / "manifest.csv" for name in PAIRED_DATASETS]
+
+
+def default_iu_reports() -> Path | None:
+    """data_root()/iu-reports/reports.csv when present: chest X-ray reports without images."""
+    path = data_root() / "iu-reports" / "reports.csv"
+    return path if path.is_file() else None
+
+
 def cache_dir() -> Path:
     """Where derived files live (decoded images, assembled encoders): $CONVIRT_CACHE_DIR, else
     ~/.cache/convirt. Everything in it can be rebuilt from the data and the installed packages."""
