@@ -9,15 +9,9 @@ import sys
 from pathlib import Path
 
 from convirt.imagecache import CacheError
-from convirt.paths import DATA_ROOT_ENV, data_root
+from convirt.paths import DATA_ROOT_ENV, PAIRED_DATASETS, data_root, default_manifests
 
 from .config import ConfigError, available_configs, load_config, parse_assignments
-
-DEFAULT_DATASETS = ("covid-cxr", "medpix")
-
-
-def default_manifests() -> list[Path]:
-    return [data_root() / name / "manifest.csv" for name in DEFAULT_DATASETS]
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -26,12 +20,13 @@ def train_parser() -> argparse.ArgumentParser:
         description=(
             "Train ConVIRT on (image, report) pairs: one random sentence of each report against a "
             "random view of its image. Writes OUT/checkpoint.pt every epoch, OUT/metrics.csv and "
-            "OUT/steps.csv, and the best epoch (lowest validation loss) as the bundle OUT/bundle. "
+            "OUT/steps.csv, and the best epoch (by select_by: lowest validation loss, or best mean "
+            "text-to-image recall@10 over the dev splits) as the bundle OUT/bundle. "
             "Run under torchrun for several GPUs."
         ),
         epilog=(
             "example: convirt train --config cpu --out runs/cpu\n"
-            f"Manifests default to covid-cxr and medpix under ${DATA_ROOT_ENV} "
+            f"Manifests default to {', '.join(PAIRED_DATASETS)} under ${DATA_ROOT_ENV} "
             f"(now {data_root()})."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -125,6 +120,7 @@ def train_main(argv: list[str]) -> int:
                 "steps": state.step,
                 "best_epoch": state.best_epoch,
                 "best_val_loss": state.best_val_loss if state.best_epoch >= 0 else None,
+                "selected_by": config.select_by,
             }
         )
     )
@@ -135,11 +131,24 @@ def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convirt eval",
         description=(
-            "Retrieval metrics of a model bundle on one split of a manifest, printed as one JSON "
-            "object: text_to_image and image_to_text recall@1/5/10, and with --label-column "
-            "image_to_image precision@5/10/50 in the encoder and projection spaces. Keys starting "
-            "with random/ give what chance scores on the same task."
+            "Retrieval metrics of a model bundle on one split of a manifest, printed as one JSON\n"
+            "object: text_to_image and image_to_text recall@1/5/10, and with --label-column\n"
+            "image_to_image precision@5/10/50 in the encoder and projection spaces. Keys starting\n"
+            "with random/ give what chance scores on the same task.\n\n"
+            "--linear-probe adds the paper's label-efficiency classification: a logistic\n"
+            "regression (standardised frozen encoder features h_v, C=1.0 fixed, lbfgs) fitted on\n"
+            "a fraction of the labelled 'train' rows of the same manifest and scored on the split:\n"
+            "linear_probe/<F>%/accuracy and /macro_auc (one-vs-rest ROC-AUC averaged over the\n"
+            "classes), the mean over --probe-seeds class-stratified random subsets below 100%\n"
+            "with _std beside it; random/linear_probe/accuracy is the majority-class rate."
         ),
+        epilog=(
+            "examples:\n"
+            "  convirt eval --model B --manifest M --label-column location_category \\\n"
+            "      --linear-probe --baseline imagenet --format table\n"
+            "  convirt eval --model B --manifest roco/manifest.csv --pool 2000 --min-words 5"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", type=Path, required=True, help="bundle directory")
     parser.add_argument("--manifest", type=Path, required=True)
@@ -161,6 +170,40 @@ def eval_parser() -> argparse.ArgumentParser:
         "--all-images", action="store_true",
         help="also use images without a report (default: only the image/report pairs)",
     )  # fmt: skip
+    parser.add_argument(
+        "--linear-probe", action="store_true",
+        help="linear-probe classification of --label-column (fitted on split 'train'; "
+        "linear_probe/... keys, imagenet/linear_probe/... with --baseline imagenet)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fractions", type=_fractions, default="0.01,0.1,1.0", metavar="F,F,...",
+        help="shares of the labelled train rows the probe is fitted on (default: 0.01,0.1,1.0); "
+        "a subset keeps at least 2 rows of 2 classes, and one per class when it has room",
+    )  # fmt: skip
+    parser.add_argument(
+        "--probe-seeds", type=int, default=5, metavar="N",  # probe.DEFAULT_SEEDS: not imported,
+        # as it would load scikit-learn for `convirt train` too
+        help="random subsets per fraction below 1, averaged (default: 5)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pool", type=int, metavar="N",
+        help="score a seeded random sample of N pairs of the split (ROCO-2k: 2000); all of them "
+        "when fewer are eligible (pool_size < pool_requested, and a warning)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-words", type=int, default=0, metavar="M",
+        help="keep only pairs whose caption has at least M whitespace-separated words, before "
+        "the pool is drawn",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pool-seed", type=int, default=0, help="seed of the --pool sample (default: 0)"
+    )
+    parser.add_argument(
+        "--tta", choices=["flip"],
+        help="test-time augmentation: every image vector (encoder and joint space, so every "
+        "metric: text-image, image-image, linear probe, baseline) becomes the normalised mean of "
+        "the image's and its left-right mirror's",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--cache", type=Path, help="image cache folder (default: $CONVIRT_CACHE_DIR/images)"
@@ -174,14 +217,42 @@ def eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    """--fractions: comma-separated shares in (0, 1]."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must lie in (0, 1]: {text!r}")
+    return values
+
+
+def _eval_usage_error(args: argparse.Namespace) -> str | None:
+    if args.queries and not args.label_column:
+        return "--queries needs --label-column"
+    if args.linear_probe and not args.label_column:
+        return "--linear-probe needs --label-column"
+    if args.linear_probe and args.split in ("train", "all"):
+        return "--linear-probe is fitted on split 'train': score another --split"
+    if args.probe_seeds < 1:
+        return "--probe-seeds must be at least 1"
+    if args.pool is not None and args.pool < 1:
+        return "--pool must be at least 1"
+    if args.min_words < 0:
+        return "--min-words must be at least 0"
+    return None
+
+
 def eval_main(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
     from convirt.bundle import BundleError, load_bundle
 
     from .evaluate import evaluate, format_table
 
-    if args.queries and not args.label_column:
-        print("convirt eval: --queries needs --label-column", file=sys.stderr)
+    error = _eval_usage_error(args)
+    if error:
+        print(f"convirt eval: {error}", file=sys.stderr)
         return 2
     try:
         bundle = load_bundle(args.model, device=args.device)
@@ -190,10 +261,20 @@ def eval_main(argv: list[str]) -> int:
             label_column=args.label_column, queries_csv=args.queries, baseline=args.baseline,
             text_mode=args.text_mode, all_images=args.all_images, device=args.device,
             progress=not args.no_progress, cache_dir=args.cache,
+            linear_probe=args.linear_probe, fractions=args.fractions,
+            probe_seeds=args.probe_seeds, pool=args.pool, min_words=args.min_words,
+            pool_seed=args.pool_seed, tta=args.tta,
         )  # fmt: skip
     except (BundleError, ValueError, FileNotFoundError, CacheError) as err:
         print(f"convirt eval: {err}", file=sys.stderr)
         return 2
+    if result.get("pool_size", 0) < result.get("pool_requested", 0):
+        print(
+            f"convirt eval: warning: the pool has {result['pool_size']} pairs, fewer than the "
+            f"{result['pool_requested']} requested: only {result['pool_size']} have a caption of "
+            f"{args.min_words} words or more (recall@K is not comparable to a full pool's)",
+            file=sys.stderr,
+        )
     result = {"model": bundle.fingerprint, "split": args.split, **result}
     text = json.dumps(result, indent=2)
     print(text if args.format == "json" else format_table(result))

@@ -8,13 +8,20 @@ Protocols (DESIGN.md):
 - image_to_image/{encoder,projection}/precision@K: each labelled image queries the others (itself
   excluded); precision = share of the top K with the same label. "encoder" is h_v, "projection" v.
 - label_text_to_image/precision@K: a queries CSV (label, text), the paper's CheXpert 8x200 protocol.
+- linear_probe/F/{accuracy,macro_auc}: a logistic regression on frozen h_v, fitted on a fraction F of
+  the labelled train rows and scored on the split: the paper's label efficiency (training/probe.py).
+
+Options: a pool (training/pool.py: a seeded sample of N pairs with captions of M words or more, the
+ROCO-2k protocol) replaces the split's pairs; test-time augmentation "flip" makes every image vector
+the normalised mean of the image's and its mirror image's.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +37,13 @@ from convirt.inference import Embedder
 from convirt.manifest import ManifestItem, read_manifest
 from convirt.sentences import report_sentences
 
-from . import metrics
+from . import metrics, probe
 from .data import PairDataset, pair_table, report_skips
+from .pool import sample_pool
 
 RECALL_KS = (1, 5, 10)
 PRECISION_KS = (5, 10, 50)
+TTA_MODES = ("flip",)
 
 
 @dataclass
@@ -58,9 +67,10 @@ def embed_images(
     image_encoder: torch.nn.Module | None = None,
     progress: bool = True,
     cache_dir: Path | None = None,
+    tta: str | None = None,
 ) -> SplitEmbeddings:
     """Eval-view embeddings of every readable image (unreadable ones are dropped and reported),
-    read through the image cache."""
+    read through the image cache; `tta` as in embed_batch."""
     cache, side = ImageCache(cache_dir), embedder.bundle.config.resize
     resolver = Resolver(cache, side, progress=progress, desc="images")
     table, skipped = pair_table(resolver.resolve(records))
@@ -74,16 +84,46 @@ def embed_images(
     )
     features, projections = [], []
     for pixels in tqdm(loader, desc="embedding images", disable=not progress):
-        if image_encoder is None:
-            h, v = embedder.embed_pixels(pixels)
-        else:  # baseline: another (ImageNet) encoder's features; it has no projection head
-            with torch.inference_mode():
-                h = F.normalize(image_encoder(pixels.to(embedder.device)).float(), dim=-1)
-            h = v = h.cpu().numpy()
+        h, v = embed_batch(pixels, embedder, image_encoder, tta)
         features.append(h)
         projections.append(v)
     kept = [records[i] for i in table.positions]
     return SplitEmbeddings(kept, np.concatenate(features), np.concatenate(projections))
+
+
+def embed_batch(
+    pixels: torch.Tensor,
+    embedder: Embedder,
+    image_encoder: torch.nn.Module | None = None,
+    tta: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(h/|h|, v/|v|) of a batch of eval views. With tta="flip" each is the normalised mean over
+    the image and its mirror image (flipped left-right): a view-averaged vector less tied to one
+    crop's details, at the cost of left/right (a left lesion then embeds like a right one)."""
+    if tta not in (None, *TTA_MODES):
+        raise ValueError(f"unknown test-time augmentation {tta!r}: use one of {TTA_MODES}")
+    views = [pixels] if tta is None else [pixels, torch.flip(pixels, dims=[-1])]
+    embedded = [_embed_view(view, embedder, image_encoder) for view in views]
+    if len(embedded) == 1:
+        return embedded[0]
+    return _mean_direction([h for h, _ in embedded]), _mean_direction([v for _, v in embedded])
+
+
+def _embed_view(
+    pixels: torch.Tensor, embedder: Embedder, image_encoder: torch.nn.Module | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if image_encoder is None:
+        return embedder.embed_pixels(pixels)
+    # baseline: another (ImageNet) encoder's features; it has no projection head
+    with torch.inference_mode():
+        h = F.normalize(image_encoder(pixels.to(embedder.device)).float(), dim=-1)
+    h = h.cpu().numpy()
+    return h, h
+
+
+def _mean_direction(vectors: list[np.ndarray]) -> np.ndarray:
+    mean = np.mean(vectors, axis=0)
+    return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
 TEXT_MODES = {"full": None, "sentences": "none", "imaging-sentences": "imaging"}
@@ -183,48 +223,131 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
     cache_dir: Path | None = None,
+    *,
+    linear_probe: bool = False,
+    fractions: Sequence[float] = probe.DEFAULT_FRACTIONS,
+    probe_seeds: int = probe.DEFAULT_SEEDS,
+    pool: int | None = None,
+    min_words: int = 0,
+    pool_seed: int = 0,
+    tta: str | None = None,
 ) -> dict[str, float]:
     """Every metric the inputs allow, as one flat dict (prefixed keys for baseline and chance).
 
     By default only images with a report take part (the pairs, as in DESIGN.md's reference table);
-    `all_images` adds the image-only rows as queries and distractors.
+    `all_images` adds the image-only rows as queries and distractors (and, with `linear_probe`,
+    as probe training and test rows). `pool`/`min_words` narrow the split's rows to a seeded
+    sample (training/pool.py); `tta` applies to every image vector (embed_batch).
     """
+    if linear_probe and not label_column:
+        raise ValueError("the linear probe needs a label column")
+    if linear_probe and split in (None, "train"):
+        raise ValueError("the linear probe is fitted on split 'train': score another split")
     embedder = Embedder(bundle, device=device)
-    records = load_split(manifest, split)
-    if not all_images:
-        records = [r for r in records if r.text] or records
-    split_embeddings = embed_images(records, embedder, progress=progress, cache_dir=cache_dir)
-    result: dict[str, float] = {"n_images": len(split_embeddings.records)}
+    embed = partial(
+        embed_images, embedder=embedder, progress=progress, cache_dir=cache_dir, tta=tta
+    )
+    records, pool_info = pooled(
+        scored_records(manifest, split, all_images), pool, min_words, pool_seed
+    )
+    split_embeddings = embed(records)
+    result: dict[str, float] = {"n_images": len(split_embeddings.records), **pool_info}
     result |= text_image_metrics(split_embeddings, embedder, text_mode)
-    if label_column:
-        result |= image_image_metrics(split_embeddings, label_column)
-        if queries_csv:
-            result |= label_query_metrics(split_embeddings, embedder, queries_csv, label_column)
+    if not label_column:
+        return result
+    result |= image_image_metrics(split_embeddings, label_column)
+    if queries_csv:
+        result |= label_query_metrics(split_embeddings, embedder, queries_csv, label_column)
+    encoder, base = None, None
     if baseline == "imagenet":
         encoder = initial_image_encoder(bundle.config).to(device).eval()
-        base = embed_images(
-            split_embeddings.records, embedder, encoder, progress=progress, cache_dir=cache_dir
+        base = embed(split_embeddings.records, image_encoder=encoder)
+        for key, value in image_image_metrics(base, label_column).items():
+            if key.startswith("image_to_image/encoder/"):
+                result[f"imagenet/{key}"] = value
+    if linear_probe:
+        train = scored_records(manifest, "train", all_images)
+        result |= linear_probe_metrics(
+            embed, train, split_embeddings, base, encoder, label_column, fractions, probe_seeds
         )
-        if label_column:
-            for key, value in image_image_metrics(base, label_column).items():
-                if key.startswith("image_to_image/encoder/"):
-                    result[f"imagenet/{key}"] = value
     return result
 
 
+def scored_records(manifest: Path, split: str | None, all_images: bool) -> list[ManifestItem]:
+    """A split's rows that take part: the pairs, or with all_images every image (a split without
+    any report keeps its images either way)."""
+    records = load_split(manifest, split)
+    return records if all_images else [r for r in records if r.text] or records
+
+
+def pooled(
+    records: list[ManifestItem], size: int | None, min_words: int, seed: int
+) -> tuple[list[ManifestItem], dict[str, float]]:
+    """The pool's rows and what the JSON says of it (nothing without a pool or a word minimum)."""
+    if size is None and not min_words:
+        return records, {}
+    kept = sample_pool(records, size, min_words, seed)
+    if not kept:
+        raise ValueError(f"no pair has a caption of {min_words} words or more")
+    info = {"pool_size": len(kept), "pool_min_words": min_words}
+    if size is not None:
+        info |= {"pool_requested": size, "pool_seed": seed}
+    return kept, info
+
+
+def linear_probe_metrics(
+    embed: Callable[..., SplitEmbeddings],
+    train_records: Sequence[ManifestItem],
+    test: SplitEmbeddings,
+    base_test: SplitEmbeddings | None,
+    encoder: torch.nn.Module | None,
+    label_column: str,
+    fractions: Sequence[float],
+    seeds: int,
+) -> dict[str, float]:
+    """linear_probe/... keys for the model, imagenet/linear_probe/... for the baseline encoder
+    (when given) and random/linear_probe/... for a probe that learns nothing from the images."""
+    labelled_train = [r for r in train_records if r.meta.get(label_column)]
+    if not labelled_train:
+        raise ValueError(f"no train image has a value in label column {label_column!r}")
+    train = embed(labelled_train)
+    out = _probe(train, test, label_column, fractions, seeds)
+    if encoder is not None and base_test is not None:
+        base_train = embed(train.records, image_encoder=encoder)
+        base = _probe(base_train, base_test, label_column, fractions, seeds)
+        out |= {f"imagenet/{key}": value for key, value in base.items()}
+    _, train_y = probe.labelled(train.image_features, train.records, label_column)
+    _, test_y = probe.labelled(test.image_features, test.records, label_column)
+    out["random/linear_probe/accuracy"] = probe.majority_accuracy(train_y, test_y)
+    out["random/linear_probe/macro_auc"] = 0.5
+    return out
+
+
+def _probe(
+    train: SplitEmbeddings,
+    test: SplitEmbeddings,
+    label_column: str,
+    fractions: Sequence[float],
+    seeds: int,
+) -> dict[str, float]:
+    train_x, train_y = probe.labelled(train.image_features, train.records, label_column)
+    test_x, test_y = probe.labelled(test.image_features, test.records, label_column)
+    return probe.linear_probe(train_x, train_y, test_x, test_y, fractions, seeds)
+
+
 def format_table(result: dict[str, float]) -> str:
-    """The metrics as a text table: model | ImageNet baseline | chance."""
+    """The metrics as a text table: model | ImageNet baseline | chance. Counts stay in the JSON;
+    a figure averaged over probe subsets shows its standard deviation beside it."""
     rows = [("metric", "model", "imagenet", "random")]
     for key, value in result.items():
-        if "/" not in key or key.startswith(("random/", "imagenet/")):
+        if not _table_metric(key):
             continue
-        chance_key = "random/" + key.replace("/encoder/", "/").replace("/projection/", "/")
         rows.append(
             (
                 key,
-                f"{value:.3f}",
-                _cell(result.get(f"imagenet/{key}")),
-                _cell(result.get(chance_key)),
+                _cell(value, result.get(f"{key}_std")),
+                _cell(result.get(f"imagenet/{key}"), result.get(f"imagenet/{key}_std")),
+                _cell(result.get(_chance_key(key))),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -234,5 +357,23 @@ def format_table(result: dict[str, float]) -> str:
     )
 
 
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _table_metric(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return (
+        "/" in key
+        and not key.startswith(("random/", "imagenet/"))
+        and not name.startswith("n_")
+        and not name.endswith("_std")
+    )
+
+
+def _chance_key(key: str) -> str:
+    if key.startswith("linear_probe/"):  # chance does not depend on the fraction
+        return "random/linear_probe/" + key.rsplit("/", 1)[-1]
+    return "random/" + key.replace("/encoder/", "/").replace("/projection/", "/")
+
+
+def _cell(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if std is None else f"{value:.3f} ± {std:.3f}"
