@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from convirt.manifest import read_manifest
-from training.cli import default_manifests
+from convirt.paths import default_manifests
 
 CONVIRT = [sys.executable, "-m", "convirt.cli"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
-from training.cli import default_manifests
+from convirt.paths import default_manifests
 from training.config import load_config, parse_assignments
 from training.data import EpochSampler
 from training.train import start_run, train_step

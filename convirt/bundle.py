@@ -26,7 +26,7 @@ from .encoders import ImageEncoder, build_image_encoder, build_text_encoder, tex
 from .model import ConVIRT
 
 BUNDLE_FORMAT = 1
-MANIFEST_NAME = "bundle.json"
+INFO_NAME = "bundle.json"
 WEIGHTS_NAME = "weights.safetensors"
 
 
@@ -73,7 +73,7 @@ def save_bundle(
         save_file(state, staging / WEIGHTS_NAME)
         model.text_encoder.bert.config.save_pretrained(staging / "text_config")
         tokenizer.save_pretrained(staging / "tokenizer")
-        manifest = {
+        info = {
             "format": BUNDLE_FORMAT,
             "fingerprint": fingerprint,
             "model": model.config.model_dump(),
@@ -81,14 +81,15 @@ def save_bundle(
             "text_feature_dim": model.text_encoder.out_dim,
             "provenance": provenance or {},
         }
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(staging, out_dir)
+        (staging / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return fingerprint
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
+def replace_dir(staging: Path, target: Path) -> None:
+    """staging becomes target; an existing target is moved aside first and removed after."""
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -99,21 +100,21 @@ def _replace_dir(staging: Path, target: Path) -> None:
         staging.rename(target)
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_bundle_info(path: str | Path) -> dict:
     """bundle.json alone (cheap): fingerprint, config and provenance without loading weights."""
     path = Path(path)
-    manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file():
+    info_path = path / INFO_NAME
+    if not info_path.is_file():
         raise BundleError(
-            f"{path} is not a model bundle ({MANIFEST_NAME} missing): train one with "
+            f"{path} is not a model bundle ({INFO_NAME} missing): train one with "
             "`convirt train --out DIR` and pass DIR/bundle"
         )
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != BUNDLE_FORMAT:
+    info = json.loads(info_path.read_text())
+    if info.get("format") != BUNDLE_FORMAT:
         raise BundleError(
-            f"{path}: bundle format {manifest.get('format')!r}, this version reads {BUNDLE_FORMAT}"
+            f"{path}: bundle format {info.get('format')!r}, this version reads {BUNDLE_FORMAT}"
         )
-    return manifest
+    return info
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
@@ -121,17 +122,17 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     from transformers import AutoTokenizer
 
     path = Path(path)
-    manifest = read_manifest(path)
-    config = ModelConfig.model_validate(manifest["model"])
+    info = read_bundle_info(path)
+    config = ModelConfig.model_validate(info["model"])
     weights_path = path / WEIGHTS_NAME
     if not weights_path.is_file():
         raise BundleError(f"{path}: {WEIGHTS_NAME} missing; the bundle is incomplete")
     state = load_file(weights_path)
     fingerprint = fingerprint_state(state)
-    if fingerprint != manifest["fingerprint"]:
+    if fingerprint != info["fingerprint"]:
         raise BundleError(
             f"{path}: weights fingerprint {fingerprint} does not match the recorded "
-            f"{manifest['fingerprint']}; the weights file is corrupt or was replaced"
+            f"{info['fingerprint']}; the weights file is corrupt or was replaced"
         )
     model = ConVIRT(
         config,
@@ -141,7 +142,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     model.load_state_dict(state)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    return Bundle(model, tokenizer, config, fingerprint, path, manifest.get("provenance", {}))
+    return Bundle(model, tokenizer, config, fingerprint, path, info.get("provenance", {}))
 
 
 def initial_image_encoder(config: ModelConfig) -> ImageEncoder:

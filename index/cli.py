@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from convirt.bundle import BundleError, read_manifest
+from convirt.bundle import BundleError, read_bundle_info
 from convirt.imagecache import CacheError
 from convirt.paths import MissingWeightsError
 
@@ -370,7 +370,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    fingerprint = read_manifest(args.model)["fingerprint"] if args.model else None
+    fingerprint = read_bundle_info(args.model)["fingerprint"] if args.model else None
     result = checks.verify(args.root, fingerprint, args.hashes)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))

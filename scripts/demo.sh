@@ -7,7 +7,7 @@
 #   - index: rebuilt only when the model fingerprint or the archive manifest changed.
 #
 # Settings (environment):
-#   CONVIRT_DATA_ROOT   datasets folder holding covid-cxr/ and medpix/ (default ../shared/datasets)
+#   CONVIRT_DATA_ROOT   datasets folder holding covid-cxr/, medpix/ and roco/ (default ../shared/datasets)
 #   CONVIRT_CONFIG      training config: cpu or gpu (default: gpu when CUDA is available, else cpu)
 #   CONVIRT_DEMO_DIR    where runs, the archive and the index go (default: runs)
 #   CONVIRT_PORT        port of the service (default 8000); CONVIRT_HOST (default 127.0.0.1)
@@ -19,11 +19,13 @@ cd "$(dirname "$0")/.."
 
 DATA_ROOT="${CONVIRT_DATA_ROOT:-$(cd .. && pwd)/shared/datasets}"
 export CONVIRT_DATA_ROOT="$DATA_ROOT"
-if [ ! -f "$DATA_ROOT/medpix/manifest.csv" ] || [ ! -f "$DATA_ROOT/covid-cxr/manifest.csv" ]; then
-  echo "demo: no datasets under $DATA_ROOT; set CONVIRT_DATA_ROOT to the folder holding" \
-       "covid-cxr/ and medpix/" >&2
-  exit 2
-fi
+for dataset in covid-cxr medpix roco; do
+  if [ ! -f "$DATA_ROOT/$dataset/manifest.csv" ]; then
+    echo "demo: no $dataset dataset under $DATA_ROOT; set CONVIRT_DATA_ROOT to the folder holding" \
+         "covid-cxr/, medpix/ and roco/" >&2
+    exit 2
+  fi
+done
 OUT="${CONVIRT_DEMO_DIR:-runs}"
 HOST="${CONVIRT_HOST:-127.0.0.1}"
 PORT="${CONVIRT_PORT:-8000}"
@@ -60,7 +62,7 @@ step "3/5 evaluation on the dev splits"
 if [ "${CONVIRT_DEMO_EVAL:-1}" = 0 ]; then
   echo "skipped (CONVIRT_DEMO_EVAL=0)"
 else
-  for dataset in medpix:location_category covid-cxr:finding; do
+  for dataset in medpix:location_category covid-cxr:finding roco:modality_keyword; do
     name="${dataset%%:*}"
     label="${dataset##*:}"
     table="$RUN/eval-$name.txt"

@@ -25,6 +25,8 @@ from convirt.paths import data_root
 DATASETS = {
     "medpix": ["modality", "plane", "location_category", "diagnosis"],
     "covid-cxr": ["modality", "view", "finding"],
+    # PubMed Central figures: each keeps its article and Creative Commons licence beside it.
+    "roco": ["modality_keyword", "pmc_article", "licence"],
 }
 METADATA = sorted({column for columns in DATASETS.values() for column in columns})
 COLUMNS = ["image", "text", "dataset", "split", *METADATA]
@@ -37,7 +39,7 @@ def archive_rows(root: Path, limit: int | None) -> list[dict[str, str]]:
         if not manifest.is_file():
             raise SystemExit(
                 f"prepare_archive: no {manifest}; set CONVIRT_DATA_ROOT to the folder holding "
-                f"{' and '.join(DATASETS)}"
+                f"{', '.join(DATASETS)}"
             )
         try:
             source = read_manifest_rows(manifest)

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from convirt.bundle import Bundle, BundleError, load_bundle, read_manifest
+from convirt.bundle import Bundle, BundleError, load_bundle, read_bundle_info
 from index.errors import IndexStoreError
 from index.store import IndexStore, open_current
 
@@ -42,7 +42,7 @@ def load_resources(settings: Settings) -> Resources:
     model_dir = required_path(settings, "model")
     index_root = required_path(settings, "index_root")
     try:
-        fingerprint = read_manifest(model_dir)["fingerprint"]
+        fingerprint = read_bundle_info(model_dir)["fingerprint"]
         store = open_current(index_root, expected_fingerprint=fingerprint)
     except (BundleError, IndexStoreError, OSError) as err:
         raise StartupError(str(err)) from err

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convirt.bundle import BundleError, load_bundle, load_tokenizer, read_manifest, save_bundle
+from convirt.bundle import BundleError, load_bundle, load_tokenizer, read_bundle_info, save_bundle
 from convirt.inference import Embedder
 from convirt.model import build_model
 
@@ -55,7 +55,7 @@ def test_fingerprint_changes_with_weights(saved, tmp_path, small_model_config):
 def test_corrupt_and_missing_bundles_are_clear_errors(saved, tmp_path):
     _, _, path, _ = saved
     with pytest.raises(BundleError, match="not a model bundle"):
-        read_manifest(tmp_path)
+        read_bundle_info(tmp_path)
     manifest = json.loads((path / "bundle.json").read_text())
     broken = tmp_path / "broken"
     broken.mkdir()

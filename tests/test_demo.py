@@ -42,7 +42,7 @@ def mini_dataset(source: Path, out: Path, per_split: int) -> None:
 @pytest.fixture(scope="module")
 def demo_env(datasets: Path, tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("demo")
-    for name in ("medpix", "covid-cxr"):
+    for name in ("medpix", "covid-cxr", "roco"):
         mini_dataset(datasets / name, folder / "data" / name, per_split=8)
     return {
         **os.environ,
@@ -85,7 +85,7 @@ def test_demo_serves_then_reuses_everything(demo_env, tmp_path):
     process = run_demo(demo_env, first_log)
     try:
         output = first_log.read_text()
-        assert "archive: 32 images" in output and "(written)" in output
+        assert "archive: 48 images" in output and "(written)" in output
         assert "text_to_image/recall@10" in output  # the evaluation tables were printed
         assert "build: version 000001 with" in output
         assert "Its answer" in output and f"curl -s {url}/v1/search/text" in output
@@ -96,7 +96,11 @@ def test_demo_serves_then_reuses_everything(demo_env, tmp_path):
         ).json()
         assert len(answer["results"]) == 3
         relpath = answer["results"][0]["metadata"]["relpath"]
-        assert relpath.split("/")[0] in ("medpix", "covid-cxr")  # paths through the archive links
+        assert relpath.split("/")[0] in (
+            "medpix",
+            "covid-cxr",
+            "roco",
+        )  # paths through the archive links
         assert httpx.get(url + answer["results"][0]["thumbnail_url"], timeout=30).status_code == 200
     finally:
         stop(process, url)

@@ -34,8 +34,7 @@ import pytest
 from conftest import find_tool, make_bundle
 from PIL import Image
 
-from convirt.bundle import load_bundle
-from convirt.bundle import read_manifest as read_manifest_of
+from convirt.bundle import load_bundle, read_bundle_info
 from convirt.imageio import load_image
 from convirt.inference import Embedder
 from index import layout
@@ -776,7 +775,7 @@ def test_a_version_built_with_another_model_is_refused_and_the_old_one_kept(
         error = error_of(
             client.post("/v1/admin/reload", headers={"X-API-Key": API_KEY}), 409, "model_mismatch"
         )
-        assert read_manifest_of(other)["fingerprint"] in error["message"]
+        assert read_bundle_info(other)["fingerprint"] in error["message"]
         assert client.get("/readyz").json()["index_version"] == serving
         assert len(result_ids(search_text(client, rows[0]["text"]))) == 5
     finally:
@@ -815,7 +814,7 @@ def test_startup_refuses_a_model_the_index_was_not_built_with(
     code = cli.main(["--model", str(other), "--index-root", str(index_root), "--port", "0"])
     assert code == 2
     message = capsys.readouterr().err
-    assert bundle.fingerprint in message and read_manifest_of(other)["fingerprint"] in message
+    assert bundle.fingerprint in message and read_bundle_info(other)["fingerprint"] in message
     assert "rebuild the index" in message
     assert cli.main(["--index-root", str(index_root)]) == 2
     assert "CONVIRT_MODEL" in capsys.readouterr().err
