@@ -131,3 +131,29 @@ def test_short_reports_are_used_whole(medpix_subset):
             assert whole.sentences(row) == split.sentences(row)
     assert any(whole.sentences(r) != split.sentences(r) for r in range(len(table)))
     cache.close()
+
+
+@pytest.mark.slow
+def test_a_text_pretraining_stage_runs_first_once_and_feeds_the_model(
+    medpix_subset, small_model_config, tmp_path
+):
+    from training.pretrain_text import PretrainTextConfig, read_pretrain_info
+
+    stage = PretrainTextConfig(minutes=5, max_steps=3, batch_size=4, max_tokens=32, heldout=4,
+                               iu_reports=False)  # fmt: skip
+    config = small_config(small_model_config, max_steps=2, pretrain_text=stage)
+    train(config, [medpix_subset], tmp_path, progress=False)
+    folder = tmp_path / "text-pretrained"
+    assert read_pretrain_info(folder)["steps"] == 3
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.config.text_encoder == str(folder.resolve())
+    # ConVIRT started from the adapted tower: its frozen lower layers hold the MLM-trained weights
+    from safetensors.torch import load_file
+
+    adapted = load_file(folder / "model.safetensors")
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(bundle.model.text_encoder.bert.state_dict()[key], adapted[key])
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    train(config.model_copy(update={"max_steps": 3}), [medpix_subset], tmp_path, resume=True,
+          progress=False)  # fmt: skip
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not redone
