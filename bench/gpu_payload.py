@@ -28,7 +28,12 @@ from pathlib import Path
 import torch
 
 from convirt.manifest import read_manifest_rows
-from convirt.paths import data_root, packaged_efficientnet_lite0, packaged_text_encoder
+from convirt.paths import (
+    PAIRED_DATASETS,
+    data_root,
+    packaged_efficientnet_lite0,
+    packaged_text_encoder,
+)
 
 LIMIT_BYTES = 64 * 2**20
 CODE_ALLOWANCE = 8 * 2**20  # the working tree travels beside the payload
@@ -78,8 +83,8 @@ def copy_text_configs(out: Path) -> None:
 
 
 def copy_data(out: Path, per_dataset: int) -> None:
-    """The first train and dev pairs of covid-cxr and medpix, with their manifests."""
-    for dataset in ("covid-cxr", "medpix"):
+    """The first train and dev pairs of each paired dataset, with their manifests."""
+    for dataset in PAIRED_DATASETS:
         source = data_root() / dataset
         rows = [r for r in read_manifest_rows(source / "manifest.csv") if r["text"].strip()]
         dev = max(8, per_dataset // 8)
@@ -115,7 +120,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(".gpu-payload"))
-    parser.add_argument("--images", type=int, default=320, help="pairs per dataset")
+    parser.add_argument("--images", type=int, default=200, help="pairs per dataset")
     parser.add_argument("--no-wheels", action="store_true", help="skip the wheels (CPU dry run)")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)

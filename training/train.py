@@ -375,7 +375,9 @@ def text_stage(
     return config.model_copy(update={"model": model})
 
 
-def start_run(config, manifests, out_dir, dist_info, device, progress, identity) -> Run:
+def start_run(config, manifests, out_dir, dist_info, device, progress, identity=None) -> Run:
+    """Data, model, optimiser and schedule of a run; `identity` (default: this config's) is what
+    its checkpoints record."""
     tokenizer = load_tokenizer(config.model)
     train_set, dev_splits = build_datasets(config, manifests, progress and dist_info.is_main)
     model = build_model(config.model, seed=config.seed).to(device)
@@ -409,7 +411,8 @@ def start_run(config, manifests, out_dir, dist_info, device, progress, identity)
         dist=dist_info, device=device, out_dir=out_dir,
         metrics=MetricsLog(out_dir, dist_info.is_main, [d.name for d in dev_splits]),
         provenance=_provenance(config, manifests, len(train_set), n_dev), progress=progress,
-        ema=ema, log_temperature=log_temperature, identity=identity,
+        ema=ema, log_temperature=log_temperature,
+        identity=identity or run_identity(config, manifest_hashes(manifests)),
     )  # fmt: skip
 
 

@@ -93,7 +93,7 @@ def text_to_image_recall(
         F.normalize(report_vectors.float(), dim=-1) @ F.normalize(image_vectors.float(), dim=-1).T
     )
     relevant = np.arange(len(report_vectors))[:, None] == np.asarray(text_ids)[None, :]
-    return recall_at_k(scores.numpy(), relevant, RECALL_K)
+    return recall_at_k(scores.float().numpy(), relevant, RECALL_K)  # float: under bf16 autocast
 
 
 def _embed_pairs(model, dataset, batch_size, loader, device, prepare_pixels):
