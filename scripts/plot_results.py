@@ -47,6 +47,34 @@ def plot_training(runs: list[Path], out: Path) -> None:
     fig.savefig(out / "training_loss.png", dpi=120)
 
 
+def plot_selection(runs: list[Path], out: Path) -> None:
+    """Per epoch: mean dev text->image R@10 (what select_by: retrieval keeps) beside the
+    validation loss (what the paper's early stopping watches)."""
+    fig, (recall_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in runs:
+        epochs = [r for r in read_csv(run / "metrics.csv") if r.get("dev_r10")]
+        if not epochs:
+            continue
+        x = [int(r["epoch"]) for r in epochs]
+        recall = [float(r["dev_r10"]) for r in epochs]
+        (line,) = recall_ax.plot(x, recall, "o-", label=f"{run.name}: mean")
+        for column in (c for c in epochs[0] if c.startswith("dev_r10_")):
+            recall_ax.plot(x, [float(r[column]) for r in epochs], ":", color=line.get_color(),
+                           alpha=0.6, label=f"{run.name}: {column.removeprefix('dev_r10_')}")  # fmt: skip
+        best = max(range(len(recall)), key=recall.__getitem__)
+        recall_ax.plot(x[best], recall[best], "*", markersize=14, color=line.get_color())
+        loss_ax.plot(x, [float(r["val_loss"]) for r in epochs], "o--", color=line.get_color(),
+                     label=run.name)  # fmt: skip
+    recall_ax.set_title("dev text→image R@10 (★ = exported epoch)")
+    loss_ax.set_title("validation loss")
+    for ax in (recall_ax, loss_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "selection.png", dpi=120)
+
+
 def plot_recall(evals: dict[str, Path], out: Path) -> None:
     fig, axes = plt.subplots(1, len(evals), figsize=(4.5 * len(evals), 3.8), squeeze=False)
     for ax, (name, path) in zip(axes[0], evals.items(), strict=True):
@@ -75,6 +103,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.run:
         plot_training(args.run, args.out)
+        plot_selection(args.run, args.out)
     if args.eval:
         plot_recall({k: Path(v) for k, v in (e.split("=", 1) for e in args.eval)}, args.out)
 

@@ -14,6 +14,7 @@ from convirt.bundle import load_tokenizer, save_bundle
 from convirt.config import ModelConfig
 from convirt.model import build_model
 from convirt.paths import data_root
+from training.config import TrainConfig
 
 
 def find_tool(name: str, install: str) -> str:
@@ -95,3 +96,15 @@ def make_bundle(config: ModelConfig, seed: int, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory, small_model_config) -> Path:
     return make_bundle(small_model_config, 0, tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+def small_train_config(model_config: ModelConfig, **overrides) -> TrainConfig:
+    """A training config for short real runs on a subset: tiny batches, two epochs, CPU."""
+    settings = dict(model=model_config, batch_size=4, epochs=2, num_workers=1, device="cpu", seed=3)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def epoch_rows(out_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv."""
+    with open(out_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))

@@ -2,13 +2,13 @@
 per-epoch dev retrieval, the cosine schedule, the weight average, a learnt temperature, whole
 short captions."""
 
-import csv
 import json
 from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
+from conftest import epoch_rows, small_train_config
 
 from convirt.bundle import load_bundle
 from convirt.config import ModelConfig
@@ -18,22 +18,12 @@ from training.train import build_scheduler, train
 from training.validation import text_to_image_recall
 
 
-def small_config(model_config, **overrides) -> TrainConfig:
-    settings = dict(model=model_config, batch_size=4, epochs=2, num_workers=0, device="cpu", seed=3)
-    return TrainConfig(**{**settings, **overrides})
-
-
-def epoch_rows(out_dir):
-    with open(out_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.mark.slow
 def test_retrieval_selection_exports_the_epoch_with_the_best_dev_recall(
     medpix_subset, small_model_config, tmp_path
 ):
-    config = small_config(
-        small_model_config, batch_size=8, epochs=4, lr=5e-4, select_by="retrieval",
+    config = small_train_config(
+        small_model_config, num_workers=0, batch_size=8, epochs=4, lr=5e-4, select_by="retrieval",
         early_stopping_patience=4,
     )  # fmt: skip
     result = train(config, [medpix_subset], tmp_path, progress=False)
@@ -87,8 +77,8 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 def test_resume_with_average_learnt_temperature_and_cosine_equals_an_uninterrupted_run(
     medpix_subset, small_model_config, tmp_path
 ):
-    config = small_config(
-        small_model_config, ema_decay=0.9, learn_temperature=True, lr_schedule="cosine",
+    config = small_train_config(
+        small_model_config, num_workers=0, ema_decay=0.9, learn_temperature=True, lr_schedule="cosine",
         warmup_steps=2, lr=1e-3,
     )  # fmt: skip
     train(config, [medpix_subset], tmp_path / "straight", progress=False)
@@ -141,7 +131,7 @@ def test_a_text_pretraining_stage_runs_first_once_and_feeds_the_model(
 
     stage = PretrainTextConfig(minutes=5, max_steps=3, batch_size=4, max_tokens=32, heldout=4,
                                iu_reports=False)  # fmt: skip
-    config = small_config(small_model_config, max_steps=2, pretrain_text=stage)
+    config = small_train_config(small_model_config, num_workers=0, max_steps=2, pretrain_text=stage)
     train(config, [medpix_subset], tmp_path, progress=False)
     folder = tmp_path / "text-pretrained"
     assert read_pretrain_info(folder)["steps"] == 3

@@ -1,6 +1,5 @@
 """Short real training runs on a medpix subset (64 px, tiny batches) through the real loop."""
 
-import csv
 import json
 import math
 import os
@@ -9,25 +8,16 @@ import sys
 
 import pytest
 import torch
+from conftest import epoch_rows, small_train_config
 
 from convirt.imagecache import ImageCache, pixel_file
-from training.config import TrainConfig, load_config
+from training.config import load_config
 from training.train import train
-
-
-def small_config(model_config, **overrides) -> TrainConfig:
-    settings = dict(model=model_config, batch_size=4, epochs=2, num_workers=1, device="cpu", seed=3)
-    return TrainConfig(**{**settings, **overrides})
-
-
-def epoch_rows(out_dir):
-    with open(out_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow
 def test_training_lowers_the_loss(medpix_subset, small_model_config, tmp_path):
-    config = small_config(
+    config = small_train_config(
         small_model_config, batch_size=8, epochs=6, lr=5e-4, val_split="train",
         early_stopping_patience=6, num_workers=0,
     )  # fmt: skip
@@ -46,7 +36,7 @@ def test_training_lowers_the_loss(medpix_subset, small_model_config, tmp_path):
 
 @pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(medpix_subset, small_model_config, tmp_path):
-    config = small_config(small_model_config)
+    config = small_train_config(small_model_config)
     train(config, [medpix_subset], tmp_path / "straight", progress=False)
     # stop part-way through the first epoch (6 batches of 4), then continue
     train(config.model_copy(update={"max_steps": 4}), [medpix_subset], tmp_path / "split",
@@ -68,7 +58,7 @@ def test_resume_equals_an_uninterrupted_run(medpix_subset, small_model_config, t
 def test_resume_refuses_other_settings_and_fresh_run_refuses_old_dir(
     medpix_subset, small_model_config, tmp_path
 ):
-    config = small_config(small_model_config, max_steps=1, num_workers=0)
+    config = small_train_config(small_model_config, max_steps=1, num_workers=0)
     train(config, [medpix_subset], tmp_path, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train(config, [medpix_subset], tmp_path, progress=False)
@@ -146,7 +136,9 @@ def test_cli_errors_are_clear(tmp_path, medpix_subset):
 
 def test_training_decodes_into_the_image_cache_once(medpix_subset, small_model_config, tmp_path):
     cache = tmp_path / "cache"
-    config = small_config(small_model_config, max_steps=1, num_workers=0, cache_dir=str(cache))
+    config = small_train_config(
+        small_model_config, max_steps=1, num_workers=0, cache_dir=str(cache)
+    )
     train(config, [medpix_subset], tmp_path / "a", progress=False)
     side = small_model_config.resize
     pixels = pixel_file(ImageCache(cache).root, side)
