@@ -25,7 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     lines = ["usage: convirt COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<7} {about}" for name, (_, about) in SUBCOMMANDS.items()]
+    width = max(map(len, SUBCOMMANDS))
+    lines += [f"  {name:<{width}}  {about}" for name, (_, about) in SUBCOMMANDS.items()]
     lines += ["", "Run `convirt COMMAND --help` for the options of each command."]
     return "\n".join(lines)
 
