@@ -63,6 +63,8 @@ def plot_selection(runs: list[Path], out: Path) -> None:
                            alpha=0.6, label=f"{run.name}: {column.removeprefix('dev_r10_')}")  # fmt: skip
         best = max(range(len(recall)), key=recall.__getitem__)
         recall_ax.plot(x[best], recall[best], "*", markersize=14, color=line.get_color())
+        recall_ax.set_xticks(x)
+        loss_ax.set_xticks(x)
         loss_ax.plot(x, [float(r["val_loss"]) for r in epochs], "o--", color=line.get_color(),
                      label=run.name)  # fmt: skip
     recall_ax.set_title("dev text→image R@10 (★ = exported epoch)")
