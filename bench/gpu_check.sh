@@ -30,6 +30,9 @@ fi
 payload=$(cd "$payload" && pwd)
 python=${PYTHON:-python3}
 work=$(mktemp -d)
+# the heavy parts go on exit (a dry run in every `make test` left ~800 MB in /tmp); results and
+# logs stay
+trap 'rm -rf "$work/cache" "$work/run" "$work/text" "$work/site"' EXIT
 results=${OUT:-$work}/gpu_check.jsonl
 : >"$results"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
