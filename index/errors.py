@@ -48,6 +48,12 @@ class CorruptVersionError(IndexStoreError):
         )
 
 
+class FilterError(ValueError):
+    """A filter or keyword the index cannot run: an unknown field, a value of the wrong shape, an
+    empty range, a blank or overlong keyword. The client's mistake: the message says what is wrong
+    and what is allowed. A ValueError, so callers that caught ValueError still catch it."""
+
+
 class DiskFullError(IndexStoreError):
     """The disk holding the index root ran out of space while a new version was written."""
 

@@ -7,14 +7,16 @@ and every rebuild of the same file: ids survive add/remove/merge and are what cl
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import IndexStoreError
+from .errors import FilterError, IndexStoreError
 
 META_DB = "meta.sqlite"
 ID_MASK = 0x7FFF_FFFF_FFFF_FFFF  # SQLite and FAISS ids are signed 64-bit: keep them positive
@@ -63,6 +65,13 @@ COLUMNS = (
 # filtering on them would confirm what is on the server's disks. relpath is the archive's own name.
 FILTER_COLUMNS = frozenset(COLUMNS) - {"meta", "report", "path", "source", "sha256"}
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\- ]+$")
+SCALARS = (str, int, float, bool)
+RANGE_BOUNDS = ("gte", "lte")
+MAX_ANY_OF = 1000  # values in one any-of list: far above real use, below SQLite's variable limit
+MAX_KEYWORDS = 16
+MAX_KEYWORD_CHARS = 200
+FTS_TOKENIZE = "porter unicode61"  # case-folded, diacritics removed, Porter-stemmed English
+FACET_COLUMNS = ("modality", "view")
 
 
 def content_id(sha256_hex: str) -> int:
@@ -181,24 +190,142 @@ def thumbnail(conn: sqlite3.Connection, image_id: int) -> bytes | None:
 def filter_sql(
     filters: Mapping[str, Any], fields: frozenset[str] | None = None
 ) -> tuple[str, list[Any]]:
-    """WHERE clause for equality filters on columns or on manifest fields (the meta JSON).
+    """WHERE clause for filters on columns or on manifest fields (the meta JSON).
+
+    Each value is one of
+        a scalar            {"modality": "CT"}                  equality
+        a list of scalars   {"modality": ["CT", "MR"]}          any of them (SQL IN)
+        a range             {"age": {"gte": 40, "lte": 60}}     either bound may be left out
+    Numeric bounds compare numbers (values that are not numbers never match); text bounds compare
+    text, which orders ISO dates. Manifest fields are stored as strings, so scalars and list
+    items are compared with their str() there.
 
     `fields`: the manifest fields the index holds; any other name is refused, naming them, where
-    it would only scan every row to find nothing."""
+    it would only scan every row to find nothing. Anything the index cannot run: FilterError."""
     clauses, params = [], []
     for key, value in filters.items():
-        if key in FILTER_COLUMNS:
-            clauses.append(f"{key} = ?")
-            params.append(value)
-        elif SAFE_KEY.match(key) and (fields is None or key in fields):
-            clauses.append("json_extract(meta, ?) = ?")
-            params += [f'$."{key}"', str(value)]  # manifest fields are stored as strings
-        else:
-            known = sorted(FILTER_COLUMNS | (fields or frozenset()))
-            raise ValueError(
-                f"filter field {key!r} is not in this index; known: {', '.join(known)}"
-            )
+        target, target_params = _filter_target(key, fields)
+        clause, clause_params = _condition(key, value, target, target_params, key in FILTER_COLUMNS)
+        clauses.append(clause)
+        params += clause_params
     return " AND ".join(clauses) or "1", params
+
+
+def _filter_target(key: str, fields: frozenset[str] | None) -> tuple[str, list[Any]]:
+    """The SQL expression a filter on `key` reads, with its parameters."""
+    if not isinstance(key, str):
+        raise FilterError(f"filter field names are strings, not {type(key).__name__}")
+    if key in FILTER_COLUMNS:
+        return key, []
+    if SAFE_KEY.match(key) and (fields is None or key in fields):
+        return "json_extract(meta, ?)", [f'$."{key}"']
+    known = sorted(FILTER_COLUMNS | (fields or frozenset()))
+    raise FilterError(f"filter field {key!r} is not in this index; known: {', '.join(known)}")
+
+
+def _condition(
+    key: str, value: Any, target: str, target_params: list[Any], is_column: bool
+) -> tuple[str, list[Any]]:
+    if isinstance(value, Mapping):
+        return _range_condition(key, value, target, target_params)
+    if isinstance(value, list | tuple):
+        if not value:
+            raise FilterError(
+                f"filter {key!r}: the list of values is empty; give at least one value "
+                "(a list means any of them)"
+            )
+        if len(value) > MAX_ANY_OF:
+            raise FilterError(
+                f"filter {key!r}: {len(value)} values; a list holds at most {MAX_ANY_OF}"
+            )
+        items = [_scalar(key, item, is_column, in_list=True) for item in value]
+        marks = ", ".join("?" * len(items))
+        return f"{target} IN ({marks})", [*target_params, *items]
+    return f"{target} = ?", [*target_params, _scalar(key, value, is_column, in_list=False)]
+
+
+def _scalar(key: str, value: Any, is_column: bool, in_list: bool) -> Any:
+    """A value to compare for equality: as given for a column, its str() for a manifest field."""
+    allowed = SCALARS if in_list else (*SCALARS, type(None))
+    if not isinstance(value, allowed):
+        where = "a list item" if in_list else "a value"
+        raise FilterError(
+            f"filter {key!r}: {where} is a string, number or boolean, not "
+            f"{type(value).__name__}; a filter is a value, a list of values (any of them) or a "
+            'range {"gte": low, "lte": high}'
+        )
+    if isinstance(value, str):
+        _check_text(key, value)
+    return value if is_column else str(value)
+
+
+def _range_condition(
+    key: str, bounds: Mapping[str, Any], target: str, target_params: list[Any]
+) -> tuple[str, list[Any]]:
+    unknown = sorted(str(name) for name in bounds if name not in RANGE_BOUNDS)
+    if unknown or not bounds:
+        what = f"has {', '.join(map(repr, unknown))}" if unknown else "is empty"
+        raise FilterError(
+            f'filter {key!r}: a range is {{"gte": low, "lte": high}} with one or both bounds '
+            f"(inclusive), but this one {what}"
+        )
+    low, high = bounds.get("gte"), bounds.get("lte")
+    kinds = {_bound_kind(key, name, bounds[name]) for name in ("gte", "lte") if name in bounds}
+    if len(kinds) > 1:
+        raise FilterError(
+            f"filter {key!r}: the bounds are a number and a string; give two numbers (numeric "
+            "comparison) or two strings (text comparison, e.g. ISO dates)"
+        )
+    numeric = kinds == {"number"}
+    if low is not None and high is not None and low > high:
+        raise FilterError(
+            f"filter {key!r}: the range is empty (gte {low!r} is above lte {high!r}); "
+            "give gte <= lte"
+        )
+    value, value_params = (
+        (_number_sql(target), target_params * 3) if numeric else (target, target_params)
+    )
+    clauses, params = [], []
+    for name, op in (("gte", ">="), ("lte", "<=")):
+        if name in bounds:
+            clauses.append(f"{value} {op} ?")
+            params += [*value_params, float(bounds[name]) if numeric else bounds[name]]
+    return "(" + " AND ".join(clauses) + ")", params
+
+
+def _bound_kind(key: str, name: str, bound: Any) -> str:
+    if isinstance(bound, int | float) and not isinstance(bound, bool):
+        if not math.isfinite(bound):
+            raise FilterError(f"filter {key!r}: {name} must be a finite number, not {bound!r}")
+        return "number"
+    if isinstance(bound, str):
+        _check_text(key, bound)
+        return "string"
+    raise FilterError(
+        f"filter {key!r}: {name} is a number or a string (e.g. an ISO date), not "
+        f"{type(bound).__name__}"
+    )
+
+
+def _check_text(key: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FilterError(
+            f"filter {key!r}: a value is not valid Unicode (a lone surrogate)"
+        ) from None
+
+
+def _number_sql(expr: str) -> str:
+    """SQL for `expr` as a REAL when its text is a JSON number (40, -1.5, 2e3), else NULL.
+
+    json_type() fails on text that is not JSON, so it only runs where json_valid() said yes
+    (CASE evaluates lazily; AND may not). The expression appears three times: bind its
+    parameters three times."""
+    return (
+        f"(CASE WHEN json_valid({expr}) THEN CASE WHEN json_type({expr}) IN ('integer', 'real') "
+        f"THEN CAST({expr} AS REAL) END END)"
+    )
 
 
 def filtered_ids(
@@ -209,11 +336,212 @@ def filtered_ids(
     try:
         rows = conn.execute(f"SELECT id FROM images WHERE {where}", params)
     except OverflowError as err:  # an integer SQLite cannot hold
-        raise ValueError(f"filter value out of range: {err}") from None
+        raise FilterError(
+            f"filter value out of range: {err}; integers must fit in 64 bits"
+        ) from None
     return [row[0] for row in rows]
+
+
+# -- keywords: full-text search over the reports ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Keywords:
+    """Words or phrases an image's report must contain (all of `must`) and must not contain (any
+    of `must_not`). Case-insensitive, stemmed ("effusion" also finds "effusions"); each term is
+    searched as one phrase, so quotes, * or NEAR( in a term are only text, never query syntax.
+    A bare string is one term. Checked when a search runs (check_keywords): blank, overlong or
+    too many terms raise FilterError there, with the other client errors."""
+
+    must: tuple[str, ...] = ()
+    must_not: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("must", "must_not"):
+            terms = getattr(self, name)
+            if isinstance(terms, str):
+                object.__setattr__(self, name, (terms,))
+            elif isinstance(terms, Iterable) and not isinstance(terms, tuple):
+                object.__setattr__(self, name, tuple(terms))
+
+    def __bool__(self) -> bool:
+        return bool(self.must or self.must_not)
+
+
+def check_keywords(keywords: Keywords) -> None:
+    """FilterError, saying what is allowed, for keywords the report search cannot run."""
+    for name in ("must", "must_not"):
+        terms = getattr(keywords, name)
+        if not isinstance(terms, tuple):
+            raise FilterError(f"keywords {name} is a list of words or phrases")
+        for term in terms:
+            check_keyword(name, term)
+    total = len(keywords.must) + len(keywords.must_not)
+    if total > MAX_KEYWORDS:
+        raise FilterError(
+            f"{total} keywords: at most {MAX_KEYWORDS} terms (must and must_not together)"
+        )
+
+
+def check_keyword(name: str, term: Any) -> None:
+    if not isinstance(term, str):
+        raise FilterError(f"keywords {name}: a term is a string, not {type(term).__name__}")
+    if not term.strip():
+        raise FilterError(f"keywords {name}: a term is blank; give a word or a phrase")
+    if len(term) > MAX_KEYWORD_CHARS:
+        raise FilterError(
+            f"keywords {name}: a term of {len(term)} characters; at most {MAX_KEYWORD_CHARS}"
+        )
+    try:
+        term.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FilterError(f"keywords {name}: {term!r} is not valid Unicode") from None
+    if not any(char.isalnum() for char in term):
+        raise FilterError(
+            f"keywords {name}: {term!r} has no letter or digit; the search matches words"
+        )
+
+
+def reports(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    """(id, report) of every image with a report."""
+    return conn.execute("SELECT id, report FROM images WHERE report != ''").fetchall()
+
+
+def report_index(rows: Iterable[tuple[int, str]]) -> sqlite3.Connection:
+    """An in-memory FTS5 index of (id, report) rows, rowid = image id.
+
+    Published versions are read-only, so it lives in a private connection; the caller keeps it
+    for the life of the store and serialises its use (check_same_thread is off)."""
+    fts = sqlite3.connect(":memory:", check_same_thread=False)
+    try:
+        fts.execute(
+            "CREATE VIRTUAL TABLE reports USING fts5(report, content='', columnsize=0, "
+            f"tokenize='{FTS_TOKENIZE}')"
+        )
+    except sqlite3.OperationalError as err:
+        fts.close()
+        raise IndexStoreError(
+            f"keyword search needs SQLite's FTS5, which this Python's sqlite3 lacks ({err}): "
+            "run the service on a Python whose SQLite has FTS5 (CPython's builds do)"
+        ) from err
+    fts.executemany("INSERT INTO reports (rowid, report) VALUES (?, ?)", rows)
+    fts.execute("INSERT INTO reports (reports) VALUES ('optimize')")
+    fts.commit()
+    return fts
+
+
+def phrase(term: str) -> str:
+    """A term as one FTS5 phrase: inside double quotes, inner quotes doubled, so no character of
+    it is query syntax."""
+    return '"' + term.replace('"', '""') + '"'
+
+
+def keyword_ids(fts: sqlite3.Connection, keywords: Keywords) -> tuple[set[int] | None, set[int]]:
+    """(ids whose report holds every `must` term, None when there is none; ids whose report
+    holds any `must_not` term)."""
+    query = "SELECT rowid FROM reports WHERE reports MATCH ?"
+    must = None
+    if keywords.must:
+        expression = " AND ".join(phrase(term) for term in keywords.must)
+        must = {row[0] for row in fts.execute(query, (expression,))}
+    must_not: set[int] = set()
+    if keywords.must_not:
+        expression = " OR ".join(phrase(term) for term in keywords.must_not)
+        must_not = {row[0] for row in fts.execute(query, (expression,))}
+    return must, must_not
 
 
 def meta_fields(conn: sqlite3.Connection) -> frozenset[str]:
     """The manifest fields present in a version: what filters may name besides the columns."""
     rows = conn.execute("SELECT DISTINCT key FROM images, json_each(images.meta)")
     return frozenset(row[0] for row in rows)
+
+
+# -- facets: what the filters can ask for -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Facet:
+    """The values of one filterable field across a version.
+
+    kind "values": `values` holds (value, image count), most frequent first. kind "range": every
+    value is a number (low/high are floats) or every value an ISO date in one format (low/high
+    are the stored text, which is what a range filter with string bounds compares)."""
+
+    field: str  # "modality", "view" or a manifest field name
+    kind: str  # "values" or "range"
+    values: list[tuple[str, int]]  # kind "values": (value, image count), most frequent first
+    distinct: int  # number of distinct non-empty values
+    low: float | str | None = None  # kind "range": the smallest value
+    high: float | str | None = None
+    count: int = 0  # images with a non-empty value
+
+
+DATE_FORMATS = (
+    (re.compile(r"\d{4}-\d{2}-\d{2}"), "%Y-%m-%d"),
+    (re.compile(r"\d{8}"), "%Y%m%d"),
+)
+
+
+def facets(conn: sqlite3.Connection, fields: frozenset[str]) -> list[Facet]:
+    """Every value of modality, view and each manifest field a filter may name, with counts.
+
+    Empty strings and NULL are left out, and fields without any value. Numbers are told apart
+    from text exactly as a numeric range filter does (the value's text is a JSON number)."""
+    # field -> its text value -> [images, the value as a number or None]
+    counted: dict[str, dict[str, list]] = {}
+    for column in FACET_COLUMNS:
+        counted[column] = {}
+        rows = conn.execute(
+            f"SELECT {column}, COUNT(*), {_number_sql(column)} FROM images "
+            f"WHERE {column} IS NOT NULL AND {column} != '' GROUP BY {column}"
+        )
+        _count(counted[column], rows)
+    names = sorted(name for name in fields if name not in FACET_COLUMNS and SAFE_KEY.match(name))
+    for name in names:
+        counted[name] = {}
+    if names:
+        rows = conn.execute(
+            f"SELECT j.key, j.value, COUNT(*), {_number_sql('j.value')} "
+            "FROM images, json_each(images.meta) AS j "
+            "WHERE j.type IN ('text', 'integer', 'real') AND j.value != '' "
+            "GROUP BY j.key, j.value"
+        )
+        for key, *rest in rows:
+            if key in counted and key not in FACET_COLUMNS:
+                _count(counted[key], [rest])
+    return [_facet(name, values) for name, values in counted.items() if values]
+
+
+def _count(values: dict[str, list], rows: Iterable[tuple]) -> None:
+    for value, n, number in rows:
+        values.setdefault(str(value), [0, number])[0] += n  # one text, possibly two JSON types
+
+
+def _facet(name: str, values: dict[str, list]) -> Facet:
+    count = sum(n for n, _ in values.values())
+    texts = list(values)
+    if _all_dates(texts):
+        return Facet(name, "range", [], len(texts), min(texts), max(texts), count)
+    numbers = [number for _, number in values.values()]
+    if all(number is not None for number in numbers):
+        return Facet(name, "range", [], len(texts), min(numbers), max(numbers), count)
+    ranked = sorted(((value, n) for value, (n, _) in values.items()), key=lambda i: (-i[1], i[0]))
+    return Facet(name, "values", ranked, len(texts), count=count)
+
+
+def _all_dates(texts: list[str]) -> bool:
+    """Whether every text is a real calendar date in one of DATE_FORMATS, the same for all (a
+    mix of formats would not sort as text)."""
+    for pattern, layout in DATE_FORMATS:
+        if all(pattern.fullmatch(text) and _is_date(text, layout) for text in texts):
+            return True
+    return False
+
+
+def _is_date(text: str, layout: str) -> bool:
+    try:
+        datetime.strptime(text, layout)
+    except ValueError:
+        return False
+    return True

@@ -5,6 +5,13 @@
     store.get(hits[0][0].id)["report"], store.thumbnail(hits[0][0].id)
     if store.has_newer_version(): store = open_current(...)   # then close the old one
 
+One steerable query: filters (a value, a list of values, a {"gte", "lte"} range), keywords the
+report must (not) contain, ids to leave out, all applied inside FAISS:
+
+    store.search("joint", vector, k=10, filters={"modality": ["CT", "MR"], "age": {"gte": 40}},
+                 keywords=Keywords(must=("effusion",), must_not=("pneumothorax",)), exclude={7})
+    store.facets()   # what those filters can ask for: values with counts, or a low..high range
+
 An IndexStore reads one immutable version, so it never changes under a reader; searches may run
 from several threads at once. Opening one checks it first (FAISS loads, `PRAGMA quick_check`, the
 counts of FAISS, the vectors and SQLite agree): a damaged version raises CorruptVersionError.
@@ -12,17 +19,30 @@ counts of FAISS, the vectors and SQLite agree): a damaged version raises Corrupt
 
 from __future__ import annotations
 
+import sqlite3
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import checks, faiss_index, layout, metadata
-from .errors import IndexStoreError, check_fingerprint
+from .errors import FilterError, IndexStoreError, check_fingerprint
+from .metadata import Facet, Keywords
 from .version import VersionFiles, read_version
+
+__all__ = [
+    "Facet",
+    "FilterError",
+    "Filters",
+    "Hit",
+    "IndexStore",
+    "Keywords",
+    "open_current",
+    "open_version",
+]
 
 Filters = Mapping[str, Any]
 OVERFETCH = 4  # for structures that cannot filter inside FAISS: fetch k * OVERFETCH, then filter
@@ -56,6 +76,10 @@ class IndexStore:
         self.lock = threading.Lock()
         # the manifest fields a filter may name, read once: a version never changes
         self.meta_fields = metadata.meta_fields(self.db)
+        # built on first use, then kept: the reports' FTS5 index (with its own lock) and facets
+        self._reports: sqlite3.Connection | None = None
+        self._reports_lock = threading.Lock()
+        self._facets: list[Facet] | None = None
 
     @property
     def version(self) -> str:
@@ -95,9 +119,75 @@ class IndexStore:
     ) -> list[Hit]:
         """The k images nearest to an indexed image, itself excluded."""
         row = self._row(image_id)
-        query = np.asarray(self.vectors[space][row : row + 1], dtype=np.float32)
-        hits = self._search(space, query, k + 1, filters)[0]
-        return [hit for hit in hits if hit.id != image_id][:k]
+        return self.search(space, self.vectors[space][row], k, filters, exclude=(image_id,))
+
+    def search(
+        self,
+        space: str,
+        vector: np.ndarray,
+        k: int,
+        filters: Filters | None = None,
+        keywords: Keywords | None = None,
+        exclude: Collection[int] = (),
+    ) -> list[Hit]:
+        """At most k images nearest to one query vector, best first.
+
+        space: "joint" (text or image v) or "encoder" (image h); the vector is L2-normalised here.
+        Only images passing every filter and the keywords are returned, never an id in
+        `exclude`; all three restrict the search inside FAISS. A filter or keyword the index
+        cannot run raises FilterError (the client's mistake); a vector of the wrong dimension
+        raises ValueError (the caller embedded with another model)."""
+        query = np.asarray(vector, dtype=np.float32)
+        if query.ndim != 1:
+            raise ValueError(
+                f"search takes one 1-D query vector, got shape {query.shape}: use "
+                "search_text_vectors / search_image_vectors for a batch"
+            )
+        return self._search(space, query[None], k, filters, keywords, exclude)[0]
+
+    def vectors_of(self, ids: Sequence[int], space: str) -> np.ndarray:
+        """The stored vectors (len(ids) x dim, float32) of indexed images, in the order given;
+        KeyError naming the first id this version does not hold."""
+        if space not in self.vectors:
+            raise ValueError(f"space must be 'joint' or 'encoder', not {space!r}")
+        rows = self._rows(ids)
+        return np.asarray(self.vectors[space][rows], dtype=np.float32)
+
+    def group_members(
+        self,
+        field: str,
+        keys: Collection[str],
+        filters: Filters | None = None,
+        keywords: Keywords | None = None,
+    ) -> dict[str, list[int]]:
+        """Ids of the images whose manifest field `field` holds one of `keys` (a study or patient
+        id) and that pass the filters and keywords, by key: every image of a group, not only
+        those a search happened to reach."""
+        if not keys:
+            return {}
+        with self.lock:
+            found = metadata.filtered_ids(self.db, {field: sorted(keys)}, self.meta_fields)
+        allowed = self._allowed(filters, keywords)
+        if allowed is not None:
+            found = np.intersect1d(np.asarray(found, dtype=np.int64), allowed).tolist()
+        with self.lock:
+            rows = metadata.get_rows(self.db, [int(i) for i in found])
+        members: dict[str, list[int]] = {}
+        for image_id, row in rows.items():
+            members.setdefault(str(row.meta.get(field)), []).append(image_id)
+        return members
+
+    def facets(self, max_values: int = 50) -> list[Facet]:
+        """What filters can ask for: modality, view and every manifest field, each with its
+        values and image counts (at most `max_values`, most frequent first) or, where every value
+        is a number or an ISO date, its range. Computed once: a version never changes."""
+        if max_values < 0:
+            raise ValueError(f"max_values must be 0 or more, got {max_values}")
+        with self.lock:
+            if self._facets is None:
+                self._facets = metadata.facets(self.db, self.meta_fields)
+            cached = self._facets
+        return [replace(facet, values=facet.values[:max_values]) for facet in cached]
 
     def get(self, image_id: int) -> dict[str, Any] | None:
         """Metadata of one image (no thumbnail), with the other paths of the same content."""
@@ -117,6 +207,10 @@ class IndexStore:
             return metadata.thumbnail(self.db, int(image_id))
 
     def close(self) -> None:
+        with self._reports_lock:
+            if self._reports is not None:
+                self._reports.close()
+                self._reports = None
         self.db.close()
 
     def __enter__(self) -> IndexStore:
@@ -133,25 +227,101 @@ class IndexStore:
             raise KeyError(f"image id {image_id} is not in index version {self.version}")
         return row
 
+    def _rows(self, ids: Sequence[int]) -> np.ndarray:
+        """The rows of several ids at once; KeyError naming the first unknown one."""
+        wanted = np.asarray([int(i) for i in ids], dtype=np.int64)
+        rows = np.searchsorted(self.ids, wanted)
+        found = rows < len(self.ids)
+        found[found] = self.ids[rows[found]] == wanted[found]
+        if not found.all():
+            missing = int(wanted[np.argmin(found)])
+            raise KeyError(f"image id {missing} is not in index version {self.version}")
+        return rows
+
     def _search(
-        self, space: str, vectors: np.ndarray, k: int, filters: Filters | None
+        self,
+        space: str,
+        vectors: np.ndarray,
+        k: int,
+        filters: Filters | None,
+        keywords: Keywords | None = None,
+        exclude: Collection[int] = (),
     ) -> list[list[Hit]]:
         if space not in self.indexes:
             raise ValueError(f"space must be 'joint' or 'encoder', not {space!r}")
         queries = self._queries(space, vectors)
         if k < 1 or self.count == 0:
             return [[] for _ in queries]
-        if not filters:
-            return self._faiss_search(space, queries, min(k, self.count))
-        with self.lock:
-            allowed = metadata.filtered_ids(self.db, filters, self.meta_fields)
-            allowed = np.asarray(allowed, dtype=np.int64)
+        excluded = self._excluded(exclude)
+        allowed = self._allowed(filters, keywords)
+        if allowed is None:
+            if len(excluded) == 0:
+                return self._faiss_search(space, queries, min(k, self.count))
+            # at most len(excluded) of the nearest k + len(excluded) are left out
+            drop = set(excluded.tolist())
+            fetched = self._faiss_search(space, queries, min(self.count, k + len(drop)))
+            return [[hit for hit in hits if hit.id not in drop][:k] for hits in fetched]
+        if len(excluded):
+            allowed = np.setdiff1d(allowed, excluded, assume_unique=True)
         if len(allowed) == 0:
             return [[] for _ in queries]
         params = faiss_index.search_params(self.indexes[space], allowed)
         if params is not None:
             return self._faiss_search(space, queries, min(k, len(allowed)), params)
         return self._overfetch(space, queries, k, set(allowed.tolist()))
+
+    def _allowed(self, filters: Filters | None, keywords: Keywords | None) -> np.ndarray | None:
+        """The sorted ids passing the filters and the keywords; None where neither restricts."""
+        if keywords is not None and not isinstance(keywords, Keywords):
+            raise TypeError(f"keywords must be index.store.Keywords, not {type(keywords).__name__}")
+        if keywords:
+            metadata.check_keywords(keywords)  # before any work: a client error is cheap
+        if not filters and not keywords:
+            return None
+        allowed = None
+        if filters:
+            with self.lock:
+                found = metadata.filtered_ids(self.db, filters, self.meta_fields)
+            allowed = np.unique(np.asarray(found, dtype=np.int64))
+            if len(allowed) == 0:
+                return allowed
+        if keywords:
+            with self._reports_lock:
+                must, must_not = metadata.keyword_ids(self._report_index(), keywords)
+            if must is not None:
+                must_ids = np.fromiter(must, dtype=np.int64, count=len(must))
+                allowed = (
+                    np.unique(must_ids)
+                    if allowed is None
+                    else np.intersect1d(allowed, must_ids, assume_unique=True)
+                )
+            if allowed is None:
+                allowed = np.asarray(self.ids, dtype=np.int64)
+            if must_not:
+                drop = np.fromiter(must_not, dtype=np.int64, count=len(must_not))
+                allowed = np.setdiff1d(allowed, drop, assume_unique=True)
+        return allowed
+
+    def _report_index(self) -> sqlite3.Connection:
+        """The reports' FTS5 index, built on the first keyword query; hold _reports_lock."""
+        if self._reports is None:
+            with self.lock:  # lock order: _reports_lock, then lock (never the other way)
+                rows = metadata.reports(self.db)
+            self._reports = metadata.report_index(rows)
+        return self._reports
+
+    def _excluded(self, exclude: Collection[int]) -> np.ndarray:
+        """The sorted ids of `exclude` that this version holds."""
+        if len(exclude) == 0:
+            return np.empty(0, dtype=np.int64)
+        try:
+            wanted = np.unique(np.asarray([int(i) for i in exclude], dtype=np.int64))
+        except (TypeError, ValueError, OverflowError):
+            raise FilterError(
+                "exclude holds image ids: integers from 0 to 2**63 - 1, as search results give"
+            ) from None
+        rows = np.minimum(np.searchsorted(self.ids, wanted), len(self.ids) - 1)
+        return wanted[self.ids[rows] == wanted]
 
     def _queries(self, space: str, vectors: np.ndarray) -> np.ndarray:
         queries = np.asarray(vectors, dtype=np.float32)

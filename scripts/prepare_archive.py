@@ -21,14 +21,17 @@ from pathlib import Path
 from convirt.manifest import ManifestError, read_manifest_rows
 from convirt.paths import data_root
 
-# dataset -> manifest columns kept as metadata (and shown beside each result)
+# dataset -> manifest columns kept as metadata (shown beside each result, offered as filters).
+# case_id, patient_id and pmc_article name a study or patient: the service groups results by them.
 DATASETS = {
-    "medpix": ["modality", "plane", "location_category", "diagnosis"],
-    "covid-cxr": ["modality", "view", "finding"],
+    "medpix": ["modality", "plane", "location_category", "diagnosis", "case_id", "sex", "age"],
+    "covid-cxr": ["modality", "view", "finding", "patient_id", "sex", "age"],
     # PubMed Central figures: each keeps its article and Creative Commons licence beside it.
     "roco": ["modality_keyword", "pmc_article", "licence"],
 }
-METADATA = sorted({column for columns in DATASETS.values() for column in columns})
+# roco names its modality in another column: copied, so one `modality` filter spans all three
+SAME_AS = {"modality": "modality_keyword"}
+METADATA = sorted({column for columns in DATASETS.values() for column in columns} | set(SAME_AS))
 COLUMNS = ["image", "text", "dataset", "split", *METADATA]
 
 
@@ -46,13 +49,17 @@ def archive_rows(root: Path, limit: int | None) -> list[dict[str, str]]:
         except ManifestError as err:
             raise SystemExit(f"prepare_archive: {err}") from err
         for row in source[:limit]:
+            kept_fields = {column: row.get(column, "") for column in kept}
+            for column, other in SAME_AS.items():
+                if column not in kept and other in kept:
+                    kept_fields[column] = row.get(other, "")
             rows.append(
                 {
                     "image": f"{dataset}/{row['image']}",
                     "text": row.get("text", ""),
                     "dataset": dataset,
                     "split": row.get("split", ""),
-                    **{column: row.get(column, "") for column in kept},
+                    **kept_fields,
                 }
             )
     return rows

@@ -20,14 +20,16 @@ from .errors import install_error_handlers
 from .limits import BodyReadDeadline, BodySizeLimit
 from .loading import Resources, load_resources
 from .metrics import Metrics, RequestMetrics
-from .routes import admin, health, images, page, search
+from .routes import admin, explain, facets, health, images, page, search
 from .routes.page import STATIC_DIR
 from .settings import Settings
 from .state import ServiceState
 
 DESCRIPTION = """Medical image-text retrieval with a ConVIRT model.
 
-* **search**: a report sentence in, matching images out; an image in, similar cases out.
+* **search**: a report sentence in, matching images out; an image (or a region of it) in, similar
+  cases out; refine by example; the filterable fields (facets); why an image matched (explain).
+  Results come one card per study where the metadata names studies (`group_by`).
 * **images**: the indexed files and thumbnails by id, and similar cases of an indexed image.
 * **admin**: switch to the newest index version (X-API-Key).
 
@@ -75,7 +77,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     )
     # outermost, so it counts the 413s of the size limit and the 400s of the host check too
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)
-    for module in (search, images, admin, health, page):
+    for module in (search, facets, explain, images, admin, health, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_local_docs(app)

@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the service state, the model engine, a leased index store, the API key.
+"""FastAPI dependencies: the service state, the Searcher, the engine, a leased index store, the key.
 
 All are `async def`: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per
 dependency per request for what is an attribute lookup.
@@ -18,6 +18,7 @@ from index.store import IndexStore
 from .engine import Engine
 from .errors import ApiError
 from .schemas import ID_MAX
+from .searcher import Searcher
 from .settings import Settings
 from .state import ServiceState
 
@@ -42,6 +43,12 @@ async def get_engine(service: ServiceDep) -> Engine:
     if service.engine is None:
         raise ApiError(503, "not_ready", "the model is still loading; retry shortly")
     return service.engine
+
+
+async def get_searcher(service: ServiceDep) -> Searcher:
+    if service.searcher is None:
+        raise ApiError(503, "not_ready", "the model and index are still loading; retry shortly")
+    return service.searcher
 
 
 async def leased_store(service: ServiceDep) -> AsyncIterator[IndexStore]:
@@ -77,6 +84,7 @@ async def url_root(request: Request) -> str:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 StoreDep = Annotated[IndexStore, Depends(leased_store)]
 UrlRootDep = Annotated[str, Depends(url_root)]
 ImageId = Annotated[

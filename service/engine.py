@@ -1,11 +1,10 @@
-"""The model behind the service: decoding, preprocessing, micro-batched encoder calls, searches.
+"""The model behind the service: decoding, preprocessing, micro-batched encoder calls.
 
 Every encoder call runs in the thread that loaded the model (torch uses its own intra-op threads
 inside it), fed by two micro-batchers, one per modality. Uploads are decoded and preprocessed in a
 separate pool of one thread per CPU (one torch thread each), in parallel with the model; at most
 `max_concurrent_decodes` of them decode at once (decoding a large image takes memory), however
-many uploads arrive together. Index searches run in a third pool, faiss single-threaded (see
-service.threads for why).
+many uploads arrive together. Index searches run in the Searcher's pool (service.searcher).
 """
 
 from __future__ import annotations
@@ -15,7 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from convirt.inference import Embedder
 from .batching import MicroBatcher
 from .metrics import Metrics
 from .settings import Settings
-from .threads import decode_pool, search_pool
+from .threads import decode_pool
+from .uploads import Box, crop_to_box
 
 T = TypeVar("T")
 
@@ -52,7 +53,6 @@ class Engine:
         self.executor = model_thread
         self.decoders = decode_pool()
         self.decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
-        self.searchers = search_pool()
         window_s = settings.batch_window_ms / 1000
         self.texts: MicroBatcher[str, TextVector] = MicroBatcher(
             self._embed_texts,
@@ -84,7 +84,7 @@ class Engine:
     async def stop(self) -> None:
         await self.texts.stop()
         await self.images.stop()
-        for pool in (self.executor, self.decoders, self.searchers):
+        for pool in (self.executor, self.decoders):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def warm_up(self) -> None:
@@ -102,22 +102,32 @@ class Engine:
         """Encoder-space vector h/|h| of one preprocessed image (the space the index searches)."""
         return await self.images.submit(pixels)
 
-    async def prepare_image(self, data: bytes) -> torch.Tensor:
-        """Decode and preprocess an upload in the decode pool.
+    async def prepare_image(
+        self, data: bytes | Path, box: Box | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Decode an upload (or an indexed file), crop it to `box`, preprocess it; with the size
+        of the decoded image. Runs in the decode pool.
 
-        Raises convirt.imageio.ImageDecodeError (ImageTooLargeError for decompression bombs).
-        At most settings.max_concurrent_decodes run at once; the others wait here, off the pool.
+        Raises convirt.imageio.ImageDecodeError (ImageTooLargeError for decompression bombs),
+        ValueError for a box too small. At most settings.max_concurrent_decodes run at once; the
+        others wait here, off the pool.
         """
         async with self.decode_slots:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.decoders, self._prepare_image, data)
+            return await loop.run_in_executor(self.decoders, self._prepare_image, data, box)
 
-    async def search(self, run: Callable[[], T]) -> T:
-        """Run an index search (or anything calling faiss) in the search pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.searchers, run)
+    async def run_model(self, work: Callable[..., T], *args: Any) -> T:
+        """Run something that calls the model (an explanation) in the model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
 
-    def _prepare_image(self, data: bytes) -> torch.Tensor:
-        return self.embedder.preprocess(load_image(data))
+    def _prepare_image(
+        self, data: bytes | Path, box: Box | None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        image = load_image(data)
+        size = image.size
+        if box is not None:
+            image = crop_to_box(image, box)
+        return self.embedder.preprocess(image), size
 
     def _embed_texts(self, texts: list[str]) -> list[TextVector]:
         embedded = self.embedder.embed_texts(texts)

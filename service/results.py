@@ -1,12 +1,21 @@
-"""Index hits to response items: metadata from the store, URLs built from ids (never from paths)."""
+"""Index hits to response items: metadata from the store, URLs built from ids (never from paths).
+
+Also where an indexed file is looked up on disk: only the path the index recorded for an id.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from index.store import Hit, IndexStore
+from index.store import Hit
 
-from .schemas import ImageMetadata, SearchResult
+from .errors import ApiError
+from .grouping import HitGroup
+from .schemas import Group, GroupMember, ImageMetadata, SearchResult
+
+MAX_GROUP_MEMBERS = 8  # listed under a card; `size` still counts them all
 
 
 def image_urls(root: str, image_id: int) -> dict[str, str]:
@@ -18,7 +27,9 @@ def image_urls(root: str, image_id: int) -> dict[str, str]:
     }
 
 
-def describe(hit: Hit, row: dict[str, Any], root: str) -> SearchResult:
+def describe(
+    hit: Hit, row: Mapping[str, Any], root: str, group: Group | None = None
+) -> SearchResult:
     metadata = ImageMetadata(
         relpath=row["relpath"],
         width=row["width"],
@@ -33,11 +44,47 @@ def describe(hit: Hit, row: dict[str, Any], root: str) -> SearchResult:
         score=hit.score,
         metadata=metadata,
         report=row.get("report") or None,
+        group=group,
         **image_urls(root, hit.id),
     )
 
 
-def describe_hits(store: IndexStore, hits: list[Hit], root: str) -> list[SearchResult]:
-    """Response items for index hits, metadata read from `store` (blocking: SQLite)."""
-    rows = store.get_many([hit.id for hit in hits])
-    return [describe(hit, rows[hit.id], root) for hit in hits if hit.id in rows]
+def describe_groups(
+    groups: list[HitGroup], rows: Mapping[int, Mapping[str, Any]], root: str, group_by: str
+) -> list[SearchResult]:
+    """One response item per group: its best image, the others listed under it."""
+    return [
+        describe(group.lead, rows[group.lead.id], root, group_of(group, root, group_by))
+        for group in groups
+    ]
+
+
+def group_of(group: HitGroup, root: str, group_by: str) -> Group | None:
+    if group.key is None or group.named_by is None:
+        return None
+    more = [
+        GroupMember(
+            id=str(hit.id), score=hit.score, thumbnail_url=image_urls(root, hit.id)["thumbnail_url"]
+        )
+        for hit in group.others[:MAX_GROUP_MEMBERS]
+    ]
+    return Group(
+        by=group_by, field=group.named_by, key=group.key, size=1 + len(group.others), more=more
+    )
+
+
+def indexed_file(row: Mapping[str, Any]) -> Path:
+    """The recorded path, if it still holds a regular file of the recorded size."""
+    path = Path(row["path"])
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is None or not path.is_file() or stat.st_size != row["size_bytes"]:
+        raise ApiError(
+            404,
+            "image_file_missing",
+            f"image {row['id']} is indexed, but its file was moved or changed since; "
+            "run `convirt index verify` and re-add it",
+        )
+    return path

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -11,11 +11,31 @@ K_MAX = 100
 K_DEFAULT = 10
 ID_MAX = 2**63 - 1  # index ids are positive signed 64-bit integers
 FilterValue = str | int | float | bool
+FilterRange = dict[str, str | int | float]  # {"gte": low, "lte": high}, either may be left out
+Filter = FilterValue | list[FilterValue] | FilterRange
 # Bounds on filters: far above any real use, far below what costs the server anything.
 MAX_FILTERS = 32
 MAX_FILTER_KEY_CHARS = 64
 MAX_FILTER_VALUE_CHARS = 512
+MAX_FILTER_CHOICES = 64
+MAX_KEYWORDS = 16
+MAX_KEYWORD_CHARS = 200
+MAX_FEEDBACK = 50  # liked or disliked images in one refine
 INT64 = (-(2**63), 2**63 - 1)  # what SQLite stores
+RANGE_BOUNDS = frozenset({"gte", "lte"})
+GROUP_BY = ("study", "patient", "none")
+GroupBy = Literal["study", "patient", "none"]
+FILTERS_DOC = (
+    "filters on indexed fields (modality, view, manifest columns; see GET /v1/facets): a value "
+    '({"modality": "CT"}), any of a list ({"modality": ["CT", "MR"]}) or a range '
+    '({"age": {"gte": 40, "lte": 60}}, dates as YYYY-MM-DD text)'
+)
+KEYWORDS_DOC = (
+    "words or phrases the indexed report must contain (must) or must not contain (must_not), "
+    "matched on word stems ('effusion' also finds 'effusions'); they filter the semantic "
+    "ranking, they do not rank. The encoder does not understand negation in the sentence "
+    "itself ('no effusion' is close to 'effusion'): use must_not for that"
+)
 
 
 def valid_unicode(text: str, what: str) -> str:
@@ -40,35 +60,99 @@ def check_filters(filters: dict[str, Any]) -> dict[str, Any]:
         valid_unicode(key, "a filter field")
         if not key or len(key) > MAX_FILTER_KEY_CHARS:
             raise ValueError(f"filter field names are 1 to {MAX_FILTER_KEY_CHARS} characters")
-        if not isinstance(value, str | int | float | bool):
-            raise ValueError(f"filter {key!r}: a value is a string, number or boolean")
-        if isinstance(value, str):
-            valid_unicode(value, f"filter {key!r}")
-            if len(value) > MAX_FILTER_VALUE_CHARS:
+        if isinstance(value, list):
+            if not 1 <= len(value) <= MAX_FILTER_CHOICES:
+                raise ValueError(f"filter {key!r}: a list holds 1 to {MAX_FILTER_CHOICES} values")
+            for choice in value:
+                check_filter_value(key, choice)
+        elif isinstance(value, dict):
+            if not value or not set(value) <= RANGE_BOUNDS:
                 raise ValueError(
-                    f"filter {key!r}: values are at most {MAX_FILTER_VALUE_CHARS} characters"
+                    f'filter {key!r}: a range is {{"gte": low, "lte": high}} (either may be left '
+                    "out), nothing else"
                 )
-        elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
-            raise ValueError(f"filter {key!r}: integers must fit in 64 bits")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"filter {key!r}: numbers must be finite")
+            for bound in value.values():
+                check_filter_value(key, bound)
+        else:
+            check_filter_value(key, value)
     return filters
 
 
-class TextQuery(BaseModel):
+def check_filter_value(key: str, value: Any) -> None:
+    if not isinstance(value, str | int | float | bool):
+        raise ValueError(
+            f"filter {key!r}: a value is a string, number or boolean (or a list of them, or a "
+            'range {"gte": low, "lte": high})'
+        )
+    if isinstance(value, str):
+        valid_unicode(value, f"filter {key!r}")
+        if len(value) > MAX_FILTER_VALUE_CHARS:
+            raise ValueError(
+                f"filter {key!r}: values are at most {MAX_FILTER_VALUE_CHARS} characters"
+            )
+    elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        raise ValueError(f"filter {key!r}: integers must fit in 64 bits")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"filter {key!r}: numbers must be finite")
+
+
+def check_keywords(terms: list[str], what: str) -> list[str]:
+    if len(terms) > MAX_KEYWORDS:
+        raise ValueError(f"{what}: at most {MAX_KEYWORDS} words or phrases")
+    for term in terms:
+        valid_unicode(term, what)
+        if not term.strip() or len(term) > MAX_KEYWORD_CHARS:
+            raise ValueError(f"{what}: each word or phrase is 1 to {MAX_KEYWORD_CHARS} characters")
+    return terms
+
+
+class SearchControls(BaseModel):
+    """What every search takes besides its query: how many, which images, how they are shown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(K_DEFAULT, ge=1, le=K_MAX, description="how many results (groups, when grouped)")
+    filters: dict[str, Filter] = Field(default_factory=dict, description=FILTERS_DOC)
+    must: list[str] = Field(default_factory=list, description=KEYWORDS_DOC)
+    must_not: list[str] = Field(default_factory=list, description="see must")
+    group_by: GroupBy = Field(
+        "study",
+        description="one card per study or per patient, its best image first and the others "
+        "listed under it (images without the field are their own group); none: every image",
+    )
+    min_score: float | None = Field(
+        None, ge=-1, le=1, description="leave out results whose cosine similarity is below this"
+    )
+
+    @field_validator("filters")
+    @classmethod
+    def bounded_filters(cls, filters: dict[str, Filter]) -> dict[str, Filter]:
+        return check_filters(filters)
+
+    @field_validator("must", "must_not")
+    @classmethod
+    def bounded_keywords(cls, terms: list[str]) -> list[str]:
+        return check_keywords(terms, "must and must_not")
+
+
+class TextQuery(SearchControls):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"text": "No pleural effusion or pneumothorax.", "k": 10, "filters": {}}]
+            "examples": [
+                {
+                    "text": "Large right pleural effusion.",
+                    "k": 10,
+                    "filters": {"modality": "XR"},
+                    "must": ["effusion"],
+                    "must_not": ["pericardial"],
+                    "group_by": "study",
+                }
+            ]
         },
     )
 
     text: str = Field(description="a report sentence; past the encoder's token limit it is cut")
-    k: int = Field(K_DEFAULT, ge=1, le=K_MAX, description="how many images to return")
-    filters: dict[str, FilterValue] = Field(
-        default_factory=dict,
-        description="equality filters on indexed fields: modality, view, or manifest columns",
-    )
 
     @field_validator("text")
     @classmethod
@@ -77,10 +161,54 @@ class TextQuery(BaseModel):
             raise ValueError("text is empty; send a report sentence")
         return valid_unicode(text, "text")
 
-    @field_validator("filters")
+
+class RocchioWeights(BaseModel):
+    """q' = query·q + liked·mean(liked) − disliked·mean(disliked), then renormalised."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: float = Field(1.0, ge=0, le=10)
+    liked: float = Field(0.75, ge=0, le=10)
+    disliked: float = Field(0.15, ge=0, le=10)
+
+
+class RefineQuery(SearchControls):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"text": "Large right pleural effusion.", "liked": ["12345"], "disliked": []}
+            ]
+        },
+    )
+
+    text: str | None = Field(None, description="the text query being refined")
+    image_id: str | None = Field(
+        None, description="the indexed image whose similar cases are being refined"
+    )
+    liked: list[str] = Field(
+        default_factory=list, max_length=MAX_FEEDBACK, description="ids of relevant results"
+    )
+    disliked: list[str] = Field(
+        default_factory=list, max_length=MAX_FEEDBACK, description="ids of irrelevant results"
+    )
+    weights: RocchioWeights = Field(default_factory=RocchioWeights)
+    exclude_disliked: bool = Field(True, description="never return a disliked image again")
+
+    @field_validator("text")
     @classmethod
-    def bounded_filters(cls, filters: dict[str, FilterValue]) -> dict[str, FilterValue]:
-        return check_filters(filters)
+    def not_blank(cls, text: str | None) -> str | None:
+        if text is not None and not text.strip():
+            raise ValueError("text is empty; leave it out to refine by example only")
+        return None if text is None else valid_unicode(text, "text")
+
+    @field_validator("image_id", "liked", "disliked")
+    @classmethod
+    def image_ids(cls, value):
+        for text in [value] if isinstance(value, str) else value or []:
+            if not text.isdigit() or int(text) > ID_MAX:
+                raise ValueError(f"{text[:40]!r} is not an image id (a decimal integer)")
+        return value
 
 
 class ImageMetadata(BaseModel):
@@ -95,6 +223,20 @@ class ImageMetadata(BaseModel):
     )
 
 
+class GroupMember(BaseModel):
+    id: str
+    score: float
+    thumbnail_url: str
+
+
+class Group(BaseModel):
+    by: str = Field(description="study or patient")
+    field: str = Field(description="the metadata field that named the group, e.g. case_id")
+    key: str
+    size: int = Field(description="images of this group among the matches found")
+    more: list[GroupMember] = Field(description="its other matching images, best first")
+
+
 class SearchResult(BaseModel):
     id: str = Field(
         description="image id: a 63-bit integer, as a decimal string so JavaScript keeps it exact"
@@ -105,6 +247,9 @@ class SearchResult(BaseModel):
     similar_url: str
     metadata: ImageMetadata
     report: str | None = Field(None, description="the report text indexed with the image")
+    group: Group | None = Field(
+        None, description="the study or patient this card stands for (grouped searches)"
+    )
 
 
 class SearchResponse(BaseModel):
@@ -119,6 +264,49 @@ class TextSearchResponse(SearchResponse):
         description="the text ran past the encoder's token limit and only its start was used"
     )
     max_tokens: int = Field(description="the encoder's token limit")
+
+
+class FacetValue(BaseModel):
+    value: str
+    count: int
+
+
+class FacetField(BaseModel):
+    field: str
+    kind: Literal["values", "range"]
+    distinct: int = Field(description="distinct non-empty values")
+    count: int = Field(description="images with a value")
+    values: list[FacetValue] = Field(description="kind values: the most frequent first")
+    low: float | str | None = Field(None, description="kind range: the smallest value")
+    high: float | str | None = Field(None, description="kind range: the largest value")
+
+
+class FacetsResponse(BaseModel):
+    index_version: str
+    images: int
+    facets: list[FacetField]
+
+
+class CropBox(BaseModel):
+    left: float
+    top: float
+    width: float
+    height: float
+
+
+class ExplainResponse(BaseModel):
+    image_id: str
+    space: str = Field(description="joint (a text query) or encoder (an image query)")
+    score: float = Field(description="cosine similarity of the whole image to the query")
+    grid: list[list[float]] = Field(
+        description="rows of cells: how much the similarity drops when the cell is hidden"
+    )
+    crop: CropBox = Field(
+        description="the part of the original image the grid covers, as fractions of its "
+        "width and height (the encoder sees a centre crop)"
+    )
+    took_ms: float
+    index_version: str
 
 
 class ErrorDetail(BaseModel):

@@ -16,6 +16,7 @@ from index.store import IndexStore, open_current
 from .engine import Engine
 from .loading import Resources
 from .metrics import Metrics
+from .searcher import Searcher
 from .settings import Settings
 from .stores import StoreSlot
 
@@ -37,6 +38,7 @@ class ServiceState:
         self.metrics = metrics
         self.engine: Engine | None = None
         self.stores: StoreSlot | None = None
+        self.searcher: Searcher | None = None
         self.reload_lock = asyncio.Lock()
         self.poller: asyncio.Task | None = None
 
@@ -49,6 +51,7 @@ class ServiceState:
         engine = Engine(resources.bundle, resources.model_thread, self.settings, self.metrics)
         engine.warm_up()
         self.engine, self.stores = engine, StoreSlot(resources.store)
+        self.searcher = Searcher(engine, self.stores, self.settings)
         self._publish(resources.store)
         log.info(
             "model %s, index version %s with %d images",
@@ -67,6 +70,8 @@ class ServiceState:
         if self.poller is not None:
             self.poller.cancel()
             await asyncio.gather(self.poller, return_exceptions=True)
+        if self.searcher is not None:
+            self.searcher.close()
         if self.engine is not None:
             await self.engine.stop()
         if self.stores is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import PurePath
 
+from PIL import Image
+
 from convirt.imageio import DICOM_PREAMBLE, looks_like_dicom
 
 from .errors import ApiError
@@ -46,3 +48,41 @@ def image_bytes(data: bytes, filename: str | None, content_type: str | None) -> 
     if kind == "dicom-raw":  # a DICOM data set without the file preamble: give it one
         return DICOM_PREAMBLE + data
     return data
+
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom as fractions of the image
+MIN_BOX_PIXELS = 16  # a smaller crop holds too little to search by
+
+
+def parse_box(text: str | None) -> Box | None:
+    """The `box` form or query field, "left,top,right,bottom" as fractions of the image size."""
+    if text is None or not text.strip():
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not all(0 <= v <= 1 for v in values):
+        raise ApiError(
+            422,
+            "invalid_box",
+            'box is "left,top,right,bottom", four fractions of the image size from 0 to 1, '
+            'e.g. "0.25,0.3,0.75,0.8"',
+        )
+    left, top, right, bottom = values
+    if right <= left or bottom <= top:
+        raise ApiError(422, "invalid_box", "box: right must exceed left and bottom exceed top")
+    return left, top, right, bottom
+
+
+def crop_to_box(image: Image.Image, box: Box) -> Image.Image:
+    """The part of `image` inside `box`; ValueError when it is under MIN_BOX_PIXELS a side."""
+    width, height = image.size
+    left, top = round(box[0] * width), round(box[1] * height)
+    right, bottom = round(box[2] * width), round(box[3] * height)
+    if min(right - left, bottom - top) < MIN_BOX_PIXELS:
+        raise ValueError(
+            f"the box covers {right - left}x{bottom - top} pixels of this {width}x{height} "
+            f"image; draw one at least {MIN_BOX_PIXELS} pixels on each side"
+        )
+    return image.crop((left, top, right, bottom))

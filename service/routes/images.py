@@ -17,11 +17,12 @@ from starlette.concurrency import run_in_threadpool
 from convirt.imageio import looks_like_dicom
 from index.store import IndexStore
 
-from ..deps import EngineDep, ImageId, StoreDep, UrlRootDep
+from ..deps import ImageId, SearcherDep, StoreDep, UrlRootDep
 from ..errors import ApiError
-from ..results import describe_hits
-from ..schemas import K_DEFAULT, K_MAX, SearchResponse, errors
-from .search import elapsed_ms
+from ..query_params import form_options, response_fields
+from ..results import indexed_file
+from ..schemas import FILTERS_DOC, K_DEFAULT, K_MAX, KEYWORDS_DOC, GroupBy, SearchResponse, errors
+from ..uploads import parse_box
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -79,30 +80,30 @@ async def thumbnail(image_id: ImageId, store: StoreDep) -> Response:
 @router.get(
     "/{image_id}/similar",
     response_model=SearchResponse,
-    responses=errors(404, 422),
-    summary="Similar cases for an indexed image",
+    responses=errors(404, 413, 422),
+    summary="Similar cases for an indexed image, or a region of it",
 )
 async def similar(
     image_id: ImageId,
-    engine: EngineDep,
-    store: StoreDep,
+    searcher: SearcherDep,
     root: UrlRootDep,
-    k: Annotated[int, Query(ge=1, le=K_MAX, description="how many images to return")] = K_DEFAULT,
+    k: Annotated[int, Query(ge=1, le=K_MAX, description="how many results")] = K_DEFAULT,
+    filters: Annotated[str | None, Query(description=f"JSON: {FILTERS_DOC}")] = None,
+    box: Annotated[
+        str | None,
+        Query(description='a region: "left,top,right,bottom" as fractions of the image'),
+    ] = None,
+    group_by: Annotated[GroupBy, Query()] = "study",
+    min_score: Annotated[float | None, Query(ge=-1, le=1)] = None,
+    must: Annotated[list[str] | None, Query(description=KEYWORDS_DOC)] = None,
+    must_not: Annotated[list[str] | None, Query()] = None,
 ) -> SearchResponse:
-    """The k indexed images nearest to this one in the encoder space, itself excluded."""
+    """The k indexed images nearest to this one in the encoder space, itself excluded; with a
+    `box`, the images nearest to that region of its file."""
     started = time.perf_counter()
-    try:
-        results = await engine.search(
-            lambda: describe_hits(store, store.similar_to_id(image_id, k), root)
-        )
-    except KeyError as err:
-        raise unknown_id(store, image_id) from err
-    return SearchResponse(
-        results=results,
-        took_ms=elapsed_ms(started),
-        index_version=store.version,
-        model_fingerprint=store.fingerprint,
-    )
+    options = form_options(k, filters, group_by, min_score, must, must_not)
+    found = await searcher.similar(image_id, options, root, parse_box(box))
+    return SearchResponse(**response_fields(found, started))
 
 
 def unknown_id(store: IndexStore, image_id: int) -> ApiError:
@@ -116,23 +117,6 @@ def known_row(store: IndexStore, image_id: int) -> dict[str, Any]:
     if row is None:
         raise unknown_id(store, image_id)
     return row
-
-
-def indexed_file(row: dict[str, Any]) -> Path:
-    """The recorded path, if it still holds a regular file of the recorded size."""
-    path = Path(row["path"])
-    try:
-        stat = path.stat()
-    except OSError:
-        stat = None
-    if stat is None or not path.is_file() or stat.st_size != row["size_bytes"]:
-        raise ApiError(
-            404,
-            "image_file_missing",
-            f"image {row['id']} is indexed, but its file was moved or changed since; "
-            "run `convirt index verify` and re-add it",
-        )
-    return path
 
 
 def media_type(path: Path) -> str:

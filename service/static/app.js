@@ -1,10 +1,14 @@
-// The search page: a report sentence or an image in, a grid of similar cases out.
+// The search page: a report sentence, an image or a region in, one card per study out; filters,
+// keywords and a score threshold steer it, 👍/👎 refine it, "Why?" shows where a match comes
+// from. The page state lives in the URL, so a search can be shared and reloaded.
 // Plain DOM code, no build step. Untrusted text (reports, paths) is only ever set as textContent.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
 const viewStack = [];  // earlier views, for the Back button
-let current = null;  // {title, meta, results, queryThumb}
+let current = null;  // {title, meta, results, queryThumb, query}
+// query: {kind: "text", text} | {kind: "similar", imageId, box} | {kind: "upload", file, box}
+const feedback = {liked: new Set(), disliked: new Set()};
 
 async function api(path, options = {}) {
   const response = await fetch(path, options);
@@ -37,10 +41,239 @@ function requestedK() {
   return Number.isFinite(k) ? Math.min(Math.max(k, 1), 100) : 12;
 }
 
+function words(text) {
+  return text.split(",").map((word) => word.trim()).filter(Boolean);
+}
+
+// -- the controls: filters, keywords, grouping, threshold ------------------------------------------
+
+function controls() {
+  const chosen = {k: requestedK(), group_by: $("#group-by").value, filters: {}};
+  const min = $("#min-score").value.trim();
+  if (min !== "" && Number.isFinite(Number(min))) chosen.min_score = Number(min);
+  const must = words($("#must").value);
+  const mustNot = words($("#must-not").value);
+  if (must.length) chosen.must = must;
+  if (mustNot.length) chosen.must_not = mustNot;
+  for (const select of document.querySelectorAll("#filters select")) {
+    if (select.value !== "") chosen.filters[select.dataset.field] = select.value;
+  }
+  for (const input of document.querySelectorAll("#filters input[data-bound]")) {
+    const value = input.value.trim();
+    if (value === "") continue;
+    const field = input.dataset.field;
+    const range = chosen.filters[field] || (chosen.filters[field] = {});
+    range[input.dataset.bound] = input.dataset.numeric === "true" ? Number(value) : value;
+  }
+  return chosen;
+}
+
+function setControls(params) {
+  if (params.has("k")) $("#k").value = params.get("k");
+  if (params.has("group")) $("#group-by").value = params.get("group");
+  $("#min-score").value = params.get("min") || "";
+  $("#must").value = params.get("must") || "";
+  $("#must-not").value = params.get("not") || "";
+  let filters = {};
+  try {
+    filters = JSON.parse(params.get("f") || "{}");
+  } catch (err) {
+    filters = {};
+  }
+  for (const select of document.querySelectorAll("#filters select")) {
+    const value = filters[select.dataset.field];
+    select.value = typeof value === "string" ? value : "";
+  }
+  for (const input of document.querySelectorAll("#filters input[data-bound]")) {
+    const range = filters[input.dataset.field];
+    const value = range && typeof range === "object" ? range[input.dataset.bound] : undefined;
+    input.value = value === undefined ? "" : String(value);
+  }
+}
+
+// Search options as query-string or form fields (similar and upload searches).
+function appendControls(target, chosen) {
+  target.append("k", String(chosen.k));
+  target.append("group_by", chosen.group_by);
+  if (chosen.min_score !== undefined) target.append("min_score", String(chosen.min_score));
+  if (Object.keys(chosen.filters).length) target.append("filters", JSON.stringify(chosen.filters));
+  for (const word of chosen.must || []) target.append("must", word);
+  for (const word of chosen.must_not || []) target.append("must_not", word);
+}
+
+async function loadFacets() {
+  const box = $("#filters");
+  box.replaceChildren();
+  try {
+    const response = await api("v1/facets");
+    for (const facet of response.facets) {
+      const control = facetControl(facet);
+      if (control) box.appendChild(control);
+    }
+  } catch (err) {
+    box.textContent = `filters unavailable: ${err.message}`;
+  }
+}
+
+const MAX_CHOICES = 40;  // fields with more distinct values (diagnoses, ids) make poor menus
+
+function facetControl(facet) {
+  const label = document.createElement("label");
+  label.textContent = facet.field.replaceAll("_", " ");
+  if (facet.kind === "range") {
+    const numeric = typeof facet.low === "number";
+    const inputs = document.createElement("span");
+    inputs.className = "range-inputs";
+    for (const [bound, hint] of [["gte", facet.low], ["lte", facet.high]]) {
+      const input = document.createElement("input");
+      input.type = numeric ? "number" : "text";
+      input.dataset.field = facet.field;
+      input.dataset.bound = bound;
+      input.dataset.numeric = String(numeric);
+      input.placeholder = `${bound === "gte" ? "from" : "to"} ${hint}`;
+      input.setAttribute("aria-label", `${facet.field} ${bound === "gte" ? "from" : "to"}`);
+      inputs.appendChild(input);
+    }
+    label.appendChild(inputs);
+    return label;
+  }
+  if (facet.distinct > MAX_CHOICES || facet.distinct < 2) return null;
+  const select = document.createElement("select");
+  select.dataset.field = facet.field;
+  select.add(new Option(`any (${facet.count})`, ""));
+  for (const {value, count} of facet.values) select.add(new Option(`${value} (${count})`, value));
+  label.appendChild(select);
+  return label;
+}
+
+// -- the URL: what is shown, so that a link reloads it ---------------------------------------------
+
+function writeUrl(query) {
+  const params = new URLSearchParams();
+  if (query.kind === "text") params.set("q", query.text);
+  else if (query.kind === "similar") params.set("similar", query.imageId);
+  else return;  // an upload cannot be put in a link
+  if (query.box) params.set("box", query.box.join(","));
+  const chosen = controls();
+  params.set("k", String(chosen.k));
+  params.set("group", chosen.group_by);
+  if (chosen.min_score !== undefined) params.set("min", String(chosen.min_score));
+  if (chosen.must) params.set("must", chosen.must.join(", "));
+  if (chosen.must_not) params.set("not", chosen.must_not.join(", "));
+  if (Object.keys(chosen.filters).length) params.set("f", JSON.stringify(chosen.filters));
+  history.replaceState(null, "", `${location.pathname}?${params}`);
+}
+
+async function runFromUrl() {
+  const params = new URLSearchParams(location.search);
+  setControls(params);
+  const box = params.has("box") ? params.get("box").split(",").map(Number) : null;
+  if (params.has("q")) {
+    $("#query").value = params.get("q");
+    await runQuery({kind: "text", text: params.get("q")});
+  } else if (params.has("similar")) {
+    const imageId = params.get("similar");
+    await runQuery({kind: "similar", imageId, box}, `v1/images/${imageId}/thumbnail`);
+  }
+}
+
+// -- searches --------------------------------------------------------------------------------------
+
 function describe(response, extra = "") {
   const ms = response.took_ms.toFixed(1);
-  return `${response.results.length} results in ${ms} ms · index ${response.index_version}${extra}`;
+  const n = response.results.length;
+  const unit = $("#group-by").value === "none" ? "images" : "cards";
+  return `${n} ${unit} in ${ms} ms · index ${response.index_version}${extra}`;
 }
+
+function titleOf(query) {
+  const region = query.box ? " (region)" : "";
+  if (query.kind === "text") return `Images for “${query.text.trim()}”`;
+  if (query.kind === "upload") return `Cases similar to ${query.file.name}${region}`;
+  return `Cases similar to image ${query.imageId}${region}`;
+}
+
+function request(query) {
+  const chosen = controls();
+  if (query.kind === "text") {
+    return api("v1/search/text", {
+      method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({text: query.text, ...chosen}),
+    });
+  }
+  if (query.kind === "similar") {
+    const params = new URLSearchParams();
+    appendControls(params, chosen);
+    if (query.box) params.set("box", query.box.join(","));
+    return api(`v1/images/${query.imageId}/similar?${params}`);
+  }
+  const form = new FormData();
+  form.append("file", query.file, query.file.name);
+  appendControls(form, chosen);
+  if (query.box) form.append("box", query.box.join(","));
+  return api("v1/search/image", {method: "POST", body: form});
+}
+
+async function runQuery(query, queryThumb = null, replace = false) {
+  if (query.kind === "text" && !query.text.trim()) {
+    say("Type a report sentence first.", true);
+    return;
+  }
+  busy(true);
+  say("Searching…");
+  try {
+    const response = await request(query);
+    const note = response.truncated
+      ? ` · only the first ${response.max_tokens} tokens of the text were used`
+      : "";
+    say("");
+    feedback.liked.clear();
+    feedback.disliked.clear();
+    const view = {title: titleOf(query), meta: describe(response, note),
+                  results: response.results, queryThumb, query};
+    if (replace) render(view);
+    else show(view);
+    writeUrl(query);
+  } catch (err) {
+    say(err.message, true);
+  } finally {
+    busy(false);
+  }
+}
+
+async function refine() {
+  const query = current.query;
+  const body = {...controls(), liked: [...feedback.liked], disliked: [...feedback.disliked]};
+  if (query.kind === "text") body.text = query.text;
+  else if (query.kind === "similar" && !query.box) body.image_id = query.imageId;
+  busy(true);
+  say("Refining…");
+  try {
+    const response = await api("v1/search/refine", {
+      method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify(body),
+    });
+    say("");
+    const counts = `${feedback.liked.size} 👍 ${feedback.disliked.size} 👎`;
+    feedback.liked.clear();
+    feedback.disliked.clear();
+    show({...current, title: `${titleOf(query)}, refined (${counts})`,
+          meta: describe(response), results: response.results});
+  } catch (err) {
+    say(err.message, true);
+  } finally {
+    busy(false);
+  }
+}
+
+function searchUpload(file) {
+  if (file) runQuery({kind: "upload", file, box: null});
+  $("#file-input").value = "";
+}
+
+// -- results ---------------------------------------------------------------------------------------
 
 function card(result) {
   const node = $("#card-template").content.firstElementChild.cloneNode(true);
@@ -51,21 +284,61 @@ function card(result) {
   node.querySelector(".score").textContent = result.score.toFixed(3);
   const open = node.querySelector(".open");
   open.href = result.image_url;
-  open.addEventListener("click", (event) => event.stopPropagation());
-  const where = [result.metadata.modality, result.metadata.relpath].filter(Boolean).join(" · ");
-  node.querySelector(".where").textContent = where;
+  const fields = result.metadata.fields || {};
+  const where = [result.metadata.modality, fields.dataset, result.metadata.relpath];
+  node.querySelector(".where").textContent = where.filter(Boolean).join(" · ");
   const report = node.querySelector(".report");
   report.textContent = result.report || "";
   report.title = result.report || "";
-  const choose = () => showSimilar(result);
-  node.addEventListener("click", choose);
-  node.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" || event.key === " ") {
-      event.preventDefault();
-      choose();
-    }
-  });
+  if (result.group && result.group.size > 1) {
+    const more = node.querySelector(".more");
+    more.hidden = false;
+    more.textContent = `+${result.group.size - 1} more`;
+    more.title = `${result.group.field} ${result.group.key}: ${result.group.size} matching images`;
+  }
+  wireActions(node, result);
   return node;
+}
+
+function wireActions(node, result) {
+  const on = (selector, action) => node.querySelector(selector).addEventListener("click", action);
+  on(".similar", () => runQuery({kind: "similar", imageId: result.id, box: null},
+                                result.thumbnail_url));
+  const caption = node.querySelector(".caption");
+  caption.hidden = !result.report;
+  on(".caption", () => {
+    $("#query").value = result.report;
+    runQuery({kind: "text", text: result.report});
+  });
+  on(".region", () => drawRegion(result.thumbnail_url, (box) =>
+    runQuery({kind: "similar", imageId: result.id, box}, result.thumbnail_url)));
+  const why = node.querySelector(".why");
+  why.hidden = current && current.query.kind === "upload";
+  on(".why", () => toggleHeatMap(node, result));
+  on(".like", () => mark(node, result.id, "liked"));
+  on(".dislike", () => mark(node, result.id, "disliked"));
+}
+
+function mark(node, id, which) {
+  const other = which === "liked" ? "disliked" : "liked";
+  const on = !feedback[which].has(id);
+  feedback[other].delete(id);
+  if (on) feedback[which].add(id);
+  else feedback[which].delete(id);
+  node.classList.toggle("liked", feedback.liked.has(id));
+  node.classList.toggle("disliked", feedback.disliked.has(id));
+  node.querySelector(".like").setAttribute("aria-pressed", String(feedback.liked.has(id)));
+  node.querySelector(".dislike").setAttribute("aria-pressed", String(feedback.disliked.has(id)));
+  showRefineButton();
+}
+
+function showRefineButton() {
+  const button = $("#refine-button");
+  const liked = feedback.liked.size;
+  const disliked = feedback.disliked.size;
+  const canRefine = liked > 0 || (disliked > 0 && current.query.kind !== "upload");
+  button.hidden = !canRefine;
+  button.textContent = `Refine (${liked} 👍 ${disliked} 👎)`;
 }
 
 function render(view) {
@@ -83,9 +356,11 @@ function render(view) {
   title.appendChild(document.createTextNode(view.title));
   $("#results-meta").textContent = view.meta;
   $("#back-button").hidden = viewStack.length === 0;
-  const grid = $("#grid");
-  grid.replaceChildren(...view.results.map(card));
-  if (view.results.length === 0) say("No matching images.");
+  $("#grid").replaceChildren(...view.results.map(card));
+  showRefineButton();
+  const file = view.query.kind === "upload" ? view.query.file : null;
+  $("#query-region").hidden = !(file && /^image\/(png|jpeg)$/.test(file.type));
+  if (view.results.length === 0) say("No matching images: loosen the filters or the threshold.");
 }
 
 function show(view) {
@@ -93,72 +368,115 @@ function show(view) {
   render(view);
 }
 
-async function searchText(event) {
-  event.preventDefault();
-  const text = $("#query").value;
-  if (!text.trim()) {
-    say("Type a report sentence first.", true);
+function back() {
+  if (viewStack.length) {
+    feedback.liked.clear();
+    feedback.disliked.clear();
+    render(viewStack.pop());
+    writeUrl(current.query);
+  }
+}
+
+// -- why it matched: the explanation heat-map ------------------------------------------------------
+
+async function toggleHeatMap(node, result) {
+  const canvas = node.querySelector(".heat");
+  if (!canvas.hidden) {
+    canvas.hidden = true;
     return;
   }
-  busy(true);
-  say("Searching…");
+  const query = current.query;
+  const params = new URLSearchParams({image_id: result.id});
+  if (query.kind === "text") params.set("text", query.text.slice(0, 2000));
+  else params.set("query_id", query.imageId);
+  say("Working out why it matched…");
   try {
-    const response = await api("v1/search/text", {
-      method: "POST",
-      headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({text, k: requestedK()}),
+    const response = await api(`v1/explain?${params}`);
+    drawHeatMap(canvas, node.querySelector(".thumb"), response);
+    canvas.hidden = false;
+    node.dataset.explained = "true";
+    say("Red: the parts of the image the match rests on (hiding them lowers the score most).");
+  } catch (err) {
+    say(err.message, true);
+  }
+}
+
+function drawHeatMap(canvas, img, explanation) {
+  const width = canvas.clientWidth || img.clientWidth;
+  const height = canvas.clientHeight || img.clientHeight;
+  canvas.width = width;
+  canvas.height = height;
+  // the thumbnail is drawn with object-fit: contain; find the rectangle it fills
+  const scale = Math.min(width / img.naturalWidth, height / img.naturalHeight);
+  const shownW = img.naturalWidth * scale;
+  const shownH = img.naturalHeight * scale;
+  const x0 = (width - shownW) / 2 + explanation.crop.left * shownW;
+  const y0 = (height - shownH) / 2 + explanation.crop.top * shownH;
+  const rows = explanation.grid.length;
+  const cols = explanation.grid[0].length;
+  const cellW = (explanation.crop.width * shownW) / cols;
+  const cellH = (explanation.crop.height * shownH) / rows;
+  const peak = Math.max(...explanation.grid.flat(), 1e-9);
+  const context = canvas.getContext("2d");
+  context.clearRect(0, 0, width, height);
+  explanation.grid.forEach((row, r) => row.forEach((value, c) => {
+    const strength = Math.max(0, value) / peak;
+    context.fillStyle = `rgba(255, 40, 0, ${(0.65 * strength).toFixed(3)})`;
+    context.fillRect(x0 + c * cellW, y0 + r * cellH, cellW, cellH);
+  }));
+}
+
+// -- region of interest: draw a box, search by it --------------------------------------------------
+
+function drawRegion(src, onSearch) {
+  const dialog = $("#region-dialog");
+  const stage = $("#region-stage");
+  const image = $("#region-image");
+  const rectangle = $("#region-box");
+  const go = $("#region-search");
+  let start = null;
+  let box = null;
+  image.src = src;
+  rectangle.hidden = true;
+  go.disabled = true;
+  const at = (event) => {
+    const r = image.getBoundingClientRect();
+    return [Math.min(Math.max((event.clientX - r.left) / r.width, 0), 1),
+            Math.min(Math.max((event.clientY - r.top) / r.height, 0), 1)];
+  };
+  const paint = () => {
+    const r = image.getBoundingClientRect();
+    Object.assign(rectangle.style, {
+      left: `${box[0] * r.width}px`, top: `${box[1] * r.height}px`,
+      width: `${(box[2] - box[0]) * r.width}px`, height: `${(box[3] - box[1]) * r.height}px`,
     });
-    const note = response.truncated
-      ? ` · only the first ${response.max_tokens} tokens of the text were used`
-      : "";
-    say("");
-    show({title: `Images for “${text.trim()}”`, meta: describe(response, note),
-          results: response.results});
-  } catch (err) {
-    say(err.message, true);
-  } finally {
-    busy(false);
-  }
+    rectangle.hidden = false;
+  };
+  stage.onpointerdown = (event) => {
+    event.preventDefault();
+    start = at(event);
+    stage.setPointerCapture(event.pointerId);
+  };
+  stage.onpointermove = (event) => {
+    if (!start) return;
+    const [x, y] = at(event);
+    box = [Math.min(start[0], x), Math.min(start[1], y), Math.max(start[0], x), Math.max(start[1], y)]
+      .map((v) => Number(v.toFixed(4)));
+    paint();
+  };
+  stage.onpointerup = () => {
+    start = null;
+    go.disabled = !box || box[2] - box[0] < 0.02 || box[3] - box[1] < 0.02;
+  };
+  go.onclick = () => {
+    dialog.close();
+    onSearch(box);
+  };
+  $("#region-cancel").onclick = () => dialog.close();
+  dialog.showModal();
 }
 
-async function searchImage(file) {
-  if (!file) return;
-  busy(true);
-  say(`Searching with ${file.name}…`);
-  const form = new FormData();
-  form.append("file", file, file.name);
-  form.append("k", String(requestedK()));
-  try {
-    const response = await api("v1/search/image", {method: "POST", body: form});
-    say("");
-    show({title: `Cases similar to ${file.name}`, meta: describe(response),
-          results: response.results});
-  } catch (err) {
-    say(err.message, true);
-  } finally {
-    busy(false);
-    $("#file-input").value = "";
-  }
-}
-
-async function showSimilar(result) {
-  busy(true);
-  say("Finding similar cases…");
-  try {
-    const response = await api(`${result.similar_url}?k=${requestedK()}`);
-    say("");
-    show({title: `Cases similar to ${result.metadata.relpath}`, meta: describe(response),
-          results: response.results, queryThumb: result.thumbnail_url});
-  } catch (err) {
-    say(err.message, true);
-  } finally {
-    busy(false);
-  }
-}
-
-function back() {
-  if (viewStack.length) render(viewStack.pop());
-}
+// -- set-up ----------------------------------------------------------------------------------------
 
 function setUpDropZone() {
   const zone = $("#drop-zone");
@@ -172,7 +490,7 @@ function setUpDropZone() {
       input.click();
     }
   });
-  input.addEventListener("change", () => searchImage(input.files[0]));
+  input.addEventListener("change", () => searchUpload(input.files[0]));
   for (const name of ["dragenter", "dragover"]) {
     zone.addEventListener(name, (event) => {
       event.preventDefault();
@@ -184,7 +502,7 @@ function setUpDropZone() {
   }
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
-    searchImage(event.dataTransfer.files[0]);
+    searchUpload(event.dataTransfer.files[0]);
   });
 }
 
@@ -198,9 +516,28 @@ async function showIndexStatus() {
   }
 }
 
-document.addEventListener("DOMContentLoaded", () => {
-  $("#text-form").addEventListener("submit", searchText);
+function rerun() {
+  if (current) runQuery(current.query, current.queryThumb, true);
+}
+
+function regionOfUpload() {
+  const file = current.query.file;
+  const url = URL.createObjectURL(file);
+  drawRegion(url, (box) => runQuery({kind: "upload", file, box}));
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  $("#text-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    runQuery({kind: "text", text: $("#query").value});
+  });
   $("#back-button").addEventListener("click", back);
+  $("#refine-button").addEventListener("click", refine);
+  $("#query-region").addEventListener("click", regionOfUpload);
+  $("#controls").addEventListener("change", rerun);
   setUpDropZone();
   showIndexStatus();
+  await loadFacets();
+  await runFromUrl();
+  document.body.dataset.ready = "true";
 });

@@ -1,0 +1,308 @@
+"""The one owner of search: text, image, region, similar, refine, facets and explanations.
+
+A query goes route → Searcher → store → hits → response items, and only the answer goes back to
+the route. The Searcher embeds the query with the engine (the model thread, micro-batched), then
+leases the served index version and, in one hop to its own pool (faiss single-threaded, see
+service.threads), searches it, groups the hits by study or patient and describes them. Client
+mistakes it finds on the way (a filter the index cannot run, an unknown id, a bad image) are
+raised as ApiErrors, so routes only translate HTTP to a call and the answer back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from convirt.explain import HeatMap, occlusion_map
+from convirt.imageio import ImageDecodeError, ImageTooLargeError
+from index.errors import FilterError
+from index.store import Facet, Hit, IndexStore, Keywords
+
+from .engine import Engine
+from .errors import ApiError
+from .feedback import Weights, rocchio
+from .grouping import HitGroup, fill_groups, group_hits
+from .results import describe_groups, indexed_file
+from .schemas import RefineQuery, SearchControls
+from .settings import Settings
+from .stores import StoreSlot
+from .threads import search_pool
+from .uploads import Box
+
+T = TypeVar("T")
+GROUP_OVERFETCH = 4  # grouped searches read k * 4 hits first, then 4 times more while short
+MAX_FETCH = 2_000  # ...up to this many: a bound on the work one grouped query may cause
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    k: int = 10
+    filters: Mapping[str, Any] = field(default_factory=dict)
+    keywords: Keywords | None = None
+    group_by: str = "study"
+    min_score: float | None = None
+
+    @classmethod
+    def of(cls, controls: SearchControls) -> SearchOptions:
+        keywords = None
+        if controls.must or controls.must_not:
+            keywords = Keywords(tuple(controls.must), tuple(controls.must_not))
+        return cls(controls.k, controls.filters, keywords, controls.group_by, controls.min_score)
+
+
+@dataclass(frozen=True)
+class Found:
+    results: list
+    index_version: str
+    model_fingerprint: str
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class Explanation:
+    heat_map: HeatMap
+    space: str
+    index_version: str
+
+
+class Searcher:
+    def __init__(self, engine: Engine, stores: StoreSlot, settings: Settings):
+        self.engine = engine
+        self.stores = stores
+        self.settings = settings
+        self.pool = search_pool()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    async def text(self, text: str, options: SearchOptions, root: str) -> Found:
+        """Images nearest to a report sentence, in the joint space."""
+        self._check_text(text)
+        embedded = await self.engine.embed_text(text)
+        found = await self._on_store(self._find, "joint", embedded.vector, options, root, ())
+        return Found(
+            found.results, found.index_version, found.model_fingerprint, embedded.truncated
+        )
+
+    async def image(
+        self, data: bytes | Path, options: SearchOptions, root: str, box: Box | None = None
+    ) -> Found:
+        """Images nearest to an uploaded image (or the `box` region of it), in the encoder space."""
+        pixels, _size = await self._prepare(data, box)
+        vector = await self.engine.embed_image(pixels)
+        return await self._on_store(self._find, "encoder", vector, options, root, ())
+
+    async def similar(
+        self, image_id: int, options: SearchOptions, root: str, box: Box | None = None
+    ) -> Found:
+        """Images nearest to an indexed one, itself left out; or to a region of it."""
+        if box is not None:
+            return await self.image(await self._indexed_path(image_id), options, root, box)
+
+        def find(store: IndexStore) -> Found:
+            vector = self._stored_vectors(store, [image_id], "encoder")[0]
+            return self._find(store, "encoder", vector, options, root, {image_id})
+
+        return await self._on_store(find)
+
+    async def refine(self, query: RefineQuery, root: str) -> Found:
+        """The query moved toward liked results and away from disliked ones (service.feedback).
+
+        A text query refines in the joint space; an indexed image, or liked examples alone, in
+        the encoder space."""
+        if query.text is None and query.image_id is None and not query.liked:
+            raise ApiError(
+                422, "nothing_to_refine", "give text or image_id, or at least one liked image"
+            )
+        options = SearchOptions.of(query)
+        space = "joint" if query.text is not None else "encoder"
+        start = None
+        if query.text is not None:
+            self._check_text(query.text)
+            start = (await self.engine.embed_text(query.text)).vector
+        liked = [int(i) for i in query.liked]
+        disliked = [int(i) for i in query.disliked]
+        weights = Weights(query.weights.query, query.weights.liked, query.weights.disliked)
+
+        def find(store: IndexStore) -> Found:
+            origin = start
+            if query.image_id is not None:
+                origin = self._stored_vectors(store, [int(query.image_id)], space)[0]
+            try:
+                vector = rocchio(
+                    origin,
+                    self._stored_vectors(store, liked, space),
+                    self._stored_vectors(store, disliked, space),
+                    weights,
+                )
+            except ValueError as err:
+                raise ApiError(422, "nothing_to_refine", str(err)) from err
+            exclude = set(disliked) if query.exclude_disliked else set()
+            if query.image_id is not None:
+                exclude.add(int(query.image_id))
+            return self._find(store, space, vector, options, root, exclude)
+
+        return await self._on_store(find)
+
+    async def facets(self) -> tuple[str, int, list[Facet]]:
+        """(index version, image count, facets) of the served version."""
+        return await self._on_store(lambda store: (store.version, store.count, store.facets()))
+
+    async def explain(
+        self, image_id: int, text: str | None = None, query_id: int | None = None
+    ) -> Explanation:
+        """Where in the image its similarity to the query comes from (convirt.explain)."""
+        if (text is None) == (query_id is None):
+            raise ApiError(422, "invalid_query", "give either text or query_id, not both")
+        path = await self._indexed_path(image_id)
+        if text is not None:
+            self._check_text(text)
+            space, query = "joint", (await self.engine.embed_text(text)).vector
+        else:
+            space = "encoder"
+            query = await self._on_store(
+                lambda store: self._stored_vectors(store, [query_id], space)[0]
+            )
+        pixels, size = await self._prepare(path)
+        explain = partial(occlusion_map, original_size=size)
+        heat_map = await self.engine.run_model(explain, self.engine.embedder, pixels, query, space)
+        return Explanation(heat_map, space, self.stores.current.version)
+
+    # -- in the search pool ------------------------------------------------------------------------
+
+    def _find(
+        self,
+        store: IndexStore,
+        space: str,
+        vector: np.ndarray,
+        options: SearchOptions,
+        root: str,
+        exclude: Collection[int],
+    ) -> Found:
+        """Search, group and describe. Grouped searches read more hits until k groups are found,
+        the index runs out, or MAX_FETCH hits have been read."""
+        fetch = options.k if options.group_by == "none" else options.k * GROUP_OVERFETCH
+        while True:
+            hits = self._search(store, space, vector, fetch, options, exclude)
+            exhausted = len(hits) < fetch
+            if options.min_score is not None:
+                kept = [hit for hit in hits if hit.score >= options.min_score]
+                exhausted = exhausted or len(kept) < len(hits)
+                hits = kept
+            rows = store.get_many([hit.id for hit in hits])
+            groups = group_hits(hits, rows, options.group_by)
+            if len(groups) >= options.k or exhausted or fetch >= MAX_FETCH:
+                break
+            fetch = min(fetch * GROUP_OVERFETCH, MAX_FETCH)
+        chosen = groups[: options.k]
+        if options.group_by != "none":
+            self._fill(store, space, vector, chosen, options, exclude)
+        results = describe_groups(chosen, rows, root, options.group_by)
+        return Found(results, store.version, store.fingerprint)
+
+    @staticmethod
+    def _fill(
+        store: IndexStore,
+        space: str,
+        vector: np.ndarray,
+        groups: list[HitGroup],
+        options: SearchOptions,
+        exclude: Collection[int],
+    ) -> None:
+        """Complete the chosen groups with every member that passes the filters, scored exactly
+        (one SQL query per grouping field, one matrix product)."""
+        keys: dict[str, set[str]] = {}
+        for group in groups:
+            if group.key is not None and group.named_by is not None:
+                keys.setdefault(group.named_by, set()).add(group.key)
+        members: dict[tuple[str, str], list[int]] = {}
+        for name, wanted in keys.items():
+            found = store.group_members(name, wanted, options.filters, options.keywords)
+            members.update({(name, key): ids for key, ids in found.items()})
+        skip = set(exclude)
+        every = sorted({i for ids in members.values() for i in ids if i not in skip})
+        if not every:
+            return
+        query = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        scores = store.vectors_of(every, space) @ query.astype(np.float32)
+        fill_groups(
+            groups, members, dict(zip(every, scores.tolist(), strict=True)), options.min_score
+        )
+
+    @staticmethod
+    def _search(
+        store: IndexStore,
+        space: str,
+        vector: np.ndarray,
+        k: int,
+        options: SearchOptions,
+        exclude: Collection[int],
+    ) -> list[Hit]:
+        try:
+            return store.search(space, vector, k, options.filters, options.keywords, exclude)
+        except FilterError as err:
+            raise ApiError(422, "invalid_filters", str(err)) from err
+
+    @staticmethod
+    def _stored_vectors(store: IndexStore, ids: list[int], space: str) -> np.ndarray:
+        try:
+            return store.vectors_of(ids, space)
+        except KeyError as err:
+            raise ApiError(404, "unknown_id", err.args[0]) from err
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    async def _on_store(self, work: Callable[..., T], *args: Any) -> T:
+        """work(store, *args) in the search pool, on the version served when it was called."""
+        with self.stores.lease() as store:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.pool, work, store, *args)
+
+    async def _indexed_path(self, image_id: int) -> Path:
+        def path_of(store: IndexStore) -> Path:
+            row = store.get(image_id)
+            if row is None:
+                raise ApiError(
+                    404,
+                    "unknown_id",
+                    f"no image with id {image_id} in index version {store.version}",
+                )
+            return indexed_file(row)
+
+        return await self._on_store(path_of)
+
+    async def _prepare(
+        self, data: bytes | Path, box: Box | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        try:
+            return await self.engine.prepare_image(data, box)
+        except ImageTooLargeError as err:
+            raise ApiError(413, "too_many_pixels", str(err)) from err
+        except ImageDecodeError as err:
+            raise ApiError(422, "undecodable_image", str(err)) from err
+        except ValueError as err:  # a box too small to search by
+            raise ApiError(422, "invalid_box", str(err)) from err
+
+    def _check_text(self, text: str) -> None:
+        limit = self.settings.max_text_chars
+        if len(text) > limit:
+            raise ApiError(
+                422,
+                "text_too_long",
+                f"text has {len(text):,} characters; the limit is {limit:,} (and the encoder "
+                f"reads only its first {self.engine.max_tokens} tokens)",
+            )
+
+
+def elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
