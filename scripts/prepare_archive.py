@@ -31,6 +31,8 @@ DATASETS = {
 }
 # roco names its modality in another column: copied, so one `modality` filter spans all three
 SAME_AS = {"modality": "modality_keyword"}
+# covid-cxr writes sex as M/F, medpix as male/female: one spelling, so one filter finds both
+SPELLING = {"sex": {"M": "male", "F": "female"}}
 METADATA = sorted({column for columns in DATASETS.values() for column in columns} | set(SAME_AS))
 COLUMNS = ["image", "text", "dataset", "split", *METADATA]
 
@@ -53,6 +55,9 @@ def archive_rows(root: Path, limit: int | None) -> list[dict[str, str]]:
             for column, other in SAME_AS.items():
                 if column not in kept and other in kept:
                     kept_fields[column] = row.get(other, "")
+            for column, spellings in SPELLING.items():
+                if column in kept_fields:
+                    kept_fields[column] = spellings.get(kept_fields[column], kept_fields[column])
             rows.append(
                 {
                     "image": f"{dataset}/{row['image']}",

@@ -367,10 +367,10 @@ def test_page_groups_filters_thresholds_refines_boxes_explains_and_shares(client
         page.press("#min-score", "Tab")  # leaving the field commits it
         expect(cards).to_have_count(20)
 
-        # refine with one 👍
+        # refine with one Like
         liked = card_ids(page)[5]
         page.locator(f"#grid .card[data-id='{liked}'] .like").click()
-        expect(page.locator("#refine-button")).to_contain_text("1 👍")
+        expect(page.locator("#refine-button")).to_contain_text("1 liked")
         page.click("#refine-button")
         expect(page.locator("#results-title")).to_contain_text("refined")
         refined = client.post(

@@ -1,6 +1,7 @@
 // The search page: a report sentence, an image or a region in, one card per study out; filters,
-// keywords and a score threshold steer it, 👍/👎 refine it, "Why?" shows where a match comes
-// from. The page state lives in the URL, so a search can be shared and reloaded.
+// keywords and a score threshold steer it, Like/Not refine it, "Why?" shows where a match comes
+// from. The page state lives in the URL, so a search can be shared and reloaded. (Labels are
+// words and simple symbols, not emoji: many Linux browsers have no emoji font.)
 // Plain DOM code, no build step. Untrusted text (reports, paths) is only ever set as textContent.
 "use strict";
 
@@ -256,7 +257,7 @@ async function refine() {
       body: JSON.stringify(body),
     });
     say("");
-    const counts = `${feedback.liked.size} 👍 ${feedback.disliked.size} 👎`;
+    const counts = `${feedback.liked.size} liked, ${feedback.disliked.size} not`;
     feedback.liked.clear();
     feedback.disliked.clear();
     show({...current, title: `${titleOf(query)}, refined (${counts})`,
@@ -338,7 +339,7 @@ function showRefineButton() {
   const disliked = feedback.disliked.size;
   const canRefine = liked > 0 || (disliked > 0 && current.query.kind !== "upload");
   button.hidden = !canRefine;
-  button.textContent = `Refine (${liked} 👍 ${disliked} 👎)`;
+  button.textContent = `Refine (${liked} liked, ${disliked} not)`;
 }
 
 function render(view) {
