@@ -545,3 +545,16 @@ def _is_date(text: str, layout: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def field_values(conn: sqlite3.Connection, field: str) -> dict[str, list[int]]:
+    """value -> ids of the images whose manifest field `field` holds it (non-empty values only)."""
+    path = f'$."{field}"'
+    rows = conn.execute(
+        "SELECT id, json_extract(meta, ?) FROM images WHERE json_extract(meta, ?) != ''",
+        (path, path),
+    )
+    found: dict[str, list[int]] = {}
+    for image_id, value in rows:
+        found.setdefault(str(value), []).append(image_id)
+    return found

@@ -76,6 +76,7 @@ class IndexStore:
         self.lock = threading.Lock()
         # the manifest fields a filter may name, read once: a version never changes
         self.meta_fields = metadata.meta_fields(self.db)
+        self._groups: dict[str, dict[str, list[int]]] = {}  # group_members' maps, per field
         # built on first use, then kept: the reports' FTS5 index (with its own lock) and facets
         self._reports: sqlite3.Connection | None = None
         self._reports_lock = threading.Lock()
@@ -162,20 +163,26 @@ class IndexStore:
     ) -> dict[str, list[int]]:
         """Ids of the images whose manifest field `field` holds one of `keys` (a study or patient
         id) and that pass the filters and keywords, by key: every image of a group, not only
-        those a search happened to reach."""
-        if not keys:
+        those a search happened to reach. The field's value -> ids map is read once per version
+        (one scan, then a dictionary lookup per key)."""
+        if not keys or field not in self.meta_fields:
             return {}
         with self.lock:
-            found = metadata.filtered_ids(self.db, {field: sorted(keys)}, self.meta_fields)
+            if field not in self._groups:
+                self._groups[field] = metadata.field_values(self.db, field)
+            groups = self._groups[field]
+        members = {key: groups[key] for key in keys if key in groups}
         allowed = self._allowed(filters, keywords)
-        if allowed is not None:
-            found = np.intersect1d(np.asarray(found, dtype=np.int64), allowed).tolist()
-        with self.lock:
-            rows = metadata.get_rows(self.db, [int(i) for i in found])
-        members: dict[str, list[int]] = {}
-        for image_id, row in rows.items():
-            members.setdefault(str(row.meta.get(field)), []).append(image_id)
-        return members
+        if allowed is None:
+            return members
+        kept = {}
+        for key, ids in members.items():
+            ids_array = np.asarray(ids, dtype=np.int64)
+            rows = np.minimum(np.searchsorted(allowed, ids_array), max(len(allowed) - 1, 0))
+            passing = ids_array[(allowed[rows] == ids_array)] if len(allowed) else ids_array[:0]
+            if len(passing):
+                kept[key] = passing.tolist()
+        return kept
 
     def facets(self, max_values: int = 50) -> list[Facet]:
         """What filters can ask for: modality, view and every manifest field, each with its
