@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,13 @@ from convirt.bundle import load_tokenizer, save_bundle
 from convirt.config import ModelConfig
 from convirt.model import build_model
 from convirt.paths import data_root
+from index.builder import Options
+from index.builder import build as build_index
+from index.sources import read_manifest
+from service.process import ServerProcess
 from training.config import TrainConfig
+
+INDEX_OPTIONS = Options(batch_size=8, chunk_batches=1, workers=2, progress=False)
 
 
 def find_tool(name: str, install: str) -> str:
@@ -108,3 +117,24 @@ def epoch_rows(out_dir: Path) -> list[dict[str, str]]:
     """The rows of a run's metrics.csv."""
     with open(out_dir / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def index_of_rows(folder: Path, bundle, rows: list[dict[str, str]], fields: list[str]) -> Path:
+    """A real index (folder/root) of rows with absolute image paths: nothing is copied."""
+    manifest = folder / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    build_index(folder / "root", bundle, read_manifest(manifest), INDEX_OPTIONS)
+    return folder / "root"
+
+
+@contextmanager
+def serving(settings: dict) -> Iterator[ServerProcess]:
+    """A real `convirt serve` on loopback that must stop cleanly and log no traceback."""
+    with ServerProcess(settings) as process:
+        yield process
+        # uvicorn shuts down gracefully on SIGTERM, then exits by re-raising it
+        assert process.stop() in (0, -signal.SIGTERM), process.output()
+        assert "Traceback" not in process.output(), process.output()

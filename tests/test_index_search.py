@@ -18,15 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import index_of_rows
 
 from index import faiss_index
-from index.builder import Options, build
 from index.errors import FilterError
 from index.metadata import MAX_ANY_OF, MAX_KEYWORD_CHARS, MAX_KEYWORDS
-from index.sources import read_manifest
 from index.store import Facet, Keywords, open_current
 
-OPTIONS = Options(batch_size=8, chunk_batches=1, workers=2, progress=False)
 FIELDS = ["image", "text", "modality", "view", "age", "sex", "study_date", "acquired", "dose"]
 # A manifest field mixing numbers with text a CAST would read as a number ("12abc" -> 12,
 # "n/a" -> 0): numeric ranges must skip them, and its facet is a list of values.
@@ -89,14 +87,7 @@ def manifest_rows(datasets) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def index_root(tmp_path_factory, bundle_dir, manifest_rows) -> Path:
-    folder = tmp_path_factory.mktemp("search-index")
-    manifest = folder / "manifest.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(manifest_rows)
-    build(folder / "root", bundle_dir, read_manifest(manifest), OPTIONS)
-    return folder / "root"
+    return index_of_rows(tmp_path_factory.mktemp("search-index"), bundle_dir, manifest_rows, FIELDS)
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import csv
 import re
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import find_tool
+from conftest import find_tool, index_of_rows, serving
 from PIL import Image
 
 from convirt.bundle import load_bundle
 from convirt.inference import Embedder
-from index.builder import Options, build
-from index.sources import read_manifest
+from index.builder import Options
 from index.store import open_current
 from service.feedback import rocchio
 from service.process import ServerProcess
@@ -77,14 +75,7 @@ def rows(datasets) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def index_root(tmp_path_factory, bundle_dir, rows) -> Path:
-    folder = tmp_path_factory.mktemp("steering")
-    manifest = folder / "manifest.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    build(folder / "root", load_bundle(bundle_dir), read_manifest(manifest), OPTIONS)
-    return folder / "root"
+    return index_of_rows(tmp_path_factory.mktemp("steering"), bundle_dir, rows, FIELDS)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +85,8 @@ def server(bundle_dir, index_root) -> Iterator[ServerProcess]:
         "CONVIRT_INDEX_ROOT": index_root,
         "CONVIRT_LOG_LEVEL": "warning",
     }
-    with ServerProcess(settings) as process:
+    with serving(settings) as process:
         yield process
-        assert process.stop() in (0, -signal.SIGTERM), process.output()
-        assert "Traceback" not in process.output(), process.output()
 
 
 @pytest.fixture(scope="module")
