@@ -10,14 +10,24 @@ Per level: requests, errors, requests/s, p50/p99 latency, the mean micro-batch s
 server's RSS after the level; then its peak RSS (VmHWM). The in-process times are measured before
 and after the HTTP load, with the server stopped, and averaged. Prints JSON.
 
+Then a lone-query probe: text queries from one client 0.5 s apart (the server idle between
+them: wrk's delay(), or the httpx client sleeping), against the same client's back-to-back p50 at
+one client; the target is the lone p50 within 1.3x of the back-to-back p50.
+
 Targets (for docs/benchmarks.md; not assertions): text p50 at concurrency 1 within 1.3x of the
 in-process time; requests/s at 32 clients >= 3x requests/s at 1; zero errors.
 The load generator runs on the same machine as the server: on few cores it competes for CPU.
+
+--compare serves the fp32 and the int8 query path (CONVIRT_QUANTIZE=none, then int8) in the same
+run: same index, queries and load generator, one server after the other, `--rounds` times; it
+prints a side-by-side table with the int8/fp32 ratios (medians of each round's ratio) on stderr.
+Targets: text requests/s at 32 clients >= 2x fp32's, text p50 at one client <= 0.6x fp32's.
 
     python bench/serve_latency.py --duration 3                  # a quick smoke run
     python bench/serve_latency.py --duration 30 --images 512    # figures for the docs
     python bench/serve_latency.py --torch-threads 1             # steadier on a busy machine
     python bench/serve_latency.py --client httpx                # the Python load generator
+    python bench/serve_latency.py --model runs/demo-cpu/bundle --compare --duration 10
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,6 +58,7 @@ from convirt.imageio import load_image
 from convirt.inference import Embedder
 from convirt.model import build_model
 from convirt.paths import data_root
+from convirt.quantize import load_int8
 from convirt.sentences import report_sentences
 from index.builder import Options, build
 from index.sources import read_manifest
@@ -55,6 +67,8 @@ from service.process import ServerProcess
 
 K = 10
 IN_PROCESS_RUNS = 40
+IDLE_GAP_S = 0.5
+PATHS = {"fp32": "none", "int8": "int8"}  # query path -> CONVIRT_QUANTIZE
 
 
 @dataclass
@@ -148,8 +162,11 @@ def timed(run, inputs: list) -> dict:
     }
 
 
-async def drive(url: str, kind: str, clients: int, seconds: float, archive: Archive) -> Level:
-    """`clients` concurrent clients sending one query after another for `seconds`."""
+async def drive(
+    url: str, kind: str, clients: int, seconds: float, archive: Archive, gap_s: float = 0.0
+) -> Level:
+    """`clients` concurrent clients sending one query after another for `seconds` (gap_s after
+    each answer)."""
     uploads = [(path.name, path.read_bytes()) for path in archive.images[:16]]
     level = Level()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -180,6 +197,8 @@ async def drive(url: str, kind: str, clients: int, seconds: float, archive: Arch
                 else:
                     level.errors += 1
                 n += clients
+                if gap_s:
+                    await asyncio.sleep(gap_s)
 
         started = time.perf_counter()
         deadline = started + seconds
@@ -196,6 +215,7 @@ for i = 0, %(count)d - 1 do
   bodies[#bodies + 1] = f:read("*all")
   f:close()
 end
+%(delay)s
 request = function()
   n = n + 1
   local body = bodies[(n %% #bodies) + 1]
@@ -228,8 +248,11 @@ def request_bodies(kind: str, archive: Archive) -> tuple[str, str, list[bytes]]:
     return "/v1/search/image", f"multipart/form-data; boundary={BOUNDARY}", bodies
 
 
-def drive_wrk(url: str, kind: str, clients: int, seconds: float, archive: Archive) -> dict:
-    """One level under wrk: `clients` connections, each sending one query after another."""
+def drive_wrk(
+    url: str, kind: str, clients: int, seconds: float, archive: Archive, gap_s: float = 0.0
+) -> dict:
+    """One level under wrk: `clients` connections, each sending one query after another (gap_s
+    after each answer: wrk's delay())."""
     path, content_type, bodies = request_bodies(kind, archive)
     with tempfile.TemporaryDirectory() as tmp:
         for n, body in enumerate(bodies):
@@ -237,7 +260,13 @@ def drive_wrk(url: str, kind: str, clients: int, seconds: float, archive: Archiv
         script = Path(tmp) / "queries.lua"
         script.write_text(
             WRK_SCRIPT
-            % {"path": path, "content_type": content_type, "count": len(bodies), "folder": tmp}
+            % {
+                "path": path,
+                "content_type": content_type,
+                "count": len(bodies),
+                "folder": tmp,
+                "delay": f"delay = function() return {round(gap_s * 1000)} end" if gap_s else "",
+            }
         )
         threads = str(min(clients, 2))
         command = ["wrk", "-t", threads, "-c", str(clients), "-s", str(script), "--timeout", "60s"]
@@ -293,6 +322,110 @@ def load_test(
     return results
 
 
+def idle_probe(url: str, archive: Archive, queries: int, client: str, back_to_back: dict) -> dict:
+    """Text p50/p99 of lone queries IDLE_GAP_S apart from one client (the server idle between
+    them), beside the same client's back-to-back p50 (the one-client level)."""
+    time.sleep(2.0)  # the last level's abandoned requests finish first
+    seconds = queries * IDLE_GAP_S
+    if client == "wrk":
+        lone = drive_wrk(url, "text", 1, seconds, archive, gap_s=IDLE_GAP_S)
+    else:
+        lone = asyncio.run(drive(url, "text", 1, seconds, archive, gap_s=IDLE_GAP_S)).summary()
+    return {
+        "idle": {key: lone[key] for key in ("requests", "p50_ms", "p99_ms")},
+        "back_to_back": {key: back_to_back[key] for key in ("p50_ms", "p99_ms")},
+        "idle_over_back_to_back": round(lone["p50_ms"] / back_to_back["p50_ms"], 2),
+        "target": 1.3,
+    }
+
+
+def serve(settings: dict, archive: Archive, args: argparse.Namespace) -> dict:
+    """One server: the load levels, the lone-query probe, its peak RSS."""
+    levels = [int(n) for n in args.levels.split(",")]
+    with ServerProcess(settings) as server:
+        ready = httpx.get(f"{server.url}/readyz", timeout=30).json()
+        http = load_test(server, archive, levels, args.duration, args.client)
+        idle = None
+        if args.idle_queries and "1" in http["text"]:
+            idle = idle_probe(
+                server.url, archive, args.idle_queries, args.client, http["text"]["1"]
+            )
+        peak_rss = server.peak_rss_bytes()
+    return {
+        "query_encoder": ready.get("query_encoder"),
+        "http": http,
+        "lone_query": idle,
+        "server_peak_rss_mb": round(peak_rss / 2**20, 1) if peak_rss else None,
+    }
+
+
+def comparison(rounds: list[dict[str, dict]], levels: list[int]) -> dict:
+    """Per figure: fp32's and int8's medians over the rounds, and the median per-round ratio."""
+    high, low = str(max(levels)), str(min(levels))
+    image_level = "8" if "8" in rounds[0]["fp32"]["http"]["image"] else high
+    figures = {
+        f"text requests/s, {high} clients": ("http", "text", high, "rps", 2.0, "min"),
+        f"text p50 ms, {low} client": ("http", "text", low, "p50_ms", 0.6, "max"),
+        f"text p99 ms, {low} client": ("http", "text", low, "p99_ms", None, None),
+        f"image requests/s, {image_level} clients": (
+            "http",
+            "image",
+            image_level,
+            "rps",
+            None,
+            None,
+        ),
+        "lone text query p50 ms (0.5 s apart)": ("lone_query", "idle", None, "p50_ms", None, None),
+    }
+    out = {}
+    for name, (section, kind, level, key, target, sense) in figures.items():
+
+        def value(run: dict, section=section, kind=kind, level=level, key=key) -> float | None:
+            part = run[section]
+            if part is None:
+                return None
+            part = part[kind]
+            return (part[level] if level else part)[key]
+
+        fp32 = [value(r["fp32"]) for r in rounds]
+        int8 = [value(r["int8"]) for r in rounds]
+        if None in fp32 or None in int8:
+            continue
+        row = {
+            "fp32": round(statistics.median(fp32), 2),
+            "int8": round(statistics.median(int8), 2),
+            "int8_over_fp32": round(
+                statistics.median(b / a for a, b in zip(fp32, int8, strict=True)), 2
+            ),
+        }
+        if target is not None:
+            row["target"] = f"{'>=' if sense == 'min' else '<='} {target}"
+        out[name] = row
+    for path in PATHS:
+        ratios = [
+            r[path]["lone_query"]["idle_over_back_to_back"] for r in rounds if r[path]["lone_query"]
+        ]
+        if ratios:
+            out[f"{path}: lone over back-to-back"] = {
+                "ratio": round(statistics.median(ratios), 2),
+                "target": "<= 1.3",
+            }
+    return out
+
+
+def print_table(table: dict) -> None:
+    lines = ["| figure | fp32 | int8 | int8 / fp32 | target |", "|---|---|---|---|---|"]
+    for name, row in table.items():
+        if "ratio" in row:
+            lines.append(f"| {name} | | | {row['ratio']} | {row['target']} |")
+        else:
+            lines.append(
+                f"| {name} | {row['fp32']} | {row['int8']} | {row['int8_over_fp32']} | "
+                f"{row.get('target', '')} |"
+            )
+    print("\n".join(lines), file=sys.stderr)
+
+
 def targets(in_process: dict, http: dict, levels: list[int]) -> dict:
     low, high = str(min(levels)), str(max(levels))
     text = http["text"]
@@ -333,19 +466,41 @@ def main() -> None:
         help="torch threads of the model, here and in the server (0: torch's default); "
         "1 is steadier on a machine busy with other work",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=sorted(set(PATHS.values())),
+        default="none",
+        help="the server's query path (CONVIRT_QUANTIZE) without --compare",
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="serve fp32 then int8 in the same run, side by side"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="fp32/int8 rounds with --compare")
+    parser.add_argument(
+        "--idle-queries",
+        type=int,
+        default=20,
+        help=f"lone text queries {IDLE_GAP_S} s apart after the levels (0: none)",
+    )
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     levels = [int(n) for n in args.levels.split(",")]
+    paths = PATHS if args.compare else {p: q for p, q in PATHS.items() if q == args.quantize}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         archive = write_archive(tmp, args.images)
         model_dir = args.model or default_bundle(tmp / "bundle")
         bundle = load_bundle(model_dir)
         build(tmp / "index", bundle, read_manifest(archive.manifest), Options(progress=False))
-        embedder = Embedder(bundle)
+        embedders = {
+            path: Embedder(bundle)
+            if quantize == "none"
+            else Embedder(bundle, text_encoder=load_int8(bundle, build_missing=True))
+            for path, quantize in paths.items()
+        }
         with open_current(tmp / "index") as store:
-            before = time_in_process(embedder, store, archive)
+            before = {p: time_in_process(e, store, archive) for p, e in embedders.items()}
             indexed = store.count
         settings = {
             "CONVIRT_MODEL": model_dir,
@@ -356,15 +511,24 @@ def main() -> None:
             "CONVIRT_TORCH_THREADS": args.torch_threads,
             "CONVIRT_LOG_LEVEL": "warning",
         }
-        with ServerProcess(settings) as server:
-            http = load_test(server, archive, levels, args.duration, args.client)
-            peak_rss = server.peak_rss_bytes()
+        rounds = [
+            {
+                path: serve({**settings, "CONVIRT_QUANTIZE": quantize}, archive, args)
+                for path, quantize in paths.items()
+            }
+            for _ in range(args.rounds if args.compare else 1)
+        ]
         with open_current(tmp / "index") as store:
-            after = time_in_process(embedder, store, archive)
-    in_process = {kind: mean_of(before[kind], after[kind]) for kind in before}
+            after = {p: time_in_process(e, store, archive) for p, e in embedders.items()}
+    in_process = {
+        path: {kind: mean_of(before[path][kind], after[path][kind]) for kind in before[path]}
+        for path in paths
+    }
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
         "torch threads; client and server share them",
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "bundle": str(args.model) if args.model else "default config, untrained",
         "images_indexed": indexed,
         "image_size": bundle.config.image_size,
         "k": K,
@@ -373,10 +537,24 @@ def main() -> None:
         "batch_window_ms": args.batch_window_ms,
         "max_batch": args.max_batch,
         "max_image_batch": args.max_image_batch,
-        "in_process": {**in_process, "runs": {"before": before, "after": after}},
-        "http": http,
-        "server_peak_rss_mb": round(peak_rss / 2**20, 1) if peak_rss else None,
-        "targets": targets(in_process, http, levels),
+    }
+    if args.compare:
+        table = comparison(rounds, levels)
+        report |= {
+            "in_process": {**in_process, "runs": {"before": before, "after": after}},
+            "rounds": rounds,
+            "comparison": table,
+        }
+        print(json.dumps(report, indent=2))
+        print_table(table)
+        return
+    (path,) = paths
+    served = rounds[0][path]
+    report |= {
+        "query_encoder": served["query_encoder"],
+        "in_process": {**in_process[path], "runs": {"before": before[path], "after": after[path]}},
+        **served,
+        "targets": targets(in_process[path], served["http"], levels),
     }
     print(json.dumps(report, indent=2))
 

@@ -20,6 +20,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("convirt.cache_cli:main", "decode a manifest's images once into the image cache"),
     "index": ("index.cli:main", "build, update and inspect a FAISS index of an image archive"),
     "serve": ("service.cli:main", "serve text and image search over HTTP"),
+    "export": ("convirt.quantize:main", "derive the int8 query encoder of a bundle for serving"),
+    "keys": ("service.keys_cli:main", "create, list and revoke the service's API keys"),
+    "audit": ("service.audit_cli:main", "list, export (CSV) and verify the service's audit log"),
 }
 
 

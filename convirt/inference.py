@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,13 +29,22 @@ class TextEmbedding:
 class Embedder:
     """Batched, no-grad embedding into L2-normalised numpy vectors."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        text_encoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        """text_encoder: (input_ids, attention_mask) -> u in place of the model's text tower
+        (the int8 query encoder of convirt.quantize); images always use the model."""
         self.bundle = bundle
         self.model = bundle.model.to(device).eval()
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.transform = eval_transform(bundle.config)
         self.max_tokens = bundle.config.max_text_tokens
+        self.text_encoder = text_encoder
 
     @property
     def dim(self) -> int:
@@ -70,9 +79,11 @@ class Embedder:
                 {key: [encoded[key][i] for i in chunk] for key in ("input_ids", "attention_mask")},
                 return_tensors="pt",
             )
-            _, u = self.model.encode_text(
-                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            )
+            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            if self.text_encoder is not None:
+                u = self.text_encoder(ids, mask)
+            else:
+                _, u = self.model.encode_text(ids, mask)
             vectors[chunk] = F.normalize(u.float(), dim=-1).cpu().numpy()
         return TextEmbedding(vectors, truncated)
 

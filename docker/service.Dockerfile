@@ -53,11 +53,12 @@ LABEL org.opencontainers.image.title="convirt-retrieval service" \
       org.opencontainers.image.description="ConVIRT image-text retrieval API on CPU (convirt serve)"
 
 # One uid for every image of the project (trainer.Dockerfile too): they share the /data volume.
-# /data exists here, owned by that user, so a fresh named volume mounted there is writable.
+# /data and /var/lib/convirt (API keys, the audit log) exist here, owned by that user, so fresh
+# named volumes mounted there are writable.
 RUN groupadd --system --gid 10001 convirt \
     && useradd --system --uid 10001 --gid convirt --create-home --home-dir /home/convirt convirt \
-    && mkdir -p /data /archive \
-    && chown convirt:convirt /data
+    && mkdir -p /data /archive /var/lib/convirt \
+    && chown convirt:convirt /data /var/lib/convirt
 
 COPY --from=builder /opt/venv /opt/venv
 

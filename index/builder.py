@@ -1,8 +1,12 @@
 """Write operations on an index root: build, add, remove, reindex, merge. Each writes a new version.
 
-Every operation holds ROOT/.lock, assembles the new version in a tmp directory and switches CURRENT
-only once it is complete. Embedding goes through the staging area (by content hash), so a killed
-build or add, run again, embeds only what it had not committed yet.
+Every operation runs inside `version.writing` (the one template of index writes): it holds
+ROOT/.lock, assembles the new version in a tmp directory, switches CURRENT only once it is complete,
+prunes old versions and summarises. Embedding goes through the staging area (by content hash), so
+a killed build or add, run again, embeds only what it had not committed yet. A source may be
+remote (DICOMweb, index/dicomweb.py): it fetches into the staging area first and names its images
+by URL (`Source.name_of`); `update` is add and remove in one version, what a sync publishes.
+Metadata SQL lives in index/metadata.py.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,9 @@ from .embedding import (
 from .errors import IndexStoreError, check_fingerprint
 from .sources import Source
 from .staging import StagedImage, Staging
-from .version import SPACES, VersionFiles, VersionWriter, read_version
+from .version import SPACES, Summary, VersionFiles, Write, read_version, writing
+
+__all__ = ["Options", "Summary", "add", "build", "merge", "reindex", "remove", "update"]
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +63,6 @@ class Options:
         )
 
 
-@dataclass
-class Summary:
-    """What an operation did; `line()` is the one-line account the CLI prints."""
-
-    operation: str
-    version: str
-    directory: Path
-    count: int
-    changes: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def line(self) -> str:
-        done = ", ".join(f"{n} {what}" for what, n in self.changes.items() if n)
-        return (
-            f"{self.operation}: version {self.version} with {self.count} images"
-            f"{f' ({done})' if done else ''} in {self.seconds:.1f}s; "
-            f"report: {self.directory / 'build_report.json'}"
-        )
-
-
 ModelLike = Bundle | str | Path
 
 
@@ -88,100 +74,113 @@ def build(
     shard: tuple[int, int] | None = None,
 ) -> Summary:
     """Embed a whole source into a new version of `root` (a shard root when `shard` is given)."""
-    options, root, started = options or Options(), Path(root), time.perf_counter()
+    options = options or Options()
     index_type = None if shard else options.index_type
-    with layout.write_lock(root):
-        layout.remove_tmp_dirs(root)
+    with writing(root, "build", keep=options.keep) as w:
         bundle = load_model(model, options.device)
         embedder = Embedder(bundle, options.device, options.batch_size)
         check_index_type(index_type, embedder)
         if shard is not None:
             source = source.shard(*shard)
-        with (
-            layout.disk_full_as_error(root, "build", lambda: new_bytes(source, embedder)),
-            closing(open_staging(root, embedder)) as staging,
-        ):
-            job = run_job(source.items, embedder, staging, options.job_settings())
-            if shard is None:
-                refuse_empty(source, job)
-            with VersionWriter(root, started) as writer:
-                ids, vectors = insert_new(writer.meta, job.kept, staging, source)
-                metadata.insert_duplicates(writer.meta, duplicate_rows(job))
-                skipped = sorted(job.skipped + source.missing, key=lambda s: s.path)
-                report = job_report("build", job, skipped, writer.meta)
-                info = {
-                    **model_info(bundle),
-                    "operation": "build",
-                    "parent": layout.read_current(root),
-                    "source": source.describe(),
-                    "shard": {"index": shard[0], "count": shard[1]} if shard else None,
-                    **job_info(job, skipped, writer.meta),
-                }
-                directory = writer.publish(vectors, ids, info, report, index_type)
-            staging.remove()
-            layout.prune_versions(root, options.keep)
-    return summarise("build", directory, report["counts"], started)
+        w.needs(lambda: new_bytes(source, embedder))
+        staging = w.staging(open_staging(w.root, embedder))
+        source = source.fetch(staging.directory, options.progress)
+        job = run_job(source.items, embedder, staging, options.job_settings())
+        if shard is None:
+            refuse_empty(source, job)
+        ids, vectors = insert_new(w.meta, job.kept, staging, source)
+        metadata.insert_duplicates(w.meta, duplicate_rows(job, source))
+        skipped = skips(job, source)
+        extra = source.finish(w.meta, skipped)
+        report = job_report(job, skipped, w.meta, source, extra)
+        info = {
+            **model_info(bundle),
+            "source": source.describe(),
+            "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+            **job_info(job, skipped, w.meta),
+            **source.version_info({}),
+        }
+        w.publish(vectors, ids, info, report, index_type)
+    return w.summary
 
 
 def add(
     root: str | Path, model: ModelLike, source: Source, options: Options | None = None
 ) -> Summary:
     """Embed the new images of `source` and copy every old vector into a new version."""
-    options, root, started = options or Options(), Path(root), time.perf_counter()
-    with layout.write_lock(root):
-        layout.remove_tmp_dirs(root)
-        current = open_writable_current(root)
-        bundle = load_model(model, options.device)
-        check_fingerprint(
-            f"index {root} (version {current.name})", current.fingerprint, bundle.fingerprint
-        )
-        embedder = Embedder(bundle, options.device, options.batch_size)
-        with (
-            layout.disk_full_as_error(
-                root, "add", lambda: version_bytes(current) + new_bytes(source, embedder)
-            ),
-            closing(open_staging(root, embedder)) as staging,
-        ):
-            with closing(metadata.open_readonly(current.meta_path)) as conn:
-                indexed = metadata.hashes_and_paths(conn)
-            job = run_job(
-                source.items, embedder, staging, options.job_settings(), frozenset(indexed)
-            )
-            by_path = {path: image_id for image_id, path in indexed.values()}
-            replaced = sorted(
-                {by_path[str(item.path)] for item, _ in job.kept if str(item.path) in by_path}
-            )
-            already = [
-                str(item.path) for item, sha in job.known if indexed[sha][1] == str(item.path)
-            ]
-            old_ids = current.ids()
-            keep = ~np.isin(old_ids, replaced)
-            with VersionWriter(root, started) as writer:
-                metadata.copy_from(writer.meta, current.meta_path, old_ids[keep], old_ids[keep])
-                new_ids, new_vectors = insert_new(writer.meta, job.kept, staging, source)
-                metadata.insert_duplicates(writer.meta, duplicate_rows(job, already))
-                ids = np.concatenate([old_ids[keep], new_ids])
-                vectors = {
-                    space: np.concatenate([current.vectors(space)[keep], new_vectors[space]])
-                    for space in SPACES
-                }
-                skipped = sorted(job.skipped + source.missing, key=lambda s: s.path)
-                report = job_report("add", job, skipped, writer.meta)
-                report["counts"].update(replaced=len(replaced), already_indexed=len(already))
-                report.update(
-                    added=[str(item.path) for item, _ in job.kept], already_indexed=already
-                )
-                info = {
-                    **current.info,
-                    "operation": "add",
-                    "parent": current.name,
-                    "added_from": source.describe(),
-                    **job_info(job, skipped, writer.meta),
-                }
-                directory = writer.publish(vectors, ids, info, report, current.info["index_type"])
-            staging.remove()
-            layout.prune_versions(root, options.keep)
-    return summarise("add", directory, report["counts"], started)
+    options = options or Options()
+    with writing(root, "add", from_current=True, keep=options.keep) as w:
+        update(w, source, options, embedder_for(w, model, options))
+    return w.summary
+
+
+def update(
+    w: Write,
+    source: Source,
+    options: Options,
+    embedder: Embedder | None,
+    drop: Sequence[str] = (),
+) -> None:
+    """Publish w.current plus the new images of `source`, minus the images stored under the
+    paths in `drop` (what a remote source no longer holds). Without an embedder, `source` must
+    have nothing to embed (a sync that only removes)."""
+    current = w.current
+    w.needs(lambda: version_bytes(current) + (new_bytes(source, embedder) if embedder else 0))
+    with closing(metadata.open_readonly(current.meta_path)) as conn:
+        indexed = metadata.hashes_and_paths(conn)
+    staging = None
+    if embedder is not None:
+        staging = w.staging(open_staging(w.root, embedder))
+        source = source.fetch(staging.directory, options.progress)
+        job = run_job(source.items, embedder, staging, options.job_settings(), frozenset(indexed))
+    elif source.items:
+        raise IndexStoreError("internal error: images to embed, but no model to embed them")
+    else:
+        job = JobResult()
+    by_path = {path: image_id for image_id, path in indexed.values()}
+    named = [(source.name_of(item.path), sha) for item, sha in job.kept]
+    replaced = sorted({by_path[name] for name, _ in named if name in by_path})
+    already = [
+        name for item, sha in job.known if indexed[sha][1] == (name := source.name_of(item.path))
+    ]
+    dropped = sorted({by_path[path] for path in drop if path in by_path})
+    old_ids = current.ids()
+    keep = ~np.isin(old_ids, replaced + dropped)
+    metadata.copy_from(w.meta, current.meta_path, old_ids[keep], old_ids[keep])
+    if drop:
+        metadata.forget_duplicate_paths(w.meta, drop)
+        metadata.forget_not_indexed(w.meta, drop)
+    new_ids, new_vectors = insert_new(w.meta, job.kept, staging, source, current)
+    metadata.insert_duplicates(w.meta, duplicate_rows(job, source, already))
+    ids = np.concatenate([old_ids[keep], new_ids])
+    vectors = {
+        space: np.concatenate([current.vectors(space)[keep], new_vectors[space]])
+        for space in SPACES
+    }
+    skipped = skips(job, source)
+    extra = source.finish(w.meta, skipped)
+    report = job_report(job, skipped, w.meta, source, extra)
+    report["counts"].update(replaced=len(replaced), already_indexed=len(already))
+    if drop:
+        report["counts"]["removed"] = len(dropped)
+        report["removed"] = sorted(path for path in drop if path in by_path)
+    report.update(added=[name for name, _ in named], already_indexed=already)
+    info = {
+        **current.info,
+        "added_from": source.describe(),
+        **job_info(job, skipped, w.meta),
+        **source.version_info(current.info),
+    }
+    w.publish(vectors, ids, info, report, current.info["index_type"])
+
+
+def embedder_for(w: Write, model: ModelLike, options: Options) -> Embedder:
+    """The model of w.current (refusing any other bundle), ready to embed."""
+    bundle = load_model(model, options.device)
+    check_fingerprint(
+        f"index {w.root} (version {w.current.name})", w.current.fingerprint, bundle.fingerprint
+    )
+    return Embedder(bundle, options.device, options.batch_size)
 
 
 def remove(
@@ -191,61 +190,45 @@ def remove(
     keep: int = layout.KEEP_VERSIONS,
 ) -> Summary:
     """A new version without the given images (by id, or by path: absolute or as indexed)."""
-    root, started = Path(root), time.perf_counter()
-    with layout.write_lock(root):
-        layout.remove_tmp_dirs(root)
-        current = open_writable_current(root)
-        with closing(metadata.open_readonly(current.meta_path)) as conn:
-            doomed, aliases = resolve_targets(conn, root, list(ids), list(paths))
-        with layout.disk_full_as_error(root, "remove", lambda: version_bytes(current)):
-            directory, count = rewrite(root, current, "remove", doomed, aliases, None, started)
-            layout.prune_versions(root, keep)
-    changes = {"removed": len(doomed), "duplicate paths removed": len(aliases)}
-    return Summary(
-        "remove", directory.name, directory, count, changes, time.perf_counter() - started
-    )
+    with writing(root, "remove", from_current=True, keep=keep) as w:
+        with closing(metadata.open_readonly(w.current.meta_path)) as conn:
+            doomed, aliases = resolve_targets(conn, w.root, list(ids), list(paths))
+        changes = {"removed": len(doomed), "duplicate paths removed": len(aliases)}
+        rewrite(w, doomed, aliases, None, changes)
+    return w.summary
 
 
 def reindex(root: str | Path, index_type: str, keep: int = layout.KEEP_VERSIONS) -> Summary:
     """The same vectors and metadata under another FAISS structure; nothing is re-embedded."""
-    root, started = Path(root), time.perf_counter()
-    with layout.write_lock(root):
-        layout.remove_tmp_dirs(root)
-        current = open_writable_current(root)
-        for space, dim in current.info["dims"].items():
+    with writing(root, "reindex", from_current=True, keep=keep) as w:
+        for space, dim in w.current.info["dims"].items():
             check_factory_for(index_type, dim, space)
-        with layout.disk_full_as_error(root, "reindex", lambda: version_bytes(current)):
-            directory, count = rewrite(root, current, "reindex", [], [], index_type, started)
-            layout.prune_versions(root, keep)
-    return Summary("reindex", directory.name, directory, count, {}, time.perf_counter() - started)
+        rewrite(w, [], [], index_type, {})
+    return w.summary
 
 
 def rewrite(
-    root: Path,
-    current: VersionFiles,
-    operation: str,
+    w: Write,
     doomed: Sequence[int],
     aliases: Sequence[str],
     index_type: str | None,
-    started: float,
-) -> tuple[Path, int]:
+    changes: dict[str, int],
+) -> None:
+    """Publish w.current without the ids `doomed` and the duplicate paths `aliases`."""
+    current = w.current
+    w.needs(lambda: version_bytes(current))
     old_ids = current.ids()
     keep = ~np.isin(old_ids, np.asarray(doomed, dtype=np.int64))
-    with VersionWriter(root, started) as writer:
-        metadata.copy_from(writer.meta, current.meta_path, old_ids[keep], old_ids[keep])
-        writer.meta.executemany("DELETE FROM duplicates WHERE path = ?", [(a,) for a in aliases])
-        vectors = {space: current.vectors(space)[keep] for space in SPACES}
-        report = {
-            "operation": operation,
-            "counts": {"removed": len(doomed), "duplicate_paths_removed": len(aliases)},
-            "removed_ids": [int(i) for i in doomed],
-            "removed_duplicate_paths": list(aliases),
-        }
-        info = {**current.info, "operation": operation, "parent": current.name}
-        directory = writer.publish(
-            vectors, old_ids[keep], info, report, index_type or current.info["index_type"]
-        )
-    return directory, int(keep.sum())
+    metadata.copy_from(w.meta, current.meta_path, old_ids[keep], old_ids[keep])
+    metadata.forget_duplicate_paths(w.meta, aliases)
+    vectors = {space: current.vectors(space)[keep] for space in SPACES}
+    report = {
+        "counts": {"removed": len(doomed), "duplicate_paths_removed": len(aliases)},
+        "removed_ids": [int(i) for i in doomed],
+        "removed_duplicate_paths": list(aliases),
+    }
+    index_type = index_type or current.info["index_type"]
+    w.publish(vectors, old_ids[keep], dict(current.info), report, index_type, changes)
 
 
 def merge(
@@ -255,52 +238,45 @@ def merge(
     keep: int = layout.KEEP_VERSIONS,
 ) -> Summary:
     """Join the shards of one sharded build into a version of `root`, equal to a single build."""
-    root, started = Path(root), time.perf_counter()
+    started = time.perf_counter()
     shards = [read_version(layout.current_version_dir(Path(s))) for s in shard_roots]
     check_shards(shards, shard_roots)
     for space, dim in shards[0].info["dims"].items():
         check_factory_for(index_type, dim, space)
     chosen, losers = choose_primaries(shards)
-    with layout.write_lock(root):
-        layout.remove_tmp_dirs(root)
-        needed = lambda: sum(version_bytes(shard) for shard in shards)  # noqa: E731 (asked on failure)
-        with layout.disk_full_as_error(root, "merge", needed):
-            with VersionWriter(root, started) as writer:
-                ids, vectors = copy_shards(writer, shards, chosen)
-                metadata.insert_duplicates(writer.meta, losers)
-                settle_duplicates(writer.meta)
-                reports = [s.report() for s in shards]
-                skipped = sorted(
-                    (s for r in reports for s in r.get("skipped", [])), key=lambda s: s["path"]
-                )
-                repeated = sorted(p for r in reports for p in r.get("repeated_rows", []))
-                duplicates = table_duplicates(writer.meta)
-                counts = {
-                    "embedded": sum(r["counts"].get("embedded", 0) for r in reports),
-                    "resumed": sum(r["counts"].get("resumed", 0) for r in reports),
-                    "skipped": len(skipped),
-                    "duplicates": len(duplicates) + len(repeated),
-                }
-                report = {
-                    "operation": "merge",
-                    "counts": counts,
-                    "skipped": skipped,
-                    "duplicates": duplicates,
-                    "repeated_rows": repeated,
-                }
-                info = {
-                    **{k: shards[0].info[k] for k in ("fingerprint", "model", "source")},
-                    "operation": "merge",
-                    "shards": [str(Path(s).absolute()) for s in shard_roots],
-                    "shard": None,
-                    "parent": layout.read_current(root),
-                    "embed_seconds": round(sum(s.info.get("embed_seconds", 0) for s in shards), 3),
-                    "skipped": len(skipped),
-                    "duplicates": len(duplicates),
-                }
-                directory = writer.publish(vectors, ids, info, report, index_type)
-            layout.prune_versions(root, keep)
-    return summarise("merge", directory, counts, started)
+    with writing(root, "merge", keep=keep, started=started) as w:
+        w.needs(lambda: sum(version_bytes(shard) for shard in shards))
+        ids, vectors = copy_shards(w.meta, shards, chosen)
+        metadata.insert_duplicates(w.meta, losers)
+        metadata.settle_duplicates(w.meta)
+        reports = [s.report() for s in shards]
+        skipped = sorted(
+            (s for r in reports for s in r.get("skipped", [])), key=lambda s: s["path"]
+        )
+        repeated = sorted(p for r in reports for p in r.get("repeated_rows", []))
+        duplicates = metadata.duplicate_entries(w.meta)
+        counts = {
+            "embedded": sum(r["counts"].get("embedded", 0) for r in reports),
+            "resumed": sum(r["counts"].get("resumed", 0) for r in reports),
+            "skipped": len(skipped),
+            "duplicates": len(duplicates) + len(repeated),
+        }
+        report = {
+            "counts": counts,
+            "skipped": skipped,
+            "duplicates": duplicates,
+            "repeated_rows": repeated,
+        }
+        info = {
+            **{k: shards[0].info[k] for k in ("fingerprint", "model", "source")},
+            "shards": [str(Path(s).absolute()) for s in shard_roots],
+            "shard": None,
+            "embed_seconds": round(sum(s.info.get("embed_seconds", 0) for s in shards), 3),
+            "skipped": len(skipped),
+            "duplicates": len(duplicates),
+        }
+        w.publish(vectors, ids, info, report, index_type)
+    return w.summary
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -340,25 +316,43 @@ def job_info(job: JobResult, skipped: list[Skip], conn) -> dict[str, Any]:
     return {
         "embed_seconds": round(job.seconds, 3),
         "skipped": len(skipped),
-        "duplicates": len(table_duplicates(conn)),
+        "duplicates": len(metadata.duplicate_entries(conn)),
     }
 
 
-def job_report(operation: str, job: JobResult, skipped: list[Skip], conn) -> dict[str, Any]:
-    repeated = sorted(str(d.item.path) for d in job.duplicates if str(d.item.path) == d.first)
-    duplicates = table_duplicates(conn)
+def job_report(
+    job: JobResult,
+    skipped: list[Skip],
+    conn,
+    source: Source,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """build_report.json of an embedding job; `extra` (from the source) adds counts and keys."""
+    repeated = sorted(
+        name
+        for d in job.duplicates
+        if (name := source.name_of(d.item.path)) == source.name_of(d.first)
+    )
+    extra = dict(extra or {})
     return {
-        "operation": operation,
         "counts": {
             "embedded": job.embedded,
             "resumed": job.resumed,
             "skipped": len(skipped),
             "duplicates": len(job.duplicates),
+            **extra.pop("counts", {}),
         },
         "skipped": [s.as_dict() for s in skipped],
-        "duplicates": duplicates,
+        "duplicates": metadata.duplicate_entries(conn),
         "repeated_rows": repeated,
+        **extra,
     }
+
+
+def skips(job: JobResult, source: Source) -> list[Skip]:
+    """What the job and the source left out, by the names the index uses, sorted."""
+    named = [Skip(source.name_of(s.path), s.reason) for s in job.skipped]
+    return sorted(named + source.missing, key=lambda s: s.path)
 
 
 def refuse_empty(source: Source, job: JobResult) -> None:
@@ -366,6 +360,12 @@ def refuse_empty(source: Source, job: JobResult) -> None:
     if job.kept:
         return
     where = source.location
+    if not source.items and source.kind not in ("images", "manifest"):
+        reasons = sorted({s.reason for s in source.missing})[:3]
+        raise IndexStoreError(
+            f"no images found in {where}: {len(source.missing)} items that cannot be indexed "
+            f"({'; '.join(reasons) or 'none listed'}); the current version is unchanged"
+        )
     if not source.items:
         raise IndexStoreError(
             f"no images found in {where} (PNG, JPEG, DICOM; {len(source.missing)} manifest rows "
@@ -375,18 +375,6 @@ def refuse_empty(source: Source, job: JobResult) -> None:
     raise IndexStoreError(
         f"none of the {len(source.items)} images in {where} could be read "
         f"({'; '.join(reasons)}); the current version is unchanged"
-    )
-
-
-def summarise(operation: str, directory: Path, counts: dict[str, int], started: float) -> Summary:
-    info = read_version(directory).info
-    return Summary(
-        operation,
-        info["version"],
-        directory,
-        info["count"],
-        dict(counts),
-        time.perf_counter() - started,
     )
 
 
@@ -408,22 +396,11 @@ def open_staging(root: Path, embedder: Embedder) -> Staging:
     return Staging(layout.staging_dir(root, fingerprint), fingerprint, dims)
 
 
-def open_writable_current(root: Path) -> VersionFiles:
-    current = read_version(layout.current_version_dir(root))
-    if current.info.get("shard"):
-        shard = current.info["shard"]
-        raise IndexStoreError(
-            f"{root} holds shard {shard['index']}/{shard['count']} of a sharded build: "
-            "merge the shards into an index first (`convirt index merge --out ROOT SHARD...`)"
-        )
-    return current
-
-
 def image_row(item: ManifestItem, staged: StagedImage, source: Source) -> tuple:
     meta = {**staged.file_meta, **{k: v for k, v in item.meta.items() if v != ""}}
     return (
         metadata.content_id(staged.sha256),
-        str(item.path),
+        source.name_of(item.path),
         item.relpath,
         str(source.location),
         staged.sha256,
@@ -439,10 +416,18 @@ def image_row(item: ManifestItem, staged: StagedImage, source: Source) -> tuple:
 
 
 def insert_new(
-    conn, kept: list[tuple[ManifestItem, str]], staging: Staging, source: Source
+    conn,
+    kept: list[tuple[ManifestItem, str]],
+    staging: Staging | None,
+    source: Source,
+    current: VersionFiles | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Insert the metadata rows of newly embedded images; their ids and vectors, in that order."""
-    encoder_dim, joint_dim = staging.dims
+    """Insert the metadata rows of newly embedded images; their ids and vectors, in that order.
+    Without a staging area (nothing was embedded) the dimensions are those of `current`."""
+    if staging is not None:
+        encoder_dim, joint_dim = staging.dims
+    else:
+        encoder_dim, joint_dim = current.info["dims"]["encoder"], current.info["dims"]["joint"]
     ids = np.zeros(len(kept), np.int64)
     vectors = {
         "encoder": np.zeros((len(kept), encoder_dim), np.float32),
@@ -461,46 +446,29 @@ def insert_new(
     return ids, vectors
 
 
-def duplicate_rows(job: JobResult, already: Sequence[str] = ()) -> list[tuple[str, int, str]]:
+def duplicate_rows(
+    job: JobResult, source: Source, already: Sequence[str] = ()
+) -> list[tuple[str, int, str]]:
     """Duplicates table rows: every other path of a kept content (repeated rows excluded)."""
+    name = source.name_of
     rows = [
-        (str(d.item.path), metadata.content_id(d.sha256), d.first)
+        (name(d.item.path), metadata.content_id(d.sha256), name(d.first))
         for d in job.duplicates
-        if str(d.item.path) != d.first
+        if name(d.item.path) != name(d.first)
     ]
     rows += [
-        (str(item.path), metadata.content_id(sha), "")
+        (name(item.path), metadata.content_id(sha), "")
         for item, sha in job.known
-        if str(item.path) not in already
+        if name(item.path) not in already
     ]
     return rows
-
-
-def settle_duplicates(conn) -> None:
-    """Point every duplicate at the path kept for its content."""
-    conn.execute(
-        "UPDATE duplicates SET duplicate_of = "
-        "(SELECT path FROM images WHERE images.id = duplicates.id)"
-    )
-    conn.execute("DELETE FROM duplicates WHERE path = duplicate_of OR duplicate_of IS NULL")
-    conn.execute(
-        "DELETE FROM duplicates "
-        "WHERE rowid NOT IN (SELECT min(rowid) FROM duplicates GROUP BY path)"
-    )
-    conn.commit()
-
-
-def table_duplicates(conn) -> list[dict[str, Any]]:
-    settle_duplicates(conn)
-    rows = conn.execute("SELECT path, id, duplicate_of FROM duplicates ORDER BY path")
-    return [{"path": p, "id": i, "duplicate_of": d} for p, i, d in rows]
 
 
 def resolve_targets(
     conn, root: Path, ids: list[int], paths: list[str]
 ) -> tuple[list[int], list[str]]:
     """Ids to remove and duplicate paths to forget; an error naming anything not in the index."""
-    known = {row[0] for row in conn.execute("SELECT id FROM images")}
+    known = set(metadata.sorted_ids(conn))
     doomed = {i for i in ids if i in known}
     missing = [f"id {i}" for i in ids if i not in known]
     aliases = []
@@ -508,7 +476,7 @@ def resolve_targets(
         found = metadata.ids_for_path(conn, text) or metadata.ids_for_path(
             conn, os.path.abspath(text)
         )
-        alias = [p for p in (text, os.path.abspath(text)) if _is_duplicate_path(conn, p)]
+        alias = [p for p in (text, os.path.abspath(text)) if metadata.is_duplicate_path(conn, p)]
         doomed.update(found)
         aliases += alias[:1]
         if not found and not alias:
@@ -519,10 +487,6 @@ def resolve_targets(
             "(`convirt index info` shows the version; ids and paths come from search results)"
         )
     return sorted(doomed), aliases
-
-
-def _is_duplicate_path(conn, path: str) -> bool:
-    return conn.execute("SELECT 1 FROM duplicates WHERE path = ?", (path,)).fetchone() is not None
 
 
 def check_shards(shards: list[VersionFiles], roots: Sequence[str | Path]) -> None:
@@ -557,7 +521,7 @@ def choose_primaries(
     losers = []
     for position, shard in enumerate(shards):
         with closing(metadata.open_readonly(shard.meta_path)) as conn:
-            for image_id, relpath, path in conn.execute("SELECT id, relpath, path FROM images"):
+            for image_id, relpath, path in metadata.image_names(conn):
                 claim = (relpath, position, path)
                 best = chosen.get(image_id)
                 if best is None or claim < best:
@@ -569,13 +533,13 @@ def choose_primaries(
 
 
 def copy_shards(
-    writer: VersionWriter, shards: list[VersionFiles], chosen: dict[int, tuple[str, int]]
+    conn, shards: list[VersionFiles], chosen: dict[int, tuple[str, int]]
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     ids_parts, vector_parts = [], {space: [] for space in SPACES}
     for position, shard in enumerate(shards):
         shard_ids = shard.ids()
         mine = np.array([chosen[int(i)][1] == position for i in shard_ids], dtype=bool)
-        metadata.copy_from(writer.meta, shard.meta_path, shard_ids[mine], None)
+        metadata.copy_from(conn, shard.meta_path, shard_ids[mine], None)
         ids_parts.append(shard_ids[mine])
         for space in SPACES:
             vector_parts[space].append(shard.vectors(space)[mine])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import closing
 from pathlib import Path
 
 from convirt.bundle import BundleError, read_bundle_info
 from convirt.imagecache import CacheError
 from convirt.paths import MissingWeightsError
 
-from . import builder, checks, faiss_index, layout
+from . import builder, checks, dicomweb, faiss_index, layout, metadata
 from .embedding import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_BATCHES, DEFAULT_WORKERS
 from .errors import DiskFullError, IndexStoreError
 from .sources import Source, parse_shard, scan_folder, single_file
@@ -20,11 +21,14 @@ from .sources import read_manifest as read_source_manifest
 DESCRIPTION = """\
 Build, update and inspect a FAISS index of an image archive (PNG, JPEG, DICOM).
 
-Every write (build, add, remove, reindex, merge) creates a new version under ROOT/versions/ and
-then switches ROOT/CURRENT to it atomically: readers see the old version until the new one is
+Every write (build, add, remove, reindex, merge, sync) creates a new version under ROOT/versions/
+and then switches ROOT/CURRENT to it atomically: readers see the old version until the new one is
 complete. A killed build or add, run again with the same arguments, resumes: images already
 embedded (known by content hash) are not embedded again. A write that runs out of disk space
 stops with exit status 2, naming the disk and the space needed and free; nothing is published.
+
+A PACS is a source too: build and add take --dicomweb URL (QIDO-RS lists, WADO-RS fetches), and
+`sync --dicomweb URL` adds what is new on it and removes what was deleted, in one version.
 """
 
 INDEX_TYPE_HELP = (
@@ -66,6 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_remove(commands)
     add_reindex(commands)
     add_merge(commands)
+    add_sync(commands)
     add_info(commands)
     add_verify(commands)
     return parser
@@ -187,6 +192,44 @@ def add_merge(commands) -> None:
     p.set_defaults(run=run_merge)
 
 
+def add_sync(commands) -> None:
+    p = subparser(
+        commands,
+        "sync",
+        "bring the index up to date with a PACS",
+        "Adds the instances the PACS holds that the index lacks and removes those it no longer\n"
+        "holds, in one new version (none when nothing changed, so running it again is a no-op).\n"
+        "New instances are found by Orthanc's /changes feed when the server is Orthanc (GET\n"
+        "/system answers), else by a QIDO listing (StudyDate >= --since, --modality); deletions by\n"
+        "a QIDO listing (on Orthanc only when its instance count dropped). The feed position is\n"
+        "stored in version.json with the data. Filters and --reports default to those of the\n"
+        "last build or sync from the same URL. Killed or cut off from the PACS, it publishes\n"
+        "nothing; run it again and it resumes. Run it on a timer (cron, a systemd timer, a\n"
+        "Kubernetes CronJob).",
+    )
+    add_root(p, "--root", "index root written by `convirt index build`")
+    add_model(p)
+    p.add_argument("--dicomweb", required=True, metavar="URL", help="DICOMweb base URL of the PACS")
+    add_dicomweb_options(p)
+    p.add_argument(
+        "--max-removal",
+        type=float,
+        default=dicomweb.DEFAULT_MAX_REMOVAL,
+        metavar="FRACTION",
+        help="refuse to remove more than this fraction of the PACS's images in one sync, in case "
+        "the PACS answers an empty or cut-short listing (default: %(default)s; 1: no limit)",
+    )
+    p.add_argument(
+        "--feed",
+        choices=dicomweb.FEEDS,
+        default="auto",
+        help="how new instances are found: orthanc (its /changes feed), qido (a listing), or "
+        "auto (orthanc when GET /system answers; default)",
+    )
+    add_job_options(p)
+    p.set_defaults(run=run_sync)
+
+
 def add_info(commands) -> None:
     p = subparser(
         commands,
@@ -248,8 +291,49 @@ def add_source(p: argparse.ArgumentParser, allow_file: bool = False) -> None:
         help="CSV or JSONL: an image column (path relative to the manifest), an "
         "optional report text column, other columns kept as metadata",
     )
+    group.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="a PACS's DICOMweb base URL (e.g. http://pacs:8042/dicom-web): instances found by "
+        "QIDO-RS, fetched by WADO-RS",
+    )
     p.add_argument("--image-column", default="image", help="manifest image column (default: image)")
     p.add_argument("--text-column", default="text", help="manifest report column (default: text)")
+    add_dicomweb_options(p)
+
+
+def add_dicomweb_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("PACS (with --dicomweb)")
+    group.add_argument(
+        "--since", metavar="DATE", help="only studies of this date or later (YYYY-MM-DD)"
+    )
+    group.add_argument(
+        "--modality",
+        metavar="LIST",
+        help="only these modalities, comma-separated (e.g. CR,DX,CT); Structured Reports (SR) "
+        "of their studies are always read for the report text",
+    )
+    group.add_argument(
+        "--reports",
+        type=Path,
+        metavar="CSV",
+        help="the RIS report table: a StudyInstanceUID or AccessionNumber column and a report "
+        "(or text) column, joined to the images; it wins over SR text",
+    )
+    group.add_argument(
+        "--pacs-timeout",
+        type=float,
+        default=dicomweb.DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help="seconds to wait for the PACS per request (default: %(default)s)",
+    )
+    group.add_argument(
+        "--fetch-threads",
+        type=int,
+        default=dicomweb.DEFAULT_THREADS,
+        metavar="N",
+        help="instances fetched at once (default: %(default)s)",
+    )
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
@@ -304,7 +388,35 @@ def parse_shard_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def load_source(args: argparse.Namespace) -> Source:
+def pacs_of(args: argparse.Namespace) -> dicomweb.Pacs:
+    return dicomweb.Pacs(
+        args.dicomweb,
+        since=args.since,
+        modalities=args.modality or (),
+        reports=args.reports,
+        timeout=args.pacs_timeout,
+        feed=getattr(args, "feed", "auto"),
+        threads=args.fetch_threads,
+        max_removal=getattr(args, "max_removal", dicomweb.DEFAULT_MAX_REMOVAL),
+    )
+
+
+def load_source(args: argparse.Namespace, known_root: Path | None = None) -> Source:
+    """The source the arguments name. known_root (add): a PACS's instances that root's current
+    version holds already are not fetched again, and the add records no sync position."""
+    if args.dicomweb is not None:
+        pacs = pacs_of(args)
+        known: set[str] = set()
+        if known_root is not None:
+            with closing(
+                metadata.open_readonly(layout.current_version_dir(known_root) / metadata.META_DB)
+            ) as conn:
+                images, seen = metadata.paths_under(conn, pacs.prefix + "/")
+            known = set(images) | set(seen)
+        return dicomweb.list_source(pacs, known, record=known_root is None)
+    used = [f"--{n}" for n in ("since", "modality", "reports") if getattr(args, n) is not None]
+    if used:
+        raise IndexStoreError(f"{', '.join(used)}: only with --dicomweb URL")
     if args.manifest is not None:
         return read_source_manifest(args.manifest, args.image_column, args.text_column)
     if args.images.is_file():
@@ -342,7 +454,13 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    print(builder.add(args.root, args.model, load_source(args), options(args)).line())
+    source = load_source(args, known_root=args.root if args.dicomweb else None)
+    print(builder.add(args.root, args.model, source, options(args)).line())
+    return 0
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    print(dicomweb.sync(args.root, args.model, pacs_of(args), options(args)).line())
     return 0
 
 

@@ -133,6 +133,9 @@ def copy_from(
     try:
         _copy_table(conn, "images", image_ids)
         _copy_table(conn, "duplicates", duplicate_ids)
+        if _has_table(conn, "other", NOT_INDEXED):  # written by remote sources (DICOMweb) only
+            _create_not_indexed(conn)
+            conn.execute(f"INSERT OR REPLACE INTO {NOT_INDEXED} SELECT * FROM other.{NOT_INDEXED}")
         conn.commit()
     finally:
         conn.execute("DETACH DATABASE other")
@@ -157,6 +160,118 @@ def ids_for_path(conn: sqlite3.Connection, path: str) -> list[int]:
     """Ids of images stored under `path` (absolute or relative to its source)."""
     rows = conn.execute("SELECT id FROM images WHERE path = ? OR relpath = ?", (path, path))
     return sorted({row[0] for row in rows})
+
+
+def sorted_ids(conn: sqlite3.Connection) -> list[int]:
+    return [row[0] for row in conn.execute("SELECT id FROM images ORDER BY id")]
+
+
+def image_names(conn: sqlite3.Connection) -> list[tuple[int, str, str]]:
+    """(id, relpath, path) of every image."""
+    return conn.execute("SELECT id, relpath, path FROM images").fetchall()
+
+
+def is_duplicate_path(conn: sqlite3.Connection, path: str) -> bool:
+    return conn.execute("SELECT 1 FROM duplicates WHERE path = ?", (path,)).fetchone() is not None
+
+
+def forget_duplicate_paths(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
+    conn.executemany("DELETE FROM duplicates WHERE path = ?", [(p,) for p in paths])
+
+
+def settle_duplicates(conn: sqlite3.Connection) -> None:
+    """Point every duplicate at the path kept for its content; drop self-references, entries whose
+    content is not indexed and repeated paths."""
+    conn.execute(
+        "UPDATE duplicates SET duplicate_of = "
+        "(SELECT path FROM images WHERE images.id = duplicates.id)"
+    )
+    conn.execute("DELETE FROM duplicates WHERE path = duplicate_of OR duplicate_of IS NULL")
+    conn.execute(
+        "DELETE FROM duplicates "
+        "WHERE rowid NOT IN (SELECT min(rowid) FROM duplicates GROUP BY path)"
+    )
+    conn.commit()
+
+
+def duplicate_entries(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every duplicate (settled first), by path: {path, id, duplicate_of}."""
+    settle_duplicates(conn)
+    rows = conn.execute("SELECT path, id, duplicate_of FROM duplicates ORDER BY path")
+    return [{"path": p, "id": i, "duplicate_of": d} for p, i, d in rows]
+
+
+# -- what a remote source saw but did not index (DICOMweb: reports, instances without pixels) ------
+
+NOT_INDEXED = "not_indexed"
+
+
+def _has_table(conn: sqlite3.Connection, schema: str, table: str) -> bool:
+    query = f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?"
+    return conn.execute(query, (table,)).fetchone() is not None
+
+
+def _create_not_indexed(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {NOT_INDEXED} (path TEXT PRIMARY KEY, reason TEXT NOT NULL)"
+    )
+
+
+def record_not_indexed(conn: sqlite3.Connection, rows: Iterable[tuple[str, str]]) -> None:
+    """(path, reason) of things a source holds that are not images of the index, so that a later
+    sync knows them without fetching them again."""
+    _create_not_indexed(conn)
+    conn.executemany(f"INSERT OR REPLACE INTO {NOT_INDEXED} VALUES (?, ?)", rows)
+
+
+def forget_not_indexed(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
+    if _has_table(conn, "main", NOT_INDEXED):
+        conn.executemany(f"DELETE FROM {NOT_INDEXED} WHERE path = ?", [(p,) for p in paths])
+
+
+def paths_under(conn: sqlite3.Connection, prefix: str) -> tuple[dict[str, int], dict[str, str]]:
+    """({path: id} of the images, {path: reason} of what was not indexed) whose path starts with
+    prefix (a remote source's URL)."""
+    start = "substr(path, 1, ?) = ?"
+    images = {
+        path: image_id
+        for image_id, path in conn.execute(
+            f"SELECT id, path FROM images WHERE {start}", (len(prefix), prefix)
+        )
+    }
+    seen: dict[str, str] = {}
+    if _has_table(conn, "main", NOT_INDEXED):
+        query = f"SELECT path, reason FROM {NOT_INDEXED} WHERE {start}"
+        seen = dict(conn.execute(query, (len(prefix), prefix)))
+    return images, seen
+
+
+def report_under(conn: sqlite3.Connection, prefix: str) -> str:
+    """The report of an image whose path starts with prefix (a study's URL), or ''."""
+    row = conn.execute(
+        "SELECT report FROM images WHERE substr(path, 1, ?) = ? AND report != '' LIMIT 1",
+        (len(prefix), prefix),
+    ).fetchone()
+    return row[0] if row else ""
+
+
+def values_under(conn: sqlite3.Connection, prefix: str, key: str) -> set[str]:
+    """The non-empty values of metadata field `key` among the images whose path starts with
+    prefix."""
+    rows = conn.execute(
+        "SELECT DISTINCT json_extract(meta, ?) FROM images WHERE substr(path, 1, ?) = ?",
+        (f'$."{key}"', len(prefix), prefix),
+    )
+    return {str(value) for (value,) in rows if value not in (None, "")}
+
+
+def fill_reports_under(conn: sqlite3.Connection, prefix: str, report: str) -> int:
+    """Give the images under prefix (a study's URL) that have no report this one; how many."""
+    done = conn.execute(
+        "UPDATE images SET report = ? WHERE substr(path, 1, ?) = ? AND report = ''",
+        (report, len(prefix), prefix),
+    )
+    return done.rowcount
 
 
 def row_from_sql(values: tuple) -> ImageRow:

@@ -2,6 +2,10 @@
 
 Items come out sorted by their path relative to the source, which fixes the processing order (and so
 which copy of a duplicated image is kept) whatever the file system lists first.
+
+A remote source (a PACS over DICOMweb: index/dicomweb.py) is a Source too: `fetch` downloads its
+items into the write's staging area, and `name_of` gives the name each is stored under (its URL)
+in place of the local copy's path.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from convirt.imageio import IMAGE_SUFFIXES, looks_like_dicom
 from convirt.manifest import ManifestError, ManifestItem, Skip
@@ -26,13 +31,34 @@ class SourceError(IndexStoreError):
 class Source:
     """The items of one source, plus rows that point at nothing (reported, never embedded)."""
 
-    kind: str  # "images" or "manifest"
-    location: Path
+    kind: str  # "images", "manifest" or a remote kind ("dicomweb")
+    location: Path | str  # a folder, a manifest file or a remote source's URL
     items: list[ManifestItem]
     missing: list[Skip] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # local copy -> name stored (remote)
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "location": str(self.location)}
+
+    def name_of(self, path: Path | str) -> str:
+        """The path the index stores for an item's file: the file's own, unless remote."""
+        return self.names.get(str(path), str(path))
+
+    def fetch(self, directory: Path, progress: bool = True) -> Source:
+        """This source with every item in a local file. A remote source downloads into
+        `directory` (the write's staging area: kept until the version is published, so a rerun
+        does not download again); a folder or a manifest is local already."""
+        return self
+
+    def version_info(self, inherited: dict[str, Any]) -> dict[str, Any]:
+        """Keys a remote source adds to version.json (its sync cursor), given the info the new
+        version inherits ({} for a build)."""
+        return {}
+
+    def finish(self, conn, skipped: list[Skip]) -> dict[str, Any]:
+        """Called with the new version's metadata (sqlite3) before it is published, and what was
+        skipped; returns keys for build_report.json ("counts" are merged into its counts)."""
+        return {}
 
     def shard(self, index: int, count: int) -> Source:
         """The items whose relative path hashes to shard `index` of `count` (deterministic)."""

@@ -11,6 +11,21 @@
 
 The .npy files are the source of truth: add/remove/merge copy them instead of re-embedding, and
 the FAISS files can be rebuilt from them with another --index-type (`convirt index reindex`).
+
+Every write operation (build, add, remove, reindex, merge, sync) goes through one template:
+
+    with writing(root, "add", from_current=True, keep=3) as w:
+        w.current                      # the version being served (from_current=True)
+        w.needs(lambda: bytes_needed)  # the estimate a disk-full error reports
+        staging = w.staging(Staging(...))   # closed on exit, removed once the version is out
+        w.meta                         # the new version's meta.sqlite (its tmp dir made on first use)
+        w.publish(vectors, ids, info, report, index_type)   # or nothing: CURRENT stays
+    w.summary                          # what the operation did (Summary.line() for the CLI)
+
+It holds ROOT/.lock, removes versions left half-written by a crashed writer, turns running out of
+disk into DiskFullError, publishes atomically (the version directory is renamed into place, then
+CURRENT switched), prunes old versions and removes the staging area. On any error the tmp version
+is discarded and CURRENT still names the old version; the staging area stays for a rerun.
 """
 
 from __future__ import annotations
@@ -18,7 +33,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +45,7 @@ import numpy as np
 
 from . import faiss_index, layout, metadata
 from .errors import IndexStoreError
+from .staging import Staging
 
 VERSION_FORMAT = 1
 INFO_NAME = "version.json"
@@ -167,6 +185,164 @@ class VersionWriter:
 
     def _check_meta(self, ids: np.ndarray) -> None:
         self.meta.commit()
-        stored = [row[0] for row in self.meta.execute("SELECT id FROM images ORDER BY id")]
-        if stored != ids.tolist():
+        if metadata.sorted_ids(self.meta) != ids.tolist():
             raise IndexStoreError("internal error: metadata rows and vectors disagree")
+
+
+# -- the one template of every write ---------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """What an operation did; `line()` is the one-line account the CLI prints."""
+
+    operation: str
+    version: str
+    directory: Path
+    count: int
+    changes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    published: bool = True  # False: nothing changed, CURRENT still names `version`
+
+    def line(self) -> str:
+        done = ", ".join(f"{n} {what}" for what, n in self.changes.items() if n)
+        if not self.published:
+            return (
+                f"{self.operation}: nothing changed{f' ({done})' if done else ''}; version "
+                f"{self.version} with {self.count} images stays current ({self.seconds:.1f}s)"
+            )
+        return (
+            f"{self.operation}: version {self.version} with {self.count} images"
+            f"{f' ({done})' if done else ''} in {self.seconds:.1f}s; "
+            f"report: {self.directory / REPORT_NAME}"
+        )
+
+
+def open_writable_current(root: Path) -> VersionFiles:
+    """The version being served, refused when it is a shard (shards are only merged)."""
+    current = read_version(layout.current_version_dir(root))
+    if current.info.get("shard"):
+        shard = current.info["shard"]
+        raise IndexStoreError(
+            f"{root} holds shard {shard['index']}/{shard['count']} of a sharded build: "
+            "merge the shards into an index first (`convirt index merge --out ROOT SHARD...`)"
+        )
+    return current
+
+
+class Write:
+    """One write operation on an index root, from its lock to its summary (see `writing`)."""
+
+    def __init__(self, root: Path, operation: str, keep: int, started: float):
+        self.root, self.operation, self.keep, self.started = root, operation, keep, started
+        self.parent = layout.read_current(root)  # the version this one follows, if any
+        self.current: VersionFiles | None = None
+        self.summary: Summary | None = None
+        self._needed: Callable[[], int] = lambda: 0
+        self._writer: VersionWriter | None = None
+        self._stagings: list[Staging] = []
+        self._directory: Path | None = None
+        self._changes: dict[str, int] = {}
+
+    def needs(self, estimate: Callable[[], int]) -> None:
+        """About the bytes this write takes (asked only when a write fails for want of space)."""
+        self._needed = estimate
+
+    def needed(self) -> int:
+        return self._needed()
+
+    def staging(self, staging: Staging) -> Staging:
+        """Embeddings of this job: closed when the write ends, removed once it is published."""
+        self._stagings.append(staging)
+        return staging
+
+    def writer(self) -> VersionWriter:
+        """The new version, assembled in a tmp dir (made on first use)."""
+        if self._writer is None:
+            self._writer = VersionWriter(self.root, self.started)
+        return self._writer
+
+    @property
+    def meta(self):
+        """The new version's metadata connection (meta.sqlite)."""
+        return self.writer().meta
+
+    @property
+    def published(self) -> bool:
+        return self._directory is not None
+
+    def publish(
+        self,
+        vectors: dict[str, np.ndarray],
+        ids: np.ndarray,
+        info: dict[str, Any],
+        report: dict[str, Any],
+        index_type: str | None,
+        changes: dict[str, int] | None = None,
+    ) -> Path:
+        """Write the new version and switch CURRENT to it. `info` and `report` get this
+        operation's name and parent; `changes` (default: the report's counts) go to the summary."""
+        info = {**info, "operation": self.operation, "parent": self.parent}
+        report = {"operation": self.operation, **report}
+        self._directory = self.writer().publish(vectors, ids, info, report, index_type)
+        self._changes = dict(report.get("counts", {}) if changes is None else changes)
+        return self._directory
+
+    def unchanged(self, changes: dict[str, int] | None = None) -> None:
+        """Publish nothing: the summary names the current version (what was checked: changes)."""
+        self._changes = dict(changes or {})
+
+    def _finish(self) -> None:
+        if self.published:
+            for staging in self._stagings:
+                staging.remove()
+            layout.prune_versions(self.root, self.keep)
+            directory = self._directory
+        else:
+            directory = layout.current_version_dir(self.root)
+        info = read_version(directory).info
+        self.summary = Summary(
+            self.operation,
+            info["version"],
+            directory,
+            info["count"],
+            self._changes,
+            time.perf_counter() - self.started,
+            self.published,
+        )
+
+    def _close(self) -> None:
+        if self._writer is not None and not self.published:
+            self._writer.discard()
+        for staging in self._stagings:
+            staging.close()
+
+
+@contextmanager
+def writing(
+    root: str | Path,
+    operation: str,
+    *,
+    from_current: bool = False,
+    keep: int = layout.KEEP_VERSIONS,
+    started: float | None = None,
+) -> Iterator[Write]:
+    """Lock ROOT, run the body, publish what it wrote atomically, prune, summarise.
+
+    from_current: the body derives the new version from the one being served (`w.current`;
+    an error when there is none or it is a shard). On any error nothing is published, the tmp
+    version is removed and the staging area kept (a rerun resumes); a write that failed for want
+    of space raises DiskFullError naming the disk, the space free and `w.needs`' estimate."""
+    root = Path(root)
+    started = time.perf_counter() if started is None else started
+    with layout.write_lock(root):
+        layout.remove_tmp_dirs(root)
+        write = Write(root, operation, keep, started)
+        if from_current:
+            write.current = open_writable_current(root)
+        with layout.disk_full_as_error(root, operation, write.needed):
+            try:
+                yield write
+                write._finish()
+            finally:
+                write._close()

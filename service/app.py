@@ -15,12 +15,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
+from .access import Access
+from .audit import AuditLog
 from .docs import fastapi_docs_url, install_local_docs
 from .errors import install_error_handlers
 from .limits import BodyReadDeadline, BodySizeLimit
 from .loading import Resources, load_resources
 from .metrics import Metrics, RequestMetrics
-from .routes import admin, explain, facets, health, images, page, search
+from .routes import admin, auth, explain, facets, health, images, page, search
 from .routes.page import STATIC_DIR
 from .settings import Settings
 from .state import ServiceState
@@ -31,7 +33,10 @@ DESCRIPTION = """Medical image-text retrieval with a ConVIRT model.
   cases out; refine by example; the filterable fields (facets); why an image matched (explain).
   Results come one card per study where the metadata names studies (`group_by`).
 * **images**: the indexed files and thumbnails by id, and similar cases of an indexed image.
-* **admin**: switch to the newest index version (X-API-Key).
+* **admin**: switch to the newest index version (the admin role).
+* **auth**: who you are. Every search and image needs the reader role: an API key in X-API-Key
+  (use "Authorize"), or sign-in through the hospital's proxy; the service may also run open on
+  loopback. Health, readiness and metrics need nothing.
 
 Errors are JSON: `{"error": {"status", "code", "message", "details"}}`. Ids are 63-bit integers
 sent as decimal strings.
@@ -65,6 +70,10 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         redoc_url=None,
     )
     app.state.service = service
+    app.state.access = Access(settings)
+    app.state.audit = (
+        AuditLog(settings.audit_log, settings.audit_queries) if settings.audit_log else None
+    )
     install_error_handlers(app)  # its middleware innermost: 500s pass the metrics below
     app.add_middleware(
         BodySizeLimit,
@@ -77,7 +86,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     )
     # outermost, so it counts the 413s of the size limit and the 400s of the host check too
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)
-    for module in (search, facets, explain, images, admin, health, page):
+    for module in (search, facets, explain, images, admin, auth, health, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_local_docs(app)

@@ -22,12 +22,20 @@ bundle must be the one the index was built with (their fingerprints are compared
 """
 
 EPILOG = """environment only:
-  CONVIRT_API_KEY   key for POST /v1/admin/reload (header X-API-Key); unset: admin API off
+  CONVIRT_API_KEY   an admin key (header X-API-Key): POST /v1/admin/reload, and every search
+                    when keys are required; unset: admin API off unless CONVIRT_AUTH_DB has one
+
+access (README "Hospital deployment"):
+  keys:  CONVIRT_AUTH_DB=/var/lib/convirt/keys.sqlite, then `convirt keys add --name N --role reader`
+  proxy: CONVIRT_AUTH=proxy behind oauth2-proxy at CONVIRT_FORWARDED_ALLOW_IPS
+  open:  neither; refused off loopback unless --insecure-no-auth
+  audit: CONVIRT_AUDIT_LOG=/var/lib/convirt/audit.jsonl, then `convirt audit`, `convirt audit verify`
 
 endpoints:
   POST /v1/search/text            {"text", "k", "filters"} -> the k best images
   POST /v1/search/image           multipart file (PNG, JPEG, DICOM) + k -> similar cases
   GET  /v1/images/{id}[/thumbnail|/similar?k=]
+  GET  /v1/whoami                 the authentication mode and the caller
   POST /v1/admin/reload           switch to the newest index version
   GET  /healthz /readyz /metrics /docs
 
@@ -78,25 +86,42 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as err:
         print(f"convirt serve: {describe_invalid(err)}", file=sys.stderr)
         return 2
+    from .access import startup_problem, startup_warnings
+
+    problem = startup_problem(settings)  # before the model loads: a refusal costs nothing
+    if problem:
+        print(f"convirt serve: {problem}", file=sys.stderr)
+        return 2
+    for warning in startup_warnings(settings):
+        log.warning("%s", warning)
     return serve(settings)
 
 
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    from .access import with_peer_and_proxy_headers
     from .app import create_app
+    from .audit import AuditError
     from .limits import guarded_protocol
     from .loading import StartupError, load_resources
+    from .logs import log_config
 
     try:
         resources = load_resources(settings)
     except StartupError as err:
         print(f"convirt serve: {err}", file=sys.stderr)
         return 2
-    app = create_app(settings, resources)
+    try:
+        app = create_app(settings, resources)
+    except (AuditError, OSError) as err:
+        print(f"convirt serve: the audit log cannot be written: {err}", file=sys.stderr)
+        return 2
     log.info("listening on http://%s:%d", settings.host, settings.port)
     uvicorn.run(
-        app,
+        with_peer_and_proxy_headers(app, settings.forwarded_allow_ips),
+        proxy_headers=False,  # done inside with_peer_and_proxy_headers, after the peer is kept
+        log_config=log_config(),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the service state, the Searcher, the engine, a leased index store, the key.
+"""FastAPI dependencies: the service state, the Searcher, the engine, a leased index store, the
+caller (authenticate, require_reader, require_admin) and the audit record of a request (audited).
 
 All are `async def`: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per
 dependency per request for what is an attribute lookup.
@@ -6,15 +7,21 @@ dependency per request for what is an attribute lookup.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
-from typing import Annotated
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index.store import IndexStore
 
+from . import audit
+from .access import API_KEY_HEADER, Access, Principal
+from .audit import AuditLog, AuditRecord
 from .engine import Engine
 from .errors import ApiError
 from .schemas import ID_MAX
@@ -22,9 +29,14 @@ from .searcher import Searcher
 from .settings import Settings
 from .state import ServiceState
 
-API_KEY_HEADER = "X-API-Key"
+log = logging.getLogger("service")
+
 api_key_header = APIKeyHeader(
-    name=API_KEY_HEADER, auto_error=False, description="the CONVIRT_API_KEY of the service"
+    name=API_KEY_HEADER,
+    scheme_name="APIKey",
+    auto_error=False,
+    description="an API key (`convirt keys add`; CONVIRT_API_KEY is an admin key). Not needed "
+    "behind the authenticating proxy, or when the service runs open on loopback",
 )
 
 
@@ -59,22 +71,115 @@ async def leased_store(service: ServiceDep) -> AsyncIterator[IndexStore]:
         yield store
 
 
-async def require_api_key(
-    settings: Annotated[Settings, Depends(get_settings)],
-    key: Annotated[str | None, Depends(api_key_header)],
-) -> None:
-    if settings.api_key is None:
+async def get_access(request: Request) -> Access:
+    return request.app.state.access
+
+
+AccessDep = Annotated[Access, Depends(get_access)]
+ApiKeyDep = Annotated[str | None, Security(api_key_header)]
+
+
+async def authenticate(request: Request, access: AccessDep, key: ApiKeyDep) -> Principal:
+    """The caller (401 without a valid key or proxy user, 429 past its rate); once a request."""
+    return await access.identify(request, key)
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+
+
+def require(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency that lets through callers with `role` or a higher one (403 role_too_low)."""
+
+    async def check(principal: PrincipalDep, access: AccessDep) -> Principal:
+        if principal.can(role):
+            return principal
+        if access.mode == "open":  # as before keys existed: CONVIRT_API_KEY guards the admin API
+            if access.admin_key is None:
+                raise ApiError(
+                    403,
+                    "admin_disabled",
+                    "the admin API is off: start the service with CONVIRT_API_KEY",
+                )
+            raise ApiError(
+                401,
+                "unauthorized",
+                f"missing or wrong API key: send it in the {API_KEY_HEADER} header",
+                headers={"WWW-Authenticate": "APIKey"},
+            )
+        who = principal.name or principal.user
         raise ApiError(
-            403, "admin_disabled", "the admin API is off: start the service with CONVIRT_API_KEY"
+            403,
+            "role_too_low",
+            f"this needs the {role} role; {who} has {principal.role or 'no role'}",
+            {"needed": role, "role": principal.role},
         )
-    expected = settings.api_key.get_secret_value().encode()
-    if key is None or not secrets.compare_digest(key.encode(), expected):
-        raise ApiError(
-            401,
-            "unauthorized",
-            f"missing or wrong API key: send it in the {API_KEY_HEADER} header",
-            headers={"WWW-Authenticate": "APIKey"},
-        )
+
+    check.__name__ = f"require_{role}"
+    return check
+
+
+require_reader = require("reader")
+require_admin = require("admin")
+
+
+async def audited(request: Request, principal: PrincipalDep) -> AsyncIterator[None]:
+    """The request's audit record (service.audit): opened here, filled in by the Searcher, written
+    when the handler is done (function scope: before the response goes out, so a request whose
+    entry cannot be written gets a 503 instead of its answer)."""
+    trail: AuditLog | None = request.app.state.audit
+    if trail is None:
+        yield
+        return
+    route = request.scope.get("route")
+    record = AuditRecord(
+        principal.user,
+        principal.name,
+        principal.role,
+        request.client.host if request.client else None,
+        request.method,
+        getattr(route, "path", None) or request.url.path,
+    )
+    image_id = str(request.path_params.get("image_id", ""))
+    if image_id.isdigit() and len(image_id) <= 20:
+        record.images.append(image_id)
+    token = audit.begin(record)
+    failure: BaseException | None = None
+    try:
+        yield
+    except BaseException as err:
+        failure = err
+        record.status = status_of(err)
+        raise
+    finally:
+        audit.end(token)
+        await write_record(trail, record, failure)
+
+
+def status_of(err: BaseException) -> int:
+    if isinstance(err, StarletteHTTPException):
+        return err.status_code
+    return 422 if isinstance(err, RequestValidationError) else 500
+
+
+async def write_record(trail: AuditLog, record: AuditRecord, failure: BaseException | None) -> None:
+    try:
+        if failure is None or isinstance(failure, Exception):
+            await run_in_threadpool(trail.write, record)
+        else:
+            trail.write(record)  # cancelled: nothing more may be awaited
+    except Exception as err:
+        log.error("audit entry of %s %s not written: %s", record.method, record.endpoint, err)
+        if failure is None:
+            raise ApiError(
+                503,
+                "audit_unavailable",
+                "not answered: the audit entry of this request could not be written",
+            ) from err
+
+
+READER = Depends(require_reader)
+ADMIN = Depends(require_admin)
+AUDITED = Depends(audited, scope="function")
 
 
 async def url_root(request: Request) -> str:

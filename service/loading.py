@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convirt.bundle import Bundle, BundleError, load_bundle, read_bundle_info
+from convirt.quantize import check_int8
 from index.errors import IndexStoreError
 from index.store import IndexStore, open_current
 
@@ -33,6 +34,24 @@ def required_path(settings: Settings, field: str) -> Path:
     return Path(value)
 
 
+def check_quantized(settings: Settings, model_dir: Path, fingerprint: str) -> None:
+    """CONVIRT_QUANTIZE=int8: the int8 query encoder can be served with this bundle (derived
+    from it, undamaged; a missing one is quantised when the engine starts). Raises
+    QuantizedModelError (a BundleError) or StartupError."""
+    if settings.device != "cpu":
+        raise StartupError(
+            f"{env_name('quantize')}=int8 is a CPU query path; with "
+            f"{env_name('device')}={settings.device} set {env_name('quantize')}=none"
+        )
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise StartupError(
+            f"{env_name('quantize')}=int8 needs onnxruntime: pip install onnxruntime onnx"
+        ) from err
+    check_int8(model_dir, fingerprint)
+
+
 def load_resources(settings: Settings) -> Resources:
     """The bundle and the current index version, checked to belong together before any weights load.
 
@@ -43,6 +62,8 @@ def load_resources(settings: Settings) -> Resources:
     index_root = required_path(settings, "index_root")
     try:
         fingerprint = read_bundle_info(model_dir)["fingerprint"]
+        if settings.quantize == "int8":
+            check_quantized(settings, model_dir, fingerprint)
         store = open_current(index_root, expected_fingerprint=fingerprint)
     except (BundleError, IndexStoreError, OSError) as err:
         raise StartupError(str(err)) from err

@@ -13,7 +13,8 @@ from index.store import Hit
 
 from .errors import ApiError
 from .grouping import HitGroup
-from .schemas import Group, GroupMember, ImageMetadata, SearchResult
+from .schemas import DicomUids, Group, GroupMember, ImageMetadata, SearchResult
+from .viewer import dicom_uids, viewer_url
 
 MAX_GROUP_MEMBERS = 8  # listed under a card; `size` still counts them all
 
@@ -28,7 +29,11 @@ def image_urls(root: str, image_id: int) -> dict[str, str]:
 
 
 def describe(
-    hit: Hit, row: Mapping[str, Any], root: str, group: Group | None = None
+    hit: Hit,
+    row: Mapping[str, Any],
+    root: str,
+    group: Group | None = None,
+    viewer: str | None = None,
 ) -> SearchResult:
     metadata = ImageMetadata(
         relpath=row["relpath"],
@@ -39,22 +44,36 @@ def describe(
         view=row.get("view"),
         fields=row.get("meta") or {},
     )
+    uids = dicom_uids(row.get("meta"))
     return SearchResult(
         id=str(hit.id),
         score=hit.score,
         metadata=metadata,
         report=row.get("report") or None,
         group=group,
+        dicom=DicomUids(
+            study_instance_uid=uids.get("study"),
+            series_instance_uid=uids.get("series"),
+            sop_instance_uid=uids.get("instance"),
+        )
+        if uids
+        else None,
+        viewer_url=viewer_url(viewer, uids),
         **image_urls(root, hit.id),
     )
 
 
 def describe_groups(
-    groups: list[HitGroup], rows: Mapping[int, Mapping[str, Any]], root: str, group_by: str
+    groups: list[HitGroup],
+    rows: Mapping[int, Mapping[str, Any]],
+    root: str,
+    group_by: str,
+    viewer: str | None = None,
 ) -> list[SearchResult]:
-    """One response item per group: its best image, the others listed under it."""
+    """One response item per group: its best image, the others listed under it; `viewer` is
+    the CONVIRT_VIEWER_URL template."""
     return [
-        describe(group.lead, rows[group.lead.id], root, group_of(group, root, group_by))
+        describe(group.lead, rows[group.lead.id], root, group_of(group, root, group_by), viewer)
         for group in groups
     ]
 
@@ -74,7 +93,20 @@ def group_of(group: HitGroup, root: str, group_by: str) -> Group | None:
 
 
 def indexed_file(row: Mapping[str, Any]) -> Path:
-    """The recorded path, if it still holds a regular file of the recorded size."""
+    """The recorded path, if it still holds a regular file of the recorded size. An image from a
+    PACS (a dicomweb:// path) is fetched from it once and served from a local copy."""
+    if row["path"].startswith("dicomweb://"):
+        from index.dicomweb import fetch_for_serving
+        from index.errors import IndexStoreError
+
+        try:
+            return fetch_for_serving(dict(row))
+        except IndexStoreError as err:
+            raise ApiError(
+                404,
+                "image_file_unavailable",
+                f"image {row['id']} is indexed from a PACS that cannot give it now: {err}",
+            ) from None
     path = Path(row["path"])
     try:
         stat = path.stat()

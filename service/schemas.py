@@ -237,6 +237,12 @@ class Group(BaseModel):
     more: list[GroupMember] = Field(description="its other matching images, best first")
 
 
+class DicomUids(BaseModel):
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
 class SearchResult(BaseModel):
     id: str = Field(
         description="image id: a 63-bit integer, as a decimal string so JavaScript keeps it exact"
@@ -249,6 +255,14 @@ class SearchResult(BaseModel):
     report: str | None = Field(None, description="the report text indexed with the image")
     group: Group | None = Field(
         None, description="the study or patient this card stands for (grouped searches)"
+    )
+    dicom: DicomUids | None = Field(
+        None, description="the DICOM UIDs the metadata holds, to find the image in the PACS"
+    )
+    viewer_url: str | None = Field(
+        None,
+        description="the image in the PACS viewer (CONVIRT_VIEWER_URL), when the metadata "
+        "holds the UIDs the link needs",
     )
 
 
@@ -329,6 +343,18 @@ class Readiness(BaseModel):
     index_version: str | None = None
     model_fingerprint: str | None = None
     images: int | None = None
+    query_encoder: str | None = Field(
+        None,
+        description="what embeds query texts: fp32 (the bundle's model) or int8-onnx "
+        "(CONVIRT_QUANTIZE=int8); model_fingerprint is the bundle's either way",
+    )
+
+
+class Whoami(BaseModel):
+    mode: Literal["keys", "proxy", "open"] = Field(description="how the service authenticates")
+    user: str | None = Field(None, description="the key's name or the proxy user; null: nobody")
+    role: Literal["reader", "admin"] | None = None
+    note: str | None = Field(None, description="open mode: a warning to show")
 
 
 class ReloadResponse(BaseModel):

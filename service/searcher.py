@@ -26,6 +26,7 @@ from convirt.imageio import ImageDecodeError, ImageTooLargeError
 from index.errors import FilterError
 from index.store import Facet, Hit, IndexStore, Keywords
 
+from . import audit
 from .engine import Engine
 from .errors import ApiError
 from .feedback import Weights, rocchio
@@ -87,6 +88,7 @@ class Searcher:
 
     async def text(self, text: str, options: SearchOptions, root: str) -> Found:
         """Images nearest to a report sentence, in the joint space."""
+        audit.note_query(text)
         self._check_text(text)
         embedded = await self.engine.embed_text(text)
         found = await self._on_store(self._find, "joint", embedded.vector, options, root, ())
@@ -98,6 +100,8 @@ class Searcher:
         self, data: bytes | Path, options: SearchOptions, root: str, box: Box | None = None
     ) -> Found:
         """Images nearest to an uploaded image (or the `box` region of it), in the encoder space."""
+        if isinstance(data, bytes):
+            audit.note_upload(data)
         pixels, _size = await self._prepare(data, box)
         vector = await self.engine.embed_image(pixels)
         return await self._on_store(self._find, "encoder", vector, options, root, ())
@@ -106,6 +110,7 @@ class Searcher:
         self, image_id: int, options: SearchOptions, root: str, box: Box | None = None
     ) -> Found:
         """Images nearest to an indexed one, itself left out; or to a region of it."""
+        audit.note_image(image_id)
         if box is not None:
             return await self.image(await self._indexed_path(image_id), options, root, box)
 
@@ -124,6 +129,8 @@ class Searcher:
             raise ApiError(
                 422, "nothing_to_refine", "give text or image_id, or at least one liked image"
             )
+        audit.note_query(query.text)
+        audit.note_image(query.image_id)
         options = SearchOptions.of(query)
         space = "joint" if query.text is not None else "encoder"
         start = None
@@ -164,6 +171,9 @@ class Searcher:
         """Where in the image its similarity to the query comes from (convirt.explain)."""
         if (text is None) == (query_id is None):
             raise ApiError(422, "invalid_query", "give either text or query_id, not both")
+        audit.note_image(image_id)
+        audit.note_query(text)
+        audit.note_image(query_id)
         path = await self._indexed_path(image_id)
         if text is not None:
             self._check_text(text)
@@ -207,7 +217,7 @@ class Searcher:
         chosen = groups[: options.k]
         if options.group_by != "none":
             self._fill(store, space, vector, chosen, options, exclude)
-        results = describe_groups(chosen, rows, root, options.group_by)
+        results = describe_groups(chosen, rows, root, options.group_by, self.settings.viewer_url)
         return Found(results, store.version, store.fingerprint)
 
     @staticmethod
@@ -263,10 +273,14 @@ class Searcher:
     # -- helpers -----------------------------------------------------------------------------------
 
     async def _on_store(self, work: Callable[..., T], *args: Any) -> T:
-        """work(store, *args) in the search pool, on the version served when it was called."""
+        """work(store, *args) in the search pool, on the version served when it was called; the
+        results it finds go into the request's audit record."""
         with self.stores.lease() as store:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.pool, work, store, *args)
+            done = await loop.run_in_executor(self.pool, work, store, *args)
+        if isinstance(done, Found):
+            audit.note_results(done.results)
+        return done
 
     async def _indexed_path(self, image_id: int) -> Path:
         def path_of(store: IndexStore) -> Path:

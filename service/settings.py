@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CONVIRT_"
@@ -26,8 +28,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     api_key: SecretStr | None = Field(
         None,
-        description="key for POST /v1/admin/reload, sent as the X-API-Key header; "
-        "unset: the admin API refuses every request",
+        description="an admin key, sent as the X-API-Key header: POST /v1/admin/reload, and "
+        "every search where keys are required; unset: only CONVIRT_AUTH_DB's admin keys, or "
+        "(open) no admin API",
     )
     device: str = Field("cpu", description="torch device for the model (cpu, cuda, cuda:1)")
     max_upload_bytes: int = Field(
@@ -69,6 +72,12 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads for the model (0: torch's default)"
     )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="query text encoder: none (the bundle's fp32 model in torch) or int8 (its "
+        "int8 ONNX Runtime copy from `convirt export --int8 MODEL`, quantised at startup when "
+        "missing; CPU only: faster text queries, top-10 overlap with fp32 above 0.95)",
+    )
     log_level: str = Field("info", description="uvicorn log level (debug, info, warning, error)")
     access_log: bool = Field(False, description="log every request (uvicorn's access log)")
     header_timeout: float = Field(
@@ -107,11 +116,84 @@ class Settings(BaseSettings):
         description="comma-separated proxy addresses whose X-Forwarded-For/-Proto headers are "
         "trusted (*: any; only behind a proxy that sets them)",
     )
+    # -- access control, audit trail, viewer links (service/access.py, audit.py, viewer.py) -------
+    auth: Literal["auto", "keys", "proxy"] = Field(
+        "auto",
+        description="who may search and view: keys (an X-API-Key of CONVIRT_AUTH_DB, or "
+        "CONVIRT_API_KEY as an admin key), proxy (the user an authenticating reverse proxy at "
+        "CONVIRT_FORWARDED_ALLOW_IPS names in a header; keys also work), auto (keys when "
+        "CONVIRT_AUTH_DB is set, else open: no authentication, loopback only)",
+    )
+    auth_db: Path | None = Field(
+        None, description="SQLite file of hashed API keys with roles (`convirt keys add`)"
+    )
+    insecure_no_auth: bool = Field(
+        False,
+        description="serve with no authentication on a non-loopback address (refused otherwise)",
+    )
+    proxy_user_header: str = Field(
+        "X-Forwarded-User", description="proxy mode: the header naming the signed-in user"
+    )
+    proxy_groups_header: str = Field(
+        "X-Forwarded-Groups", description="proxy mode: the header listing the user's groups"
+    )
+    proxy_admin_groups: str = Field(
+        "convirt-admins", description="proxy mode: comma-separated groups given the admin role"
+    )
+    proxy_reader_groups: str = Field(
+        "",
+        description="proxy mode: comma-separated groups given the reader role (empty: every "
+        "user the proxy signs in)",
+    )
+    rate_limit_per_minute: float = Field(
+        1200, ge=0, description="requests a minute per key or proxy user (0: no limit)"
+    )
+    rate_limit_burst: int = Field(
+        200, ge=1, description="requests a key or proxy user may make at once, past the rate"
+    )
+    audit_log: Path | None = Field(
+        None,
+        description="append-only, hash-chained audit log of searches and views (JSON lines; "
+        "`convirt audit`); unset: none",
+    )
+    audit_queries: Literal["hash", "text"] = Field(
+        "hash",
+        description="how the audit log keeps query text: a salted hash (the salt beside the "
+        "log) or the text",
+    )
+    viewer_url: str | None = Field(
+        None,
+        description="PACS viewer link of a result, with {study}, {series} and {instance} for "
+        "its DICOM UIDs, e.g. http://pacs:8042/ohif/viewer?StudyInstanceUIDs={study}",
+    )
     fault_route: bool = Field(
         False,
         description="tests only, never in production: GET /_fault raises an unexpected error "
         "(a 500), to check how the service answers and logs one",
     )
+
+    @field_validator("viewer_url")
+    @classmethod
+    def viewer_template(cls, template: str | None) -> str | None:
+        if template is None or not template.strip():
+            return None
+        if not template.startswith(("http://", "https://")):
+            raise ValueError("the viewer URL must start with http:// or https://")
+        try:
+            fields = {
+                name for _, name, _, _ in string.Formatter().parse(template) if name is not None
+            }
+        except ValueError as err:
+            raise ValueError(f"not a URL template: {err}") from None
+        unknown = fields - VIEWER_FIELDS
+        if unknown:
+            raise ValueError(
+                f"unknown placeholders {sorted(unknown)}: use {{study}}, {{series}}, {{instance}}"
+            )
+        return template
+
+
+VIEWER_FIELDS = {"study", "series", "instance"}
 
 
 def env_name(field: str) -> str:

@@ -88,7 +88,9 @@ def cli_parsers() -> dict:
     """The real argparse parser of every `convirt` subcommand."""
     from convirt.cache_cli import parser as cache_parser
     from index.cli import make_parser
+    from service.audit_cli import build_parser as audit_parser
     from service.cli import build_parser
+    from service.keys_cli import build_parser as keys_parser
     from training.cli import eval_parser, train_parser
 
     return {
@@ -97,6 +99,8 @@ def cli_parsers() -> dict:
         "cache": cache_parser,
         "index": make_parser,
         "serve": build_parser,
+        "keys": keys_parser,
+        "audit": audit_parser,
     }
 
 

@@ -137,6 +137,8 @@ def all_invocations() -> dict[str, list[list[str]]]:
         found[f"{name} image"] = process_invocations(entrypoint + cmd)
         found[f"{path.name} comments"] = documented_invocations(path)
     for name, service in compose_raw()["services"].items():
+        if "build" not in service:
+            continue  # another project's image (the oauth2-proxy of the proxy profile)
         entrypoint, cmd = image_entrypoint_and_cmd(service_dockerfile(service))
         if "entrypoint" in service:  # compose: a new entrypoint drops the image's CMD
             entrypoint, cmd = service["entrypoint"], []
@@ -211,8 +213,9 @@ def test_compose_file_validates_and_means_what_it_should():
     )
     assert run.returncode == 0, run.stderr
     services = yaml.safe_load(run.stdout)["services"]
-    assert set(services) == {"index", "api", "trainer"}
+    assert set(services) == {"index", "api", "trainer", "proxy"}
     index, api, trainer = services["index"], services["api"], services["trainer"]
+    proxy = services.pop("proxy")  # oauth2-proxy, optional: sign-in in front of the API
 
     ports = [p if isinstance(p, dict) else parse_port(p) for p in api["ports"]]
     assert [(int(p["published"]), int(p["target"])) for p in ports] == [(8000, 8000)]
@@ -231,6 +234,16 @@ def test_compose_file_validates_and_means_what_it_should():
         assert mounts["/archive"] == (archive, "ro"), f"{name}: the archive must be read-only"
         assert mounts["/data"][0] == "convirt-data", f"{name}: the shared volume at /data"
     assert parse_mount(next(v for v in api["volumes"] if ":/data" in v))[2] == "ro"
+    auth = next(parse_mount(v) for v in api["volumes"] if ":/var/lib/convirt" in v)
+    assert auth == ("convirt-auth", "/var/lib/convirt", "rw"), "keys and the audit log: writable"
+    assert api["environment"]["CONVIRT_AUTH_DB"].startswith("/var/lib/convirt/")
+    assert api["environment"]["CONVIRT_AUDIT_LOG"].startswith("/var/lib/convirt/")
+
+    assert proxy["profiles"] == ["proxy"]
+    assert proxy["environment"]["OAUTH2_PROXY_UPSTREAMS"] == "http://api:8000/"
+    proxy_ip = proxy["networks"]["default"]["ipv4_address"]
+    allowed = re.search(r"^# CONVIRT_FORWARDED_ALLOW_IPS=(\S+)$", ENV_EXAMPLE.read_text(), re.M)
+    assert allowed and allowed.group(1) == proxy_ip, "the API must trust the proxy's address"
 
     assert trainer["profiles"] == ["train"]
     assert "profiles" not in index and "profiles" not in api

@@ -1,16 +1,18 @@
-"""POST /v1/admin/reload: switch to the newest index version (X-API-Key required)."""
+"""POST /v1/admin/reload: switch to the newest index version (the admin role required)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from index.errors import CorruptVersionError, IndexStoreError, ModelMismatchError
 
-from ..deps import ServiceDep, require_api_key
+from ..deps import ADMIN, AUDITED, ServiceDep
 from ..errors import ApiError
 from ..schemas import ReloadResponse, errors
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1/admin", tags=["admin"], dependencies=[AUDITED, ADMIN], responses=errors(429)
+)
 
 
 @router.post(

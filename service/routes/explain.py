@@ -7,11 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from ..deps import SearcherDep
+from ..deps import AUDITED, READER, SearcherDep
 from ..schemas import ID_MAX, CropBox, ExplainResponse, errors
 from ..searcher import elapsed_ms
 
-router = APIRouter(prefix="/v1", tags=["search"])
+router = APIRouter(
+    prefix="/v1", tags=["search"], dependencies=[AUDITED, READER], responses=errors(401, 403, 429)
+)
 
 
 @router.get(

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from ..deps import SearcherDep
+from ..deps import READER, SearcherDep
 from ..schemas import FacetField, FacetsResponse, FacetValue, errors
 
-router = APIRouter(prefix="/v1", tags=["search"])
+router = APIRouter(
+    prefix="/v1", tags=["search"], dependencies=[READER], responses=errors(401, 403, 429)
+)
 
 
 @router.get(

@@ -31,6 +31,7 @@ async def readyz(service: ServiceDep) -> Readiness | JSONResponse:
         index_version=store.version,
         model_fingerprint=service.engine.fingerprint,
         images=store.count,
+        query_encoder=service.engine.query_encoder,
     )
 
 

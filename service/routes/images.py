@@ -17,18 +17,21 @@ from starlette.concurrency import run_in_threadpool
 from convirt.imageio import looks_like_dicom
 from index.store import IndexStore
 
-from ..deps import ImageId, SearcherDep, StoreDep, UrlRootDep
+from ..deps import AUDITED, READER, ImageId, SearcherDep, StoreDep, UrlRootDep
 from ..errors import ApiError
 from ..query_params import form_options, response_fields
 from ..results import indexed_file
 from ..schemas import FILTERS_DOC, K_DEFAULT, K_MAX, KEYWORDS_DOC, GroupBy, SearchResponse, errors
 from ..uploads import parse_box
 
-router = APIRouter(prefix="/v1/images", tags=["images"])
+# Thumbnails are not audited: each one the page shows is of a result id its search recorded.
+router = APIRouter(
+    prefix="/v1/images", tags=["images"], dependencies=[READER], responses=errors(401, 403, 429)
+)
 
-CACHE = {
-    "Cache-Control": "public, max-age=86400"
-}  # an id is a content hash: its bytes never change
+# An id is a content hash: its bytes never change. Private: patients' images are for the browser
+# that was let in, never for a shared cache on the way.
+CACHE = {"Cache-Control": "private, max-age=86400"}
 MEDIA_TYPES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -49,6 +52,7 @@ MEDIA_TYPES = {
         **errors(404, 422),
     },
     summary="The original image file",
+    dependencies=[AUDITED],
 )
 async def image_file(image_id: ImageId, store: StoreDep) -> FileResponse:
     """The file as indexed (PNG, JPEG or DICOM). 404 when the id is unknown, or when the file
@@ -82,6 +86,7 @@ async def thumbnail(image_id: ImageId, store: StoreDep) -> Response:
     response_model=SearchResponse,
     responses=errors(404, 413, 422),
     summary="Similar cases for an indexed image, or a region of it",
+    dependencies=[AUDITED],
 )
 async def similar(
     image_id: ImageId,

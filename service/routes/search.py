@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from ..deps import SearcherDep, UrlRootDep
+from ..deps import AUDITED, READER, SearcherDep, UrlRootDep
 from ..query_params import form_options, response_fields
 from ..schemas import (
     FILTERS_DOC,
@@ -26,7 +26,12 @@ from ..schemas import (
 from ..searcher import SearchOptions
 from ..uploads import image_bytes, parse_box
 
-router = APIRouter(prefix="/v1/search", tags=["search"])
+router = APIRouter(
+    prefix="/v1/search",
+    tags=["search"],
+    dependencies=[AUDITED, READER],
+    responses=errors(401, 403, 429),
+)
 
 
 @router.post(

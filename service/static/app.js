@@ -11,19 +11,128 @@ let current = null;  // {title, meta, results, queryThumb, query}
 // query: {kind: "text", text} | {kind: "similar", imageId, box} | {kind: "upload", file, box}
 const feedback = {liked: new Set(), disliked: new Set()};
 
+// Every API request goes through here. A 401 asks for an API key, keeps it in sessionStorage (gone
+// with the tab; never localStorage, never the URL) and sends it again as X-API-Key.
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
-  let body = null;
-  try {
-    body = await response.json();
-  } catch (err) {
-    body = null;
-  }
-  if (!response.ok) {
+  for (;;) {
+    const sent = apiKey();
+    const response = await fetch(path, withKey(options));
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (err) {
+      body = null;
+    }
     const message = body && body.error ? body.error.message : `HTTP ${response.status}`;
-    throw new Error(message);
+    if (response.status === 401) {
+      if (apiKey() === sent) {  // not already replaced while this request was out
+        sessionStorage.removeItem(KEY_ITEM);
+        await askForKey(sent ? message : "");
+      }
+      continue;
+    }
+    if (!response.ok) throw new Error(message);
+    return body;
   }
-  return body;
+}
+
+// -- access: the API key, the sign-in dialog, images fetched with the key ------------------------------
+
+const KEY_ITEM = "convirt-api-key";
+let keyPrompt = null;  // one dialog however many requests are refused at once
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_ITEM);
+}
+
+function withKey(options = {}) {
+  const key = apiKey();
+  return key ? {...options, headers: {...(options.headers || {}), "X-API-Key": key}} : options;
+}
+
+function askForKey(reason) {
+  if (keyPrompt) return keyPrompt;
+  keyPrompt = new Promise((resolve, reject) => {
+    const dialog = $("#key-dialog");
+    let given = false;
+    $("#key-reason").textContent = reason;
+    $("#key-input").value = "";
+    $("#key-form").onsubmit = (event) => {
+      event.preventDefault();
+      const key = $("#key-input").value.trim();
+      if (!key) return;
+      sessionStorage.setItem(KEY_ITEM, key);
+      given = true;
+      dialog.close();
+    };
+    $("#key-cancel").onclick = () => dialog.close();
+    dialog.onclose = () => {
+      keyPrompt = null;
+      showAccess();
+      if (given) resolve();
+      else reject(new Error("Sign in with an API key to search (ask your administrator for one)."));
+    };
+    dialog.showModal();
+    $("#key-input").focus();
+  });
+  return keyPrompt;
+}
+
+// An <img> or a link cannot send a header: with a key, the image is fetched with it and shown from
+// a blob: URL, so the key never travels in a URL (logs, history and Referer would keep it there).
+// Without one (open, or behind the sign-in proxy, whose cookie every request carries) src is the URL.
+function showImage(img, url) {
+  const key = apiKey();
+  if (!key || /^(blob|data):/.test(url)) {
+    img.src = url;
+    return;
+  }
+  fetch(url, withKey())
+    .then((response) => (response.ok ? response.blob() : Promise.reject(response.status)))
+    .then((blob) => {
+      const local = URL.createObjectURL(blob);
+      img.addEventListener("load", () => URL.revokeObjectURL(local), {once: true});
+      img.src = local;
+    })
+    .catch(() => {
+      img.alt = "image unavailable";
+    });
+}
+
+function openImage(event, url) {
+  if (!apiKey()) return;  // a plain link works
+  event.preventDefault();
+  const tab = window.open("", "_blank");
+  fetch(url, withKey())
+    .then((response) => (response.ok ? response.blob() : Promise.reject(new Error(`HTTP ${response.status}`))))
+    .then((blob) => {
+      if (tab) tab.location.href = URL.createObjectURL(blob);
+    })
+    .catch((err) => {
+      if (tab) tab.close();
+      say(`image unavailable: ${err.message}`, true);
+    });
+}
+
+async function showAccess() {
+  let who = null;
+  try {
+    const response = await fetch("v1/whoami", withKey());
+    who = response.ok ? await response.json() : null;
+  } catch (err) {
+    who = null;
+  }
+  let text = "";
+  if (who && who.note) text = who.note;
+  else if (who && who.user) text = `signed in as ${who.user} (${who.role || "no role"})`;
+  else if (who) text = "not signed in";
+  $("#access-status").textContent = text;
+  $("#sign-out").hidden = !apiKey();
+}
+
+function signOut() {
+  sessionStorage.removeItem(KEY_ITEM);
+  location.replace(location.pathname);  // nothing of the last search stays on screen
 }
 
 function say(text, isError = false) {
@@ -280,11 +389,17 @@ function card(result) {
   const node = $("#card-template").content.firstElementChild.cloneNode(true);
   node.dataset.id = result.id;
   const thumb = node.querySelector(".thumb");
-  thumb.src = result.thumbnail_url;
+  showImage(thumb, result.thumbnail_url);
   thumb.alt = result.metadata.relpath;
   node.querySelector(".score").textContent = result.score.toFixed(3);
   const open = node.querySelector(".open");
   open.href = result.image_url;
+  open.addEventListener("click", (event) => openImage(event, result.image_url));
+  const viewer = node.querySelector(".viewer");
+  if (result.viewer_url && /^https?:\/\//.test(result.viewer_url)) {
+    viewer.href = result.viewer_url;
+    viewer.hidden = false;
+  }
   const fields = result.metadata.fields || {};
   const where = [result.metadata.modality, fields.dataset, result.metadata.relpath];
   node.querySelector(".where").textContent = where.filter(Boolean).join(" · ");
@@ -350,7 +465,7 @@ function render(view) {
   if (view.queryThumb) {
     const img = document.createElement("img");
     img.className = "query-thumb";
-    img.src = view.queryThumb;
+    showImage(img, view.queryThumb);
     img.alt = "";
     title.appendChild(img);
   }
@@ -437,7 +552,7 @@ function drawRegion(src, onSearch) {
   const go = $("#region-search");
   let start = null;
   let box = null;
-  image.src = src;
+  showImage(image, src);
   rectangle.hidden = true;
   go.disabled = true;
   const at = (event) => {
@@ -535,9 +650,11 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("#back-button").addEventListener("click", back);
   $("#refine-button").addEventListener("click", refine);
   $("#query-region").addEventListener("click", regionOfUpload);
+  $("#sign-out").addEventListener("click", signOut);
   $("#controls").addEventListener("change", rerun);
   setUpDropZone();
   showIndexStatus();
+  showAccess();
   await loadFacets();
   await runFromUrl();
   document.body.dataset.ready = "true";

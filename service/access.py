@@ -1,0 +1,356 @@
+"""Who is asking, and may they: API keys with roles, a trusted proxy's user header, rate limits.
+
+Three modes (CONVIRT_AUTH):
+
+- keys: every data endpoint needs an X-API-Key, a key of CONVIRT_AUTH_DB (`convirt keys add`,
+  role reader or admin) or CONVIRT_API_KEY, which is an admin key. Revoking a key in the database
+  takes effect within KEY_CACHE_SECONDS, without a restart.
+- proxy: an authenticating reverse proxy (oauth2-proxy, any OIDC front) signs users in and sets
+  CONVIRT_PROXY_USER_HEADER and CONVIRT_PROXY_GROUPS_HEADER; the service believes those headers
+  only on connections from CONVIRT_FORWARDED_ALLOW_IPS, and maps the groups to roles. Keys work
+  too (scripts, the admin API), as in keys mode.
+- open: nobody signs in, every data endpoint answers anyone; the admin API still needs
+  CONVIRT_API_KEY. `convirt serve` refuses to run open off loopback unless --insecure-no-auth.
+
+auto (the default) is keys when CONVIRT_AUTH_DB is set, else open.
+
+Every identified caller (a key or a proxy user) has a token bucket: CONVIRT_RATE_LIMIT_PER_MINUTE
+requests a minute, CONVIRT_RATE_LIMIT_BURST at once; past it a 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import ApiError
+from .keys import ROLES, KeyRecord, KeyStore, KeyStoreError, matches, split_key
+from .settings import Settings
+
+log = logging.getLogger("service")
+
+API_KEY_HEADER = "X-API-Key"
+PEER = "convirt.peer"  # scope key: the address of the TCP peer, before X-Forwarded-For
+KEY_CACHE_SECONDS = 1.0  # a key's row is read again after this long: revocation delay
+KEY_CACHE_MAX = 10_000
+MAX_USER_CHARS = 256
+ENV_KEY_ID = "env"  # the id CONVIRT_API_KEY appears under in the audit log
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An identified caller. user: "key:<id>", "proxy:<name>" or "anonymous"."""
+
+    user: str
+    name: str | None
+    role: str | None  # reader, admin, or None: signed in through the proxy but in no role group
+    identified: bool = True  # False: open mode, nobody signed in
+
+    def can(self, role: str) -> bool:
+        return self.role is not None and ROLES.index(self.role) >= ROLES.index(role)
+
+
+ANONYMOUS = Principal("anonymous", None, "reader", identified=False)
+
+
+def effective_mode(settings: Settings) -> str:
+    """keys, proxy or open."""
+    if settings.auth == "auto":
+        return "keys" if settings.auth_db is not None else "open"
+    return settings.auth
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost: it may resolve anywhere
+
+
+class AddressList:
+    """Addresses and networks from a comma-separated setting ("10.0.0.5,10.1.0.0/16"); * is any."""
+
+    def __init__(self, text: str):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        self.any = "*" in items
+        self.networks = []
+        self.names = set()
+        for item in items:
+            if item == "*":
+                continue
+            try:
+                self.networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.names.add(item)  # e.g. a unix socket path, matched literally
+
+    def __contains__(self, host: object) -> bool:
+        if not isinstance(host, str) or not host:
+            return False
+        if self.any or host in self.names:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
+class RecordPeer:
+    """ASGI middleware, outermost: keeps the TCP peer's address in the scope before uvicorn's
+    proxy-headers middleware (inside it) replaces `client` with the X-Forwarded-For address, so
+    that proxy mode can tell a request that came from the proxy from one that merely says so."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            client = scope.get("client")
+            scope[PEER] = client[0] if client else None
+        await self.app(scope, receive, send)
+
+
+def with_peer_and_proxy_headers(app: ASGIApp, forwarded_allow_ips: str) -> ASGIApp:
+    """The app as `convirt serve` runs it: uvicorn's proxy-headers handling (run with
+    proxy_headers=False), with the peer recorded before it."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    return RecordPeer(ProxyHeadersMiddleware(app, trusted_hosts=forwarded_allow_ips))  # type: ignore[arg-type]
+
+
+class RateLimiter:
+    """A token bucket per caller, in memory: `per_minute` requests a minute, `burst` at once."""
+
+    MAX_BUCKETS = 100_000
+
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = per_minute / 60.0
+        self.capacity = float(max(1, burst))
+        self.clock = clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # who -> (tokens, when)
+
+    def take(self, who: str) -> float:
+        """0 when the request may go ahead (a token is spent), else seconds until it may."""
+        now = self.clock()
+        tokens, then = self.buckets.get(who, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - then) * self.rate)
+        if tokens >= 1:
+            self.buckets[who] = (tokens - 1, now)
+            return 0.0
+        if len(self.buckets) >= self.MAX_BUCKETS:
+            self._forget_full(now)
+        self.buckets[who] = (tokens, now)
+        return (1 - tokens) / self.rate
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets that have filled up again: they are the same as no bucket."""
+        self.buckets = {
+            who: (tokens, then)
+            for who, (tokens, then) in self.buckets.items()
+            if tokens + (now - then) * self.rate < self.capacity
+        }
+
+
+def unauthorized(code: str, message: str) -> ApiError:
+    return ApiError(
+        401, code, message, headers={"WWW-Authenticate": f"APIKey header={API_KEY_HEADER}"}
+    )
+
+
+class Access:
+    """Identifies callers (mode, keys, proxy headers) and rate-limits them; one per app."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.mode = effective_mode(settings)
+        self.keys = KeyStore(settings.auth_db) if settings.auth_db is not None else None
+        self.admin_key = settings.api_key.get_secret_value() if settings.api_key else None
+        self.proxies = AddressList(settings.forwarded_allow_ips)
+        self.admin_groups = names(settings.proxy_admin_groups)
+        self.reader_groups = names(settings.proxy_reader_groups)
+        per_minute = settings.rate_limit_per_minute
+        self.limiter = (
+            RateLimiter(per_minute, settings.rate_limit_burst) if per_minute > 0 else None
+        )
+        self.cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        self.loopback = is_loopback(settings.host)
+
+    async def identify(self, request: Request, key: str | None) -> Principal:
+        """The caller, rate-limited: 401 without a valid identity (open mode: anonymous)."""
+        principal = await self._principal(request, key)
+        if principal.identified and self.limiter is not None:
+            wait = self.limiter.take(principal.user)
+            if wait > 0:
+                seconds = max(1, math.ceil(wait))
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"too many requests from {principal.name or principal.user}: at most "
+                    f"{self.settings.rate_limit_per_minute:g} a minute; retry in {seconds} s",
+                    {"retry_after_seconds": seconds},
+                    headers={"Retry-After": str(seconds)},
+                )
+        return principal
+
+    async def optional(self, request: Request, key: str | None) -> Principal | None:
+        """identify(), or None where nobody signed in and no key was sent (no 401)."""
+        if self.mode == "open" or key:
+            return await self.identify(request, key)
+        if self.mode == "keys" or self.proxy_user(request) is None:
+            return None
+        return await self.identify(request, key)
+
+    async def _principal(self, request: Request, key: str | None) -> Principal:
+        if self.mode == "open":
+            if (
+                key
+                and self.admin_key
+                and secrets.compare_digest(key.encode(), self.admin_key.encode())
+            ):
+                return Principal(f"key:{ENV_KEY_ID}", "CONVIRT_API_KEY", "admin")
+            return ANONYMOUS
+        if self.mode == "proxy":
+            found = self.proxy_user(request)
+            if found is not None:
+                return found
+        if not key:
+            how = "send an API key"
+            if self.mode == "proxy":
+                how = "sign in through the proxy, or send an API key"
+            raise unauthorized(
+                "missing_key", f"authentication required: {how} in the {API_KEY_HEADER} header"
+            )
+        return await self.key_principal(key)
+
+    def proxy_user(self, request: Request) -> Principal | None:
+        """The user the proxy signed in, if the request came from the proxy and names one."""
+        peer = request.scope.get(PEER)
+        if peer is None and request.client is not None:
+            peer = request.client.host  # not run by `convirt serve`: uvicorn's view of the client
+        if peer not in self.proxies:
+            return None
+        user = (request.headers.get(self.settings.proxy_user_header) or "").strip()
+        if not user or len(user) > MAX_USER_CHARS or not user.isprintable():
+            return None
+        groups = set(names(request.headers.get(self.settings.proxy_groups_header) or ""))
+        role = None
+        if groups & set(self.admin_groups):
+            role = "admin"
+        elif not self.reader_groups or groups & set(self.reader_groups):
+            role = "reader"
+        return Principal(f"proxy:{user}", user, role)
+
+    async def key_principal(self, key: str) -> Principal:
+        if self.admin_key and secrets.compare_digest(key.encode(), self.admin_key.encode()):
+            return Principal(f"key:{ENV_KEY_ID}", "CONVIRT_API_KEY", "admin")
+        parts = split_key(key)
+        record = await self.lookup(parts[0]) if parts else None
+        if parts is None or record is None or not matches(record, parts[1]):
+            raise unauthorized("unknown_key", f"the {API_KEY_HEADER} sent is not a valid key")
+        if record.revoked_at:
+            raise unauthorized(
+                "revoked_key", f"key {record.id} ({record.name}) was revoked at {record.revoked_at}"
+            )
+        if record.expired():
+            raise unauthorized(
+                "expired_key", f"key {record.id} ({record.name}) expired at {record.expires_at}"
+            )
+        return Principal(f"key:{record.id}", record.name, record.role)
+
+    async def lookup(self, key_id: str) -> KeyRecord | None:
+        """The key's row, read again when the cached copy is older than KEY_CACHE_SECONDS."""
+        if self.keys is None:
+            return None
+        now = time.monotonic()
+        cached = self.cache.get(key_id)
+        if cached is not None and now - cached[0] < KEY_CACHE_SECONDS:
+            return cached[1]
+        try:
+            record = await run_in_threadpool(self.keys.get, key_id)
+        except Exception as err:  # sqlite3.Error, OSError: fail closed
+            log.error("the key database %s cannot be read: %s", self.keys.path, err)
+            raise ApiError(503, "auth_unavailable", "the key database cannot be read") from err
+        if record is not None:
+            if len(self.cache) >= KEY_CACHE_MAX:
+                self.cache.clear()
+            self.cache[key_id] = (now, record)
+        return record
+
+    def describe(self, principal: Principal | None) -> dict[str, Any]:
+        """What GET /v1/whoami answers."""
+        note = None
+        if self.mode == "open":
+            note = (
+                "open: no authentication, loopback only"
+                if self.loopback
+                else "open: no authentication (started with --insecure-no-auth)"
+            )
+        signed_in = principal is not None and principal.identified
+        return {
+            "mode": self.mode,
+            "user": principal.name if signed_in else None,
+            "role": principal.role if signed_in else None,
+            "note": note,
+        }
+
+
+def names(text: str) -> list[str]:
+    return [part.strip() for part in text.replace(";", ",").split(",") if part.strip()]
+
+
+def startup_problem(settings: Settings) -> str | None:
+    """Why `convirt serve` must not start with these settings, or None."""
+    mode = effective_mode(settings)
+    if mode == "open" and not is_loopback(settings.host) and not settings.insecure_no_auth:
+        return (
+            f"refusing to serve on {settings.host} without authentication: anyone who reaches "
+            "the port could read every image and report. Create API keys (set CONVIRT_AUTH_DB="
+            "/path/keys.sqlite, then `convirt keys add --name NAME --role reader`), or put an "
+            "authenticating proxy in front (CONVIRT_AUTH=proxy, CONVIRT_FORWARDED_ALLOW_IPS=its "
+            "address), or bind to 127.0.0.1; --insecure-no-auth serves it open anyway"
+        )
+    if mode == "keys" and settings.auth_db is None and settings.api_key is None:
+        return "CONVIRT_AUTH=keys needs keys: set CONVIRT_AUTH_DB (`convirt keys add`) or CONVIRT_API_KEY"
+    if settings.auth_db is not None:
+        try:
+            KeyStore(settings.auth_db)
+        except (KeyStoreError, OSError) as err:
+            return str(err)
+    if settings.audit_log is not None:
+        from .audit import AuditError, AuditLog
+
+        try:
+            AuditLog(settings.audit_log, settings.audit_queries)
+        except (AuditError, OSError) as err:
+            return f"the audit log {settings.audit_log} cannot be written: {err}"
+    return None
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """What `convirt serve` should say about its access settings as it starts."""
+    mode = effective_mode(settings)
+    warnings = []
+    if mode == "open" and not is_loopback(settings.host):
+        warnings.append(f"serving {settings.host} WITHOUT authentication (--insecure-no-auth)")
+    if mode == "proxy" and AddressList(settings.forwarded_allow_ips).any:
+        warnings.append(
+            "CONVIRT_AUTH=proxy with CONVIRT_FORWARDED_ALLOW_IPS=*: any client can name itself "
+            f"in {settings.proxy_user_header}; only safe when nothing but the proxy reaches the port"
+        )
+    if mode != "open" and settings.audit_log is None:
+        warnings.append(
+            "no audit log: set CONVIRT_AUDIT_LOG to record who searched and viewed what"
+        )
+    return warnings
