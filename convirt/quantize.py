@@ -21,8 +21,7 @@ s_j = max|x_j|^0.5 / max|w_j|^0.5 and its weight rows multiplied by s (SmoothQua
 2023; the fp32 function is unchanged), with max|x_j| measured on CALIBRATION_TEXTS (sentences
 written for this module: no dataset is needed to export). Attention scores, softmax, layer norms
 and the projection head stay fp32. Why per token and smoothed: MiniLM's feed-forward inputs carry
-a few channels 10-17x larger than the median, and some tokens much larger activations than the
-others; with ONNX Runtime's stock dynamic quantisation (one activation scale per tensor, recomputed
+a few channels 10-17x larger than the median, and their range differs from token to token; with ONNX Runtime's stock dynamic quantisation (one activation scale per tensor, recomputed
 per call, so a sentence's vector also depended on the batch it came in) the top-10 overlap with
 fp32 over the dev splits was 0.82-0.85 (per-tensor weights) or 0.92-0.94 (per-channel weights),
 0.93-0.96 smoothed; with one scale per token, smoothed: 0.97-0.98, and a text embeds identically
@@ -30,13 +29,14 @@ alone or in any batch. Text->image R@10 moves by at most 0.006 (docs/results.md 
 
 Why ONNX Runtime, not torch's dynamic quantisation. Both measured by bench/quantized_quality.py on
 the 2-core box (the 1-epoch `cpu` bundle, medpix dev sentences through Embedder.embed_texts, each
-encoder in its own process, 2 threads; docs/benchmarks.md "Int8 query encoder"): one sentence
-fp32 7.6 ms, torch int8 (quantize_dynamic on every nn.Linear) 2.9 ms, this encoder 1.5 ms; 32
-sentences 135, 44 and 37 ms. torch's version keeps one activation scale per tensor and has no way
-to smooth or to scale per token without rewriting its kernels: its top-10 overlap with fp32 was
-0.77-0.80 (cosine 0.95). ONNX Runtime runs the rewritten graph with stock operators
-(QuantizeLinear per row, MatMulInteger), is a pip wheel for every platform, and its sessions run
-one intra-op team in the calling thread, as service/threads.py wants.
+encoder in its own process, 2 threads; docs/benchmarks.md "Int8 query encoder"). Speed is close:
+one sentence fp32 7.8 ms, torch int8 (quantize_dynamic on every nn.Linear) 2.6 ms, this encoder
+2.2 ms (1.5 with ONNX Runtime's spinning on); 32 sentences 133, 41 and 49 ms (37 spinning).
+Quality decides: torch's version keeps one activation scale per tensor and offers no way to
+smooth or to scale per token short of new kernels; its top-10 overlap with fp32 was 0.77-0.80
+(cosine 0.95) against 0.97-0.98 here. ONNX Runtime runs the rewritten graph with stock
+operators (QuantizeLinear per row, MatMulInteger), is a pip wheel for every platform, and its
+sessions run one intra-op team from the calling thread, as service/threads.py wants.
 
 The image tower stays fp32 in torch: ONNX Runtime's static int8 EfficientNet-Lite0 (QDQ, per-channel,
 calibrated on 48 train images) gave an image->image top-10 overlap of 0.944 with fp32, under the
@@ -424,8 +424,9 @@ def session_options(threads: int, spinning: bool = False):
     """One intra-op team of `threads` (the calling thread and threads-1 workers), no inter-op
     pool: the service calls it from its one model thread (service.threads), with as many
     threads as torch has there. Workers do not spin after a run: between model calls the same
-    cores run the event loop, the searches and the decoders, and at 32 clients the service
-    answered more text queries with spinning off (docs/benchmarks.md)."""
+    cores run the event loop, the searches, the decoders and torch's image tower. In process,
+    spinning is faster (one sentence 1.5 ms instead of 2.2), but in the service it cost image
+    queries 40% of their requests/s at 8 clients and text queries 10% at 32 (docs/benchmarks.md)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
