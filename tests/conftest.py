@@ -138,3 +138,22 @@ def serving(settings: dict) -> Iterator[ServerProcess]:
         # uvicorn shuts down gracefully on SIGTERM, then exits by re-raising it
         assert process.stop() in (0, -signal.SIGTERM), process.output()
         assert "Traceback" not in process.output(), process.output()
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run"]
+
+
+@contextmanager
+def browser_page(viewport: dict | None = None) -> Iterator[tuple]:
+    """(browser, page, expect): Debian's chromium driven by Playwright (no browser download).
+    A JavaScript error on the page fails the test."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs `pip install playwright`")
+    chromium = find_tool("chromium", "apt-get install -y chromium")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=viewport or {"width": 1280, "height": 1000})
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        yield browser, page, sync_api.expect
+        browser.close()
+    assert errors == []

@@ -28,7 +28,7 @@ from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
-from conftest import find_tool, index_of_rows, serving
+from conftest import browser_page, index_of_rows, serving
 from fastapi.testclient import TestClient
 
 from convirt.bundle import load_bundle
@@ -46,7 +46,6 @@ UID_ROOT = "1.2.826.0.1.3680043.8.498"
 VIEWER = "http://pacs.example.org:8042/ohif/viewer?StudyInstanceUIDs={study}&series={series}"
 LEGACY_KEY = "legacy-admin-key-0123456789"
 QUERY = "Axial CT image of the chest showing a mass in the lung."
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run"]
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -630,14 +629,7 @@ def test_rate_limits_answer_429_with_retry_after_per_user(proxied):
 
 
 def test_page_asks_for_a_key_on_401_and_keeps_it_for_the_tab_only(server, keys):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs `pip install playwright`")
-    chromium = find_tool("chromium", "apt-get install -y chromium")
-    expect = sync_api.expect
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda err: errors.append(str(err)))
+    with browser_page() as (_, page, expect):
         page.goto(server.url + "/")
         dialog = page.locator("#key-dialog")
         expect(dialog).to_be_visible()  # the facets answered 401
@@ -677,5 +669,3 @@ def test_page_asks_for_a_key_on_401_and_keeps_it_for_the_tab_only(server, keys):
         assert page.evaluate("() => sessionStorage.length") == 0
         assert "q=" not in page.url
         expect(page.locator("#grid .card")).to_have_count(0)
-        browser.close()
-    assert errors == []

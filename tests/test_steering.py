@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import find_tool, index_of_rows, serving
+from conftest import browser_page, index_of_rows, serving
 from PIL import Image
 
 from convirt.bundle import load_bundle
@@ -28,7 +28,6 @@ from service.process import ServerProcess
 
 FIELDS = ["image", "text", "dataset", "modality", "view", "case_id", "patient_id", "age", "sex"]
 OPTIONS = Options(batch_size=8, chunk_batches=1, workers=2, progress=False)
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run"]
 QUERY = "Axial CT image of the chest showing a mass in the lung."
 
 
@@ -311,14 +310,7 @@ def card_ids(page) -> list[int]:
 
 
 def test_page_groups_filters_thresholds_refines_boxes_explains_and_shares(client, server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs `pip install playwright`")
-    chromium = find_tool("chromium", "apt-get install -y chromium")
-    expect = sync_api.expect
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda err: errors.append(str(err)))
+    with browser_page() as (browser, page, expect):
         page.goto(server.url + "/")
         expect(page.locator("body")).to_have_attribute("data-ready", "true")
         cards = page.locator("#grid .card")
@@ -412,5 +404,3 @@ def test_page_groups_filters_thresholds_refines_boxes_explains_and_shares(client
             params={"box": drawn, "k": 20, "must_not": ["pericardial"]},
         )
         assert card_ids(page) == ids(region.json()["results"])
-        browser.close()
-    assert errors == []
