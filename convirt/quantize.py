@@ -426,7 +426,7 @@ def session_options(threads: int, spinning: bool = False):
     threads as torch has there. Workers do not spin after a run: between model calls the same
     cores run the event loop, the searches, the decoders and torch's image tower. In process,
     spinning is faster (one sentence 1.5 ms instead of 2.2), but in the service it cost image
-    queries 40% of their requests/s at 8 clients and text queries 10% at 32 (docs/benchmarks.md)."""
+    queries 39% of their requests/s at 8 clients and text queries 9% at 32 (docs/benchmarks.md)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -15,8 +15,9 @@
 #   CONVIRT_DEMO_TRAIN_ARGS  extra `convirt train` flags, e.g. "--max-steps 20"
 #   CONVIRT_DEMO_EVAL   0 to skip the evaluation tables
 #   CONVIRT_QUANTIZE    query text encoder served: int8 (default: the bundle's int8 ONNX Runtime
-#                       copy, written by `convirt export --int8`; 4x faster text queries on CPU for
-#                       a top-10 overlap with fp32 of 0.97, docs/benchmarks.md) or none (fp32)
+#                       copy, written by `convirt export --int8`: text queries at 0.4x the latency
+#                       and 2.3x the requests/s on CPU, top-10 overlap with fp32 0.97;
+#                       docs/benchmarks.md) or none (fp32)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -10,7 +10,6 @@ many uploads arrive together. Index searches run in the Searcher's pool (service
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,11 +33,6 @@ from .threads import decode_pool
 from .uploads import Box, crop_to_box
 
 T = TypeVar("T")
-# The int8 query path's keep-warm (Engine._keep_warm): a lone query after 0.5 s of idleness cost
-# ~1.5x a back-to-back one without it (the encoder's weights leave the cache); the model thread
-# ticks while idle, for a minute after the last query, then lets the machine rest.
-KEEP_WARM_PERIOD_S = 0.02
-KEEP_WARM_FOR_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -63,10 +57,6 @@ class Engine:
             load = partial(load_int8, bundle, build_missing=True)
             text_encoder = model_thread.submit(load).result()
         self.query_encoder = text_encoder.name if text_encoder else "fp32"
-        # an fp32 keep-warm would cost ~6 ms of both cores per tick: only the int8 path has one
-        self.keep_warm = text_encoder is not None
-        self.keeper: asyncio.Task | None = None
-        self.last_used = time.monotonic()
         self.embedder = Embedder(
             bundle, settings.device, batch_size=settings.max_batch, text_encoder=text_encoder
         )
@@ -100,24 +90,8 @@ class Engine:
     def start(self) -> None:
         self.texts.start()
         self.images.start()
-        self.keeper = asyncio.create_task(self._keep_warm()) if self.keep_warm else None
-
-    async def _keep_warm(self) -> None:
-        """The int8 path: while the model has been idle between KEEP_WARM_PERIOD_S and
-        KEEP_WARM_FOR_S, encode a three-token text in the model thread every KEEP_WARM_PERIOD_S
-        (~0.3 ms each: ~2% of a core), so a lone query finds the encoder's weights in cache."""
-        loop = asyncio.get_running_loop()
-        while True:
-            idle = time.monotonic() - self.last_used
-            await asyncio.sleep(KEEP_WARM_PERIOD_S if idle < KEEP_WARM_FOR_S else 1.0)
-            idle = time.monotonic() - self.last_used
-            if KEEP_WARM_PERIOD_S <= idle <= KEEP_WARM_FOR_S:
-                await loop.run_in_executor(self.executor, self.embedder.embed_texts, ["warm"])
 
     async def stop(self) -> None:
-        if self.keeper is not None:
-            self.keeper.cancel()
-            await asyncio.gather(self.keeper, return_exceptions=True)
         await self.texts.stop()
         await self.images.stop()
         for pool in (self.executor, self.decoders):
@@ -167,7 +141,6 @@ class Engine:
 
     def _embed_texts(self, texts: list[str]) -> list[TextVector]:
         embedded = self.embedder.embed_texts(texts)
-        self.last_used = time.monotonic()
         return [
             TextVector(vector, truncated)
             for vector, truncated in zip(embedded.vectors, embedded.truncated, strict=True)
@@ -175,5 +148,4 @@ class Engine:
 
     def _embed_pixels(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
         encoder, _joint = self.embedder.embed_pixels(torch.stack(tensors))
-        self.last_used = time.monotonic()
         return list(encoder)
