@@ -490,6 +490,27 @@ def load_int8(
     return Int8TextEncoder(int8_dir(bundle.path) / MODEL_NAME, info, threads)
 
 
+class ReleasedTextTower(nn.Module):
+    """In place of a model's fp32 text encoder once the int8 copy embeds every query text."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError(
+            "the fp32 text tower was released because query texts go through the int8 encoder "
+            "(CONVIRT_QUANTIZE=int8); load the bundle again to embed texts in fp32"
+        )
+
+
+def release_text_tower(bundle: Bundle) -> int:
+    """Drop the bundle's fp32 text encoder (the int8 copy replaces it in a server); returns the
+    bytes of parameters let go. Only for a bundle nothing else embeds texts with."""
+    model = bundle.model
+    if isinstance(model.text_encoder, ReleasedTextTower):
+        return 0
+    size = sum(p.numel() * p.element_size() for p in model.text_encoder.parameters())
+    model.text_encoder = ReleasedTextTower()
+    return size
+
+
 # -- `convirt export` ----------------------------------------------------------------------------
 
 

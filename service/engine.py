@@ -10,6 +10,8 @@ many uploads arrive together. Index searches run in the Searcher's pool (service
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from PIL import Image
 from convirt.bundle import Bundle
 from convirt.imageio import load_image
 from convirt.inference import Embedder
-from convirt.quantize import load_int8
+from convirt.quantize import load_int8, release_text_tower
 
 from .batching import MicroBatcher
 from .metrics import Metrics
@@ -33,6 +35,7 @@ from .threads import decode_pool
 from .uploads import Box, crop_to_box
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,14 @@ class Engine:
     ):
         """model_thread: the single thread that loaded the bundle (service.loading); with
         settings.quantize "int8" query texts go through the bundle's int8 encoder
-        (convirt.quantize), loaded in that thread with as many intra-op threads as torch has."""
+        (convirt.quantize), loaded in that thread with as many intra-op threads as torch has,
+        and the fp32 text encoder it replaces is let go."""
         text_encoder = None
         if settings.quantize == "int8":
             load = partial(load_int8, bundle, build_missing=True)
             text_encoder = model_thread.submit(load).result()
+            release_text_tower(bundle)
+            trim_heap()
         self.query_encoder = text_encoder.name if text_encoder else "fp32"
         self.embedder = Embedder(
             bundle, settings.device, batch_size=settings.max_batch, text_encoder=text_encoder
@@ -149,3 +155,12 @@ class Engine:
     def _embed_pixels(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
         encoder, _joint = self.embedder.embed_pixels(torch.stack(tensors))
         return list(encoder)
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the system: glibc would keep about half of a released
+    tower's memory (docs/benchmarks.md, "Int8 query encoder"). Without glibc, nothing to do."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        log.debug("no malloc_trim here: freed memory stays with the process")

@@ -28,6 +28,7 @@ from convirt.quantize import (
     QuantizedModelError,
     int8_dir,
     load_int8,
+    release_text_tower,
 )
 from index.store import open_current
 from service.loading import StartupError, load_resources
@@ -131,6 +132,27 @@ def test_a_damaged_artefact_is_refused(quantized_dir, tmp_path):
         load_int8(load_bundle(copy))
 
 
+def test_releasing_the_fp32_text_tower_keeps_int8_texts_and_fp32_images(
+    datasets, quantized_dir, int8
+):
+    own = load_bundle(quantized_dir)  # a server's own bundle; the module's stays whole
+    served = Embedder(own, text_encoder=load_int8(own, threads=1))
+    texts = [row["text"] for row in dev_rows(datasets, "medpix", 3)]
+    images = [load_image(row["image"]) for row in dev_rows(datasets, "medpix", 2)]
+    expected_images = served.embed_images(images)
+    tower_bytes = sum(p.numel() * p.element_size() for p in own.model.text_encoder.parameters())
+    assert release_text_tower(own) == tower_bytes > 10 * 2**20
+    assert release_text_tower(own) == 0  # twice is harmless
+    assert not list(own.model.text_encoder.parameters())
+    np.testing.assert_array_equal(
+        served.embed_texts(texts).vectors, int8.embed_texts(texts).vectors
+    )
+    for got, expected in zip(served.embed_images(images), expected_images, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(RuntimeError, match="CONVIRT_QUANTIZE=int8"):
+        Embedder(own).embed_texts(texts)  # fp32 texts say why they cannot run
+
+
 def test_the_service_serves_the_int8_path(datasets, quantized_dir, bundle, fp32, tmp_path):
     rows = dev_rows(datasets, "medpix", 12) + dev_rows(datasets, "covid-cxr", 12)
     root = index_of_rows(tmp_path, bundle, rows, ["image", "text", "collection"])
@@ -153,3 +175,7 @@ def test_the_service_serves_the_int8_path(datasets, quantized_dir, bundle, fp32,
                 served = [r["id"] for r in response.json()["results"]]
                 hits = store.search_text_vectors(fp32.embed_texts([text]).vectors, K)[0]
                 assert len(set(served) & {str(hit.id) for hit in hits}) >= K - 1
+        # explaining a text match embeds the text with the int8 copy, not the released tower
+        params = {"image_id": served[0], "text": texts[0]}
+        explained = client.get("/v1/explain", params=params)
+        assert explained.status_code == 200, explained.text
