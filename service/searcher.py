@@ -174,19 +174,26 @@ class Searcher:
         audit.note_image(image_id)
         audit.note_query(text)
         audit.note_image(query_id)
-        path = await self._indexed_path(image_id)
         if text is not None:
             self._check_text(text)
+
+        def locate(store: IndexStore) -> tuple[Path, np.ndarray | None, str]:
+            """The image's file, the query image's vector, the version both come from."""
+            path = self._path_in(store, image_id)
+            stored = None
+            if query_id is not None:
+                stored = self._stored_vectors(store, [query_id], "encoder")[0]
+            return path, stored, store.version
+
+        path, stored, version = await self._on_store(locate)
+        if text is not None:
             space, query = "joint", (await self.engine.embed_text(text)).vector
         else:
-            space = "encoder"
-            query = await self._on_store(
-                lambda store: self._stored_vectors(store, [query_id], space)[0]
-            )
+            space, query = "encoder", stored
         pixels, size = await self._prepare(path)
         explain = partial(occlusion_map, original_size=size)
         heat_map = await self.engine.run_model(explain, self.engine.embedder, pixels, query, space)
-        return Explanation(heat_map, space, self.stores.current.version)
+        return Explanation(heat_map, space, version)
 
     # -- in the search pool ------------------------------------------------------------------------
 
@@ -283,17 +290,16 @@ class Searcher:
         return done
 
     async def _indexed_path(self, image_id: int) -> Path:
-        def path_of(store: IndexStore) -> Path:
-            row = store.get(image_id)
-            if row is None:
-                raise ApiError(
-                    404,
-                    "unknown_id",
-                    f"no image with id {image_id} in index version {store.version}",
-                )
-            return indexed_file(row)
+        return await self._on_store(self._path_in, image_id)
 
-        return await self._on_store(path_of)
+    @staticmethod
+    def _path_in(store: IndexStore, image_id: int) -> Path:
+        row = store.get(image_id)
+        if row is None:
+            raise ApiError(
+                404, "unknown_id", f"no image with id {image_id} in index version {store.version}"
+            )
+        return indexed_file(row)
 
     async def _prepare(
         self, data: bytes | Path, box: Box | None = None

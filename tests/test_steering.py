@@ -295,7 +295,10 @@ def test_explain_returns_a_heat_map_that_depends_on_the_query(client, bundle_dir
     another_image = list(by_id)[5]
     by_image = client.get("/v1/explain", params={"image_id": image_id, "query_id": another_image})
     assert by_image.json()["space"] == "encoder"
+    assert by_image.json()["index_version"] == client.get("/readyz").json()["index_version"]
     assert error_code(client.get("/v1/explain", params={"image_id": 1, "text": "x"}), 404)
+    unknown_query = {"image_id": image_id, "query_id": 1}
+    assert error_code(client.get("/v1/explain", params=unknown_query), 404) == "unknown_id"
     both = client.get("/v1/explain", params={"image_id": image_id, "text": "x", "query_id": 1})
     assert error_code(both, 422) == "invalid_query"
 
