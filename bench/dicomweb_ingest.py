@@ -28,31 +28,21 @@ from pathlib import Path
 
 import httpx
 import torch
+from common import archive_images, untrained_bundle
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
-from convirt.bundle import load_bundle, load_tokenizer, save_bundle
-from convirt.config import ModelConfig
-from convirt.model import build_model
-from convirt.paths import data_root
+from convirt.bundle import load_bundle
 from index.builder import Options, build
 from index.dicomweb import Pacs, list_source
 from index.embedding import DEFAULT_WORKERS
 from index.sources import scan_folder
 
-DATASETS = ("medpix", "covid-cxr")
 UID_ROOT = "1.2.826.0.1.3680043.10.1137.7."
 STOW_BATCH = 50
 PLUGINS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
-
-
-def archive_images(limit: int) -> list[Path]:
-    images = [p for name in DATASETS for p in sorted((data_root() / name / "images").glob("*.jpg"))]
-    if not images:
-        raise SystemExit(f"no images under {data_root()}: set CONVIRT_DATA_ROOT")
-    return images[:limit] if limit else images
 
 
 def wrap_jpeg(jpeg: Path, n: int) -> Dataset:
@@ -148,13 +138,6 @@ def link_archive(images: list[Path], folder: Path) -> Path:
     return folder
 
 
-def default_bundle(out: Path) -> Path:
-    """The default architecture (224 px Lite0 + MiniLM), untrained heads: the speed is the same."""
-    config = ModelConfig()
-    save_bundle(build_model(config, seed=0).eval(), load_tokenizer(config), out)
-    return out
-
-
 def timed_build(root: Path, bundle, source_of, options: Options) -> tuple[float, dict]:
     started = time.perf_counter()
     summary = build(root, bundle, source_of(), options)
@@ -193,7 +176,7 @@ def main() -> None:
             for start in range(0, len(datasets), STOW_BATCH):
                 client.store_instances(datasets[start : start + STOW_BATCH])
             load_seconds = time.perf_counter() - started
-            bundle = load_bundle(args.model or default_bundle(tmp / "bundle"), args.device)
+            bundle = load_bundle(args.model or untrained_bundle(tmp / "bundle"), args.device)
 
             def options(cache: str) -> Options:
                 return Options(

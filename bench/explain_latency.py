@@ -28,21 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import untrained_bundle
 
-from convirt.bundle import load_bundle, load_tokenizer, save_bundle
+from convirt.bundle import load_bundle
 from convirt.explain import BATCH_SIZE, GRID, PATCH, occlusion_map
 from convirt.imageio import load_image
 from convirt.inference import Embedder
-from convirt.model import build_model
 from convirt.paths import data_root
 from training.config import load_config
-
-
-def default_bundle(out: Path) -> Path:
-    """The `cpu` config's architecture (Lite0 at 192 px), untrained heads: the speed is the same."""
-    config = load_config("cpu").model
-    save_bundle(build_model(config, seed=0).eval(), load_tokenizer(config), out)
-    return out
 
 
 def medpix_pairs(count: int) -> list[tuple[Path, str]]:
@@ -99,7 +92,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = load_bundle(args.model or default_bundle(Path(tmp) / "bundle"))
+        bundle = load_bundle(
+            args.model or untrained_bundle(Path(tmp) / "bundle", load_config("cpu").model)
+        )
     embedder = Embedder(bundle)
     pairs = medpix_pairs(args.images)
     queries = embedder.embed_texts([text for _, text in pairs]).vectors

@@ -23,25 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import archive_images, untrained_bundle
 
-from convirt.bundle import load_bundle, load_tokenizer, save_bundle
-from convirt.config import ModelConfig
+from convirt.bundle import load_bundle
 from convirt.imageio import load_image
 from convirt.inference import Embedder
-from convirt.model import build_model
-from convirt.paths import data_root
 from index.builder import Options, build
 from index.embedding import DEFAULT_WORKERS
 from index.sources import scan_folder
-
-DATASETS = ("medpix", "covid-cxr")
-
-
-def archive_images(limit: int) -> list[Path]:
-    images = [p for name in DATASETS for p in sorted((data_root() / name / "images").glob("*.jpg"))]
-    if not images:
-        raise SystemExit(f"no images under {data_root()}: set CONVIRT_DATA_ROOT")
-    return images[:limit] if limit else images
 
 
 def link_archive(images: list[Path], folder: Path) -> Path:
@@ -62,13 +51,6 @@ def measure_model(embedder: Embedder, batch: torch.Tensor, images: int) -> float
     return steps * len(batch) / (time.perf_counter() - started)
 
 
-def default_bundle(out: Path) -> Path:
-    """The default architecture (224 px Lite0 + MiniLM), untrained heads: the speed is the same."""
-    config = ModelConfig()
-    save_bundle(build_model(config, seed=0).eval(), load_tokenizer(config), out)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -82,7 +64,7 @@ def main() -> None:
     images = archive_images(args.limit)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        bundle = load_bundle(args.model or default_bundle(tmp / "bundle"), args.device)
+        bundle = load_bundle(args.model or untrained_bundle(tmp / "bundle"), args.device)
         embedder = Embedder(bundle, args.device, args.batch_size)
         batch = torch.stack([embedder.preprocess(load_image(p)) for p in images[: args.batch_size]])
         model = [measure_model(embedder, batch, min(len(images), 4 * args.batch_size))]

@@ -51,12 +51,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from common import untrained_bundle
 
-from convirt.bundle import load_bundle, load_tokenizer, save_bundle
-from convirt.config import ModelConfig
+from convirt.bundle import load_bundle
 from convirt.imageio import load_image
 from convirt.inference import Embedder
-from convirt.model import build_model
 from convirt.paths import data_root
 from convirt.quantize import load_int8
 from convirt.sentences import report_sentences
@@ -113,13 +112,6 @@ def write_archive(folder: Path, count: int) -> Archive:
     images = [source.parent / r["image"] for r in rows]
     sentences = [report_sentences(r["text"], "imaging")[:1] for r in rows]
     return Archive(manifest, [s[0] for s in sentences if s], images)
-
-
-def default_bundle(out: Path) -> Path:
-    """The default architecture (224 px Lite0 + MiniLM), untrained heads: the speed is the same."""
-    config = ModelConfig()
-    save_bundle(build_model(config, seed=0).eval(), load_tokenizer(config), out)
-    return out
 
 
 def time_in_process(embedder: Embedder, store: IndexStore, archive: Archive) -> dict:
@@ -490,7 +482,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         archive = write_archive(tmp, args.images)
-        model_dir = args.model or default_bundle(tmp / "bundle")
+        model_dir = args.model or untrained_bundle(tmp / "bundle")
         bundle = load_bundle(model_dir)
         build(tmp / "index", bundle, read_manifest(archive.manifest), Options(progress=False))
         embedders = {

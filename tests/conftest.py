@@ -130,6 +130,17 @@ def index_of_rows(folder: Path, bundle, rows: list[dict[str, str]], fields: list
     return folder / "root"
 
 
+def server_settings(model: Path, root: Path, **extra: object) -> dict[str, object]:
+    """A `convirt serve` environment: the bundle, the index root, warnings only, then `extra`
+    (CONVIRT_* names, which may override those)."""
+    return {
+        "CONVIRT_MODEL": model,
+        "CONVIRT_INDEX_ROOT": root,
+        "CONVIRT_LOG_LEVEL": "warning",
+        **extra,
+    }
+
+
 @contextmanager
 def serving(settings: dict) -> Iterator[ServerProcess]:
     """A real `convirt serve` on loopback that must stop cleanly and log no traceback."""
@@ -140,7 +151,15 @@ def serving(settings: dict) -> Iterator[ServerProcess]:
         assert "Traceback" not in process.output(), process.output()
 
 
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @contextmanager

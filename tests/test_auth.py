@@ -28,7 +28,7 @@ from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
-from conftest import browser_page, index_of_rows, serving
+from conftest import browser_page, index_of_rows, server_settings, serving
 from fastapi.testclient import TestClient
 
 from convirt.bundle import load_bundle
@@ -117,17 +117,17 @@ def keys(state) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, index_root, state, keys) -> Iterator:
-    settings = {
-        "CONVIRT_MODEL": bundle_dir,
-        "CONVIRT_INDEX_ROOT": index_root,
-        "CONVIRT_AUTH_DB": state / "keys.sqlite",
-        "CONVIRT_API_KEY": LEGACY_KEY,
-        "CONVIRT_AUDIT_LOG": state / "audit.jsonl",
-        "CONVIRT_VIEWER_URL": VIEWER,
-        "CONVIRT_LOG_LEVEL": "info",
-        "CONVIRT_ACCESS_LOG": "1",
-        "PYTHONUNBUFFERED": "1",  # the log grep reads every line the server wrote
-    }
+    settings = server_settings(
+        bundle_dir,
+        index_root,
+        CONVIRT_AUTH_DB=state / "keys.sqlite",
+        CONVIRT_API_KEY=LEGACY_KEY,
+        CONVIRT_AUDIT_LOG=state / "audit.jsonl",
+        CONVIRT_VIEWER_URL=VIEWER,
+        CONVIRT_LOG_LEVEL="info",
+        CONVIRT_ACCESS_LOG="1",
+        PYTHONUNBUFFERED="1",  # the log grep reads every line the server wrote
+    )
     with serving(settings) as process:
         yield process
 
@@ -547,18 +547,17 @@ RATE_BURST = 5
 @pytest.fixture(scope="module")
 def proxied(bundle_dir, index_root, tmp_path_factory) -> Iterator:
     folder = tmp_path_factory.mktemp("proxied")
-    settings = {
-        "CONVIRT_MODEL": bundle_dir,
-        "CONVIRT_INDEX_ROOT": index_root,
-        "CONVIRT_AUTH": "proxy",
-        "CONVIRT_FORWARDED_ALLOW_IPS": "127.0.0.1",
-        "CONVIRT_PROXY_ADMIN_GROUPS": "radiology-admins",
-        "CONVIRT_PROXY_READER_GROUPS": "radiology, residents",
-        "CONVIRT_RATE_LIMIT_PER_MINUTE": "6",
-        "CONVIRT_RATE_LIMIT_BURST": str(RATE_BURST),
-        "CONVIRT_AUDIT_LOG": folder / "audit.jsonl",
-        "CONVIRT_LOG_LEVEL": "warning",
-    }
+    settings = server_settings(
+        bundle_dir,
+        index_root,
+        CONVIRT_AUTH="proxy",
+        CONVIRT_FORWARDED_ALLOW_IPS="127.0.0.1",
+        CONVIRT_PROXY_ADMIN_GROUPS="radiology-admins",
+        CONVIRT_PROXY_READER_GROUPS="radiology, residents",
+        CONVIRT_RATE_LIMIT_PER_MINUTE="6",
+        CONVIRT_RATE_LIMIT_BURST=str(RATE_BURST),
+        CONVIRT_AUDIT_LOG=folder / "audit.jsonl",
+    )
     with serving(settings) as process:
         yield process, folder
 

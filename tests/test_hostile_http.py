@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from conftest import server_settings
 from test_service import bundle, index_root, rows  # noqa: F401 (module fixtures)
 
 from service.process import LOOPBACK, ServerProcess
@@ -29,15 +30,14 @@ SLACK = 2.0  # seconds of scheduling slack on two shared cores
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, index_root) -> Iterator[ServerProcess]:  # noqa: F811
-    settings = {
-        "CONVIRT_MODEL": bundle_dir,
-        "CONVIRT_INDEX_ROOT": index_root,
-        "CONVIRT_HEADER_TIMEOUT": HEADER_TIMEOUT,
-        "CONVIRT_BODY_TIMEOUT": BODY_TIMEOUT,
-        "CONVIRT_ALLOWED_HOSTS": f"{LOOPBACK},test",
-        "CONVIRT_FAULT_ROUTE": "1",
-        "CONVIRT_LOG_LEVEL": "warning",
-    }
+    settings = server_settings(
+        bundle_dir,
+        index_root,
+        CONVIRT_HEADER_TIMEOUT=HEADER_TIMEOUT,
+        CONVIRT_BODY_TIMEOUT=BODY_TIMEOUT,
+        CONVIRT_ALLOWED_HOSTS=f"{LOOPBACK},test",
+        CONVIRT_FAULT_ROUTE="1",
+    )
     with ServerProcess(settings) as process:
         yield process
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service import API_KEY, OPTIONS, error_of, medpix_rows, metric, write_manifest
+from conftest import INDEX_OPTIONS, server_settings
+from test_service import API_KEY, error_of, medpix_rows, metric, write_manifest
 
 from index import cli, layout
 from index.builder import build
@@ -81,7 +82,7 @@ def publish_copy(root: Path, damage: Damage | None = None, source: str | None = 
 def pristine_root(tmp_path_factory, bundle_dir, datasets) -> Path:
     folder = tmp_path_factory.mktemp("hostile-index")
     manifest = write_manifest(folder / "m.csv", medpix_rows(datasets, "train", IMAGES))
-    build(folder / "root", bundle_dir, read_manifest(manifest), OPTIONS)
+    build(folder / "root", bundle_dir, read_manifest(manifest), INDEX_OPTIONS)
     return folder / "root"
 
 
@@ -92,13 +93,7 @@ def copy_root(pristine_root: Path, tmp_path_factory, name: str) -> Path:
 
 
 def serve(bundle_dir: Path, root: Path, **extra: object) -> dict[str, object]:
-    return {
-        "CONVIRT_MODEL": bundle_dir,
-        "CONVIRT_INDEX_ROOT": root,
-        "CONVIRT_API_KEY": API_KEY,
-        "CONVIRT_LOG_LEVEL": "warning",
-        **extra,
-    }
+    return server_settings(bundle_dir, root, CONVIRT_API_KEY=API_KEY, **extra)
 
 
 def running(settings: dict[str, object]) -> Iterator[tuple[ServerProcess, httpx.Client]]:

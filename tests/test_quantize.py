@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import index_of_rows, make_bundle, serving
+from conftest import index_of_rows, make_bundle, server_settings, serving
 
 from convirt import cli
 from convirt.bundle import load_bundle
@@ -156,12 +156,7 @@ def test_releasing_the_fp32_text_tower_keeps_int8_texts_and_fp32_images(
 def test_the_service_serves_the_int8_path(datasets, quantized_dir, bundle, fp32, tmp_path):
     rows = dev_rows(datasets, "medpix", 12) + dev_rows(datasets, "covid-cxr", 12)
     root = index_of_rows(tmp_path, bundle, rows, ["image", "text", "collection"])
-    settings = {
-        "CONVIRT_MODEL": quantized_dir,
-        "CONVIRT_INDEX_ROOT": root,
-        "CONVIRT_QUANTIZE": "int8",
-        "CONVIRT_LOG_LEVEL": "warning",
-    }
+    settings = server_settings(quantized_dir, root, CONVIRT_QUANTIZE="int8")
     texts = [rows[0]["text"], rows[15]["text"], "Bilateral ground-glass opacities."]
     with serving(settings) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         ready = client.get("/readyz").json()

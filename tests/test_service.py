@@ -30,14 +30,14 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from conftest import find_tool, make_bundle, serving
+from conftest import INDEX_OPTIONS, browser_page, make_bundle, server_settings, serving
 from PIL import Image
 
 from convirt.bundle import load_bundle, read_bundle_info
 from convirt.imageio import load_image
 from convirt.inference import Embedder
 from index import layout
-from index.builder import Options, add, build
+from index.builder import add, build
 from index.sources import read_manifest
 from index.store import open_current
 from service import cli
@@ -48,18 +48,8 @@ IMAGE_BATCH = 2
 UPLOAD_LIMIT = 2_000_000
 JSON_LIMIT = 100_000
 TEXT_LIMIT = 20_000
-OPTIONS = Options(batch_size=8, chunk_batches=1, workers=2, progress=False)
 DICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 FIELDS = ["image", "text", "collection", "modality", "view", "location_category"]
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -132,7 +122,12 @@ def rows(datasets) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def index_root(tmp_path_factory, bundle, rows) -> Path:
     folder = tmp_path_factory.mktemp("index")
-    build(folder / "root", bundle, read_manifest(write_manifest(folder / "m.csv", rows)), OPTIONS)
+    build(
+        folder / "root",
+        bundle,
+        read_manifest(write_manifest(folder / "m.csv", rows)),
+        INDEX_OPTIONS,
+    )
     return folder / "root"
 
 
@@ -144,18 +139,17 @@ def ids_by_path(index_root) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, index_root) -> Iterator[ServerProcess]:
-    settings = {
-        "CONVIRT_MODEL": bundle_dir,
-        "CONVIRT_INDEX_ROOT": index_root,
-        "CONVIRT_API_KEY": API_KEY,
-        "CONVIRT_MAX_UPLOAD_BYTES": UPLOAD_LIMIT,
-        "CONVIRT_MAX_JSON_BYTES": JSON_LIMIT,
-        "CONVIRT_MAX_TEXT_CHARS": TEXT_LIMIT,
-        "CONVIRT_BATCH_WINDOW_MS": 5,
-        "CONVIRT_MAX_BATCH": 32,
-        "CONVIRT_MAX_IMAGE_BATCH": IMAGE_BATCH,
-        "CONVIRT_LOG_LEVEL": "warning",
-    }
+    settings = server_settings(
+        bundle_dir,
+        index_root,
+        CONVIRT_API_KEY=API_KEY,
+        CONVIRT_MAX_UPLOAD_BYTES=UPLOAD_LIMIT,
+        CONVIRT_MAX_JSON_BYTES=JSON_LIMIT,
+        CONVIRT_MAX_TEXT_CHARS=TEXT_LIMIT,
+        CONVIRT_BATCH_WINDOW_MS=5,
+        CONVIRT_MAX_BATCH=32,
+        CONVIRT_MAX_IMAGE_BATCH=IMAGE_BATCH,
+    )
     with serving(settings) as process:
         yield process
 
@@ -637,16 +631,7 @@ def test_concurrent_uploads_are_embedded_at_most_max_image_batch_at_a_time(clien
 
 
 def test_web_page_text_search_upload_and_similar_cases(server, client, rows, ids_by_path):
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="browser test needs `pip install playwright`"
-    )
-    chromium = find_tool("chromium", "apt-get install -y chromium")
-    expect = sync_api.expect
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page_errors: list[str] = []
-        page.on("pageerror", lambda err: page_errors.append(str(err)))
+    with browser_page() as (_browser, page, expect):
         page.goto(server.url + "/")
         expect(page.locator("#index-status")).to_contain_text("30 images")
 
@@ -680,8 +665,6 @@ def test_web_page_text_search_upload_and_similar_cases(server, client, rows, ids
         page.fill("#query", "   ")
         page.click("#search-button")
         expect(page.locator("#message")).to_contain_text("Type a report sentence")
-        browser.close()
-    assert page_errors == []
 
 
 # -- admin: reload ---------------------------------------------------------------------------------
@@ -734,7 +717,7 @@ def test_reload_while_queries_run_drops_nothing(
             index_root,
             bundle,
             read_manifest(write_manifest(tmp_path / "new.csv", new_rows)),
-            OPTIONS,
+            INDEX_OPTIONS,
         )
         assert summary.version != old_version
         seen_before = len(outcomes)
@@ -768,7 +751,7 @@ def test_a_version_built_with_another_model_is_refused_and_the_old_one_kept(
     serving = client.get("/readyz").json()["index_version"]
     other = make_bundle(small_model_config, 1, tmp_path / "other")
     manifest = write_manifest(tmp_path / "other.csv", rows[:2])
-    build(index_root, other, read_manifest(manifest), OPTIONS)
+    build(index_root, other, read_manifest(manifest), INDEX_OPTIONS)
     try:
         error = error_of(
             client.post("/v1/admin/reload", headers={"X-API-Key": API_KEY}), 409, "model_mismatch"
@@ -785,17 +768,12 @@ def test_the_service_polls_for_new_versions_when_asked(
 ):
     root = shutil.copytree(index_root, tmp_path / "root")
     layout.switch_current(root, layout.list_versions(root)[0])  # the 30-image version
-    settings = {
-        "CONVIRT_MODEL": bundle_dir,
-        "CONVIRT_INDEX_ROOT": root,
-        "CONVIRT_RELOAD_POLL_SECONDS": 0.2,
-        "CONVIRT_LOG_LEVEL": "warning",
-    }
+    settings = server_settings(bundle_dir, root, CONVIRT_RELOAD_POLL_SECONDS=0.2)
     with ServerProcess(settings) as process, httpx.Client(base_url=process.url) as session:
         assert session.get("/readyz").json()["images"] == 30
         rows = medpix_rows(datasets, "dev", 2)
         summary = add(
-            root, bundle, read_manifest(write_manifest(tmp_path / "m.csv", rows)), OPTIONS
+            root, bundle, read_manifest(write_manifest(tmp_path / "m.csv", rows)), INDEX_OPTIONS
         )
         deadline = time.monotonic() + 30
         while session.get("/readyz").json()["index_version"] != summary.version:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import browser_page, index_of_rows, serving
+from conftest import browser_page, index_of_rows, server_settings, serving
 from PIL import Image
 
 from convirt.bundle import load_bundle
@@ -79,12 +79,7 @@ def index_root(tmp_path_factory, bundle_dir, rows) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, index_root) -> Iterator[ServerProcess]:
-    settings = {
-        "CONVIRT_MODEL": bundle_dir,
-        "CONVIRT_INDEX_ROOT": index_root,
-        "CONVIRT_LOG_LEVEL": "warning",
-    }
-    with serving(settings) as process:
+    with serving(server_settings(bundle_dir, index_root)) as process:
         yield process
 
 

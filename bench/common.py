@@ -1,0 +1,34 @@
+"""What several benchmarks set up alike: an untrained bundle (a trained one runs at the same
+speed) and the shared archive's images. Imported by the bench scripts run as
+`python bench/NAME.py` (their folder is first on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from convirt.bundle import load_tokenizer, save_bundle
+from convirt.config import ModelConfig
+from convirt.model import build_model
+from convirt.paths import data_root
+
+ARCHIVE_DATASETS = ("medpix", "covid-cxr")
+
+
+def untrained_bundle(out: Path, config: ModelConfig | None = None) -> Path:
+    """A bundle of `config`'s architecture (default: 224 px Lite0 + MiniLM) with untrained
+    heads, written to `out`."""
+    config = config or ModelConfig()
+    save_bundle(build_model(config, seed=0).eval(), load_tokenizer(config), out)
+    return out
+
+
+def archive_images(limit: int) -> list[Path]:
+    """The first `limit` JPEGs (0: all) of medpix then covid-cxr under the data root."""
+    images = [
+        path
+        for name in ARCHIVE_DATASETS
+        for path in sorted((data_root() / name / "images").glob("*.jpg"))
+    ]
+    if not images:
+        raise SystemExit(f"no images under {data_root()}: set CONVIRT_DATA_ROOT")
+    return images[:limit] if limit else images
