@@ -7,6 +7,7 @@ and every rebuild of the same file: ids survive add/remove/merge and are what cl
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import sqlite3
@@ -18,6 +19,7 @@ from typing import Any
 
 from .errors import FilterError, IndexStoreError
 
+log = logging.getLogger(__name__)
 META_DB = "meta.sqlite"
 ID_MASK = 0x7FFF_FFFF_FFFF_FFFF  # SQLite and FAISS ids are signed 64-bit: keep them positive
 
@@ -303,7 +305,9 @@ def thumbnail(conn: sqlite3.Connection, image_id: int) -> bytes | None:
 
 
 def filter_sql(
-    filters: Mapping[str, Any], fields: frozenset[str] | None = None
+    filters: Mapping[str, Any],
+    fields: frozenset[str] | None = None,
+    targets: Mapping[str, tuple[str, str]] | None = None,
 ) -> tuple[str, list[Any]]:
     """WHERE clause for filters on columns or on manifest fields (the meta JSON).
 
@@ -316,11 +320,18 @@ def filter_sql(
     items are compared with their str() there.
 
     `fields`: the manifest fields the index holds; any other name is refused, naming them, where
-    it would only scan every row to find nothing. Anything the index cannot run: FilterError."""
+    it would only scan every row to find nothing. `targets`: for a manifest field, SQL that
+    reads its value and its value as a number, in place of json_extract on the row's meta
+    (FieldTables' columns). Anything the index cannot run: FilterError."""
     clauses, params = [], []
     for key, value in filters.items():
         target, target_params = _filter_target(key, fields)
-        clause, clause_params = _condition(key, value, target, target_params, key in FILTER_COLUMNS)
+        number = None
+        if targets and key in targets:
+            (target, number), target_params = targets[key], []
+        clause, clause_params = _condition(
+            key, value, target, target_params, key in FILTER_COLUMNS, number
+        )
         clauses.append(clause)
         params += clause_params
     return " AND ".join(clauses) or "1", params
@@ -331,7 +342,7 @@ def _filter_target(key: str, fields: frozenset[str] | None) -> tuple[str, list[A
     if not isinstance(key, str):
         raise FilterError(f"filter field names are strings, not {type(key).__name__}")
     if key in FILTER_COLUMNS:
-        return key, []
+        return f"images.{key}", []
     if SAFE_KEY.match(key) and (fields is None or key in fields):
         return "json_extract(meta, ?)", [f'$."{key}"']
     known = sorted(FILTER_COLUMNS | (fields or frozenset()))
@@ -339,10 +350,15 @@ def _filter_target(key: str, fields: frozenset[str] | None) -> tuple[str, list[A
 
 
 def _condition(
-    key: str, value: Any, target: str, target_params: list[Any], is_column: bool
+    key: str,
+    value: Any,
+    target: str,
+    target_params: list[Any],
+    is_column: bool,
+    number: str | None = None,
 ) -> tuple[str, list[Any]]:
     if isinstance(value, Mapping):
-        return _range_condition(key, value, target, target_params)
+        return _range_condition(key, value, target, target_params, number)
     if isinstance(value, list | tuple):
         if not value:
             raise FilterError(
@@ -375,8 +391,13 @@ def _scalar(key: str, value: Any, is_column: bool, in_list: bool) -> Any:
 
 
 def _range_condition(
-    key: str, bounds: Mapping[str, Any], target: str, target_params: list[Any]
+    key: str,
+    bounds: Mapping[str, Any],
+    target: str,
+    target_params: list[Any],
+    number: str | None = None,
 ) -> tuple[str, list[Any]]:
+    """number: SQL for the target as a number (_number_sql of it), where one is stored."""
     unknown = sorted(str(name) for name in bounds if name not in RANGE_BOUNDS)
     if unknown or not bounds:
         what = f"has {', '.join(map(repr, unknown))}" if unknown else "is empty"
@@ -397,9 +418,9 @@ def _range_condition(
             f"filter {key!r}: the range is empty (gte {low!r} is above lte {high!r}); "
             "give gte <= lte"
         )
-    value, value_params = (
-        (_number_sql(target), target_params * 3) if numeric else (target, target_params)
-    )
+    value, value_params = target, target_params
+    if numeric:
+        value, value_params = (number, []) if number else (_number_sql(target), target_params * 3)
     clauses, params = [], []
     for name, op in (("gte", ">="), ("lte", "<=")):
         if name in bounds:
@@ -443,18 +464,85 @@ def _number_sql(expr: str) -> str:
     )
 
 
+class FieldTables:
+    """Manifest fields copied out of the meta JSON into indexed temporary tables of one
+    connection, a field the first time a filter names it.
+
+    Without them a filter on a manifest field parses every row's JSON on every query, which
+    grows with the archive (docs/benchmarks.md, "Filters at scale"). A field's table costs that
+    scan once, then a filter reads its index: equality and any-of look values up, ranges read
+    one column. The table holds exactly what json_extract returns (no declared type, so no
+    conversion), so a filter matches the same rows either way. For a connection to an
+    immutable version: the tables live in SQLite's temporary storage, never in the version's
+    file. Not thread-safe, like the connection."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.tables: dict[str, str] = {}
+
+    def table_of(self, key: str) -> str:
+        """The temporary table (id, value, number) of manifest field `key`, built on first use:
+        number is the value read as a number where it is one (_number_sql), as ranges compare.
+        A build that fails (no room for temporary files) leaves nothing behind and raises
+        sqlite3.OperationalError."""
+        if key not in self.tables:
+            name = f"filter_field_{len(self.tables)}"
+            try:
+                self._build(name, key)
+            except sqlite3.Error:
+                self.conn.execute(f"DROP TABLE IF EXISTS temp.{name}")
+                raise
+            self.tables[key] = name
+        return self.tables[key]
+
+    def _build(self, name: str, key: str) -> None:
+        self.conn.execute(f"CREATE TEMP TABLE {name} (id INTEGER PRIMARY KEY, value, number REAL)")
+        self.conn.execute(
+            f"INSERT INTO temp.{name} SELECT id, v, {_number_sql('v')} FROM "
+            "(SELECT id, json_extract(meta, ?) AS v FROM images) WHERE v IS NOT NULL",
+            (f'$."{key}"',),
+        )
+        for column in ("value", "number"):
+            self.conn.execute(f"CREATE INDEX temp.{name}_{column} ON {name} ({column})")
+        # statistics, so that a query filtering on two fields starts from the narrower one
+        self.conn.execute(f"ANALYZE temp.{name}")
+
+
 def filtered_ids(
-    conn: sqlite3.Connection, filters: Mapping[str, Any], fields: frozenset[str] | None = None
+    conn: sqlite3.Connection,
+    filters: Mapping[str, Any],
+    fields: frozenset[str] | None = None,
+    tables: FieldTables | None = None,
 ) -> list[int]:
-    """Ids of the images that pass every filter; `fields` as for filter_sql."""
-    where, params = filter_sql(filters, fields)
+    """Ids of the images that pass every filter; `fields` as for filter_sql. With `tables`,
+    manifest fields are read from their tables (joined: a missing value matches no filter,
+    as json_extract's NULL does not); where one cannot be built, from the JSON as without."""
+    where, params = filter_sql(filters, fields)  # a client error raises before any table build
+    joins = ""
+    if tables is not None:
+        try:
+            joins, targets = _field_joins(tables, [k for k in filters if k not in FILTER_COLUMNS])
+        except sqlite3.OperationalError as err:
+            log.warning("filtering without field tables (%s): every row's metadata is read", err)
+        else:
+            where, params = filter_sql(filters, fields, targets)
     try:
-        rows = conn.execute(f"SELECT id FROM images WHERE {where}", params)
+        rows = conn.execute(f"SELECT images.id FROM images{joins} WHERE {where}", params)
     except OverflowError as err:  # an integer SQLite cannot hold
         raise FilterError(
             f"filter value out of range: {err}; integers must fit in 64 bits"
         ) from None
     return [row[0] for row in rows]
+
+
+def _field_joins(tables: FieldTables, keys: list[str]) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The JOIN clauses bringing in the tables of `keys`, and filter_sql's targets for them."""
+    joins, targets = "", {}
+    for n, key in enumerate(keys):
+        alias = f"f{n}"
+        joins += f" JOIN temp.{tables.table_of(key)} AS {alias} ON {alias}.id = images.id"
+        targets[key] = (f"{alias}.value", f"{alias}.number")
+    return joins, targets
 
 
 # -- keywords: full-text search over the reports ----------------------------------------------------

@@ -81,6 +81,7 @@ class IndexStore:
         self._reports: sqlite3.Connection | None = None
         self._reports_lock = threading.Lock()
         self._facets: list[Facet] | None = None
+        self._field_tables = metadata.FieldTables(self.db)  # filters' per-field indexes
 
     @property
     def version(self) -> str:
@@ -288,7 +289,9 @@ class IndexStore:
         allowed = None
         if filters:
             with self.lock:
-                found = metadata.filtered_ids(self.db, filters, self.meta_fields)
+                found = metadata.filtered_ids(
+                    self.db, filters, self.meta_fields, self._field_tables
+                )
             allowed = np.unique(np.asarray(found, dtype=np.int64))
             if len(allowed) == 0:
                 return allowed

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import index_of_rows
 
-from index import faiss_index
+from index import faiss_index, metadata
 from index.errors import FilterError
 from index.metadata import MAX_ANY_OF, MAX_KEYWORD_CHARS, MAX_KEYWORDS
 from index.store import Facet, Keywords, open_current
@@ -434,6 +434,53 @@ def test_the_report_index_is_built_once_across_threads_and_the_version_is_untouc
         built = fresh._reports
         assert found(fresh, keywords=keywords) == expected and fresh._reports is built
     assert hashlib.sha256(meta.read_bytes()).hexdigest() == before
+
+
+def test_field_tables_find_what_the_json_scan_finds_built_once_per_field(index_root, manifest_rows):
+    """Filters on manifest fields read per-field tables (metadata.FieldTables) built on first
+    use; they must pass exactly the rows that parsing each row's JSON passes."""
+    meta = next((index_root / "versions").glob("*/meta.sqlite"))
+    before = hashlib.sha256(meta.read_bytes()).hexdigest()
+    dates = sorted(r["study_date"] for r in manifest_rows)
+    cases = [
+        {"sex": manifest_rows[0]["sex"]},
+        {"sex": ["F", "male", "nobody"], "modality": manifest_rows[0]["modality"]},
+        {"age": [manifest_rows[1]["age"], 40]},
+        {"age": {"gte": 30, "lte": 70}},
+        {"dose": {"gte": -1e9}},  # "n/a", "12abc" and "" are not numbers: never in a range
+        {"dose": {"lte": "5"}},  # a text range over the same values
+        {"dose": ""},  # empty values are not stored: nothing matches either way
+        {"study_date": {"gte": dates[3], "lte": dates[-4]}, "sex": ["M", "F", "male", "female"]},
+        {"acquired": {"lte": dates[8].replace("-", "")}, "age": {"gte": 1}},
+        {"age": {"gte": 30}, "width": {"gte": 1}},  # a manifest field and a column
+    ]
+    with open_current(index_root) as fresh:
+        scanned = [
+            set(metadata.filtered_ids(fresh.db, filters, fresh.meta_fields)) for filters in cases
+        ]
+        with ThreadPoolExecutor(4) as pool:  # first uses race: each table is built once
+            results = list(pool.map(lambda f: found(fresh, filters=f), cases * 3))
+        assert results == scanned * 3
+        assert 0 < len(scanned[3]) < fresh.count and scanned[4] and scanned[7] and scanned[8]
+        used = {key for filters in cases for key in filters} - metadata.FILTER_COLUMNS
+        assert set(fresh._field_tables.tables) == used
+    assert hashlib.sha256(meta.read_bytes()).hexdigest() == before  # temporary tables only
+
+
+def test_filters_read_the_json_when_no_field_table_can_be_built(
+    index_root, manifest_rows, id_of, caplog
+):
+    with open_current(index_root) as fresh:
+        fresh.db.execute("PRAGMA temp.max_page_count = 1")  # SQLite's temporary storage is full
+        sex = manifest_rows[0]["sex"]
+        with caplog.at_level("WARNING", logger="index.metadata"):
+            passing = found(fresh, filters={"sex": sex, "age": {"gte": 1}})
+        assert passing == ids_where(
+            manifest_rows, id_of, lambda r: r["sex"] == sex and (number(r["age"]) or 0) >= 1
+        )
+        assert "filtering without field tables" in caplog.text
+        assert fresh._field_tables.tables == {}
+        assert fresh.db.execute("SELECT name FROM sqlite_temp_master").fetchall() == []
 
 
 # -- facets ---------------------------------------------------------------------------------------
