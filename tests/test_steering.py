@@ -402,3 +402,49 @@ def test_page_groups_filters_thresholds_refines_boxes_explains_and_shares(client
             params={"box": drawn, "k": 20, "must_not": ["pericardial"]},
         )
         assert card_ids(page) == ids(region.json()["results"])
+
+
+def test_page_names_each_figures_licence_and_source_article(datasets, bundle_dir, tmp_path):
+    roco = [r for r in read_csv(datasets / "roco" / "manifest.csv") if r["split"] == "dev"][:4]
+    rows = [
+        {
+            "image": str(datasets / "roco" / r["image"]),
+            "text": r["text"],
+            "licence": r["licence"],
+            "pmc_article": r["pmc_article"],
+        }
+        for r in roco
+    ]
+    rows.append(
+        {
+            "image": str(
+                datasets / "medpix" / read_csv(datasets / "medpix" / "manifest.csv")[0]["image"]
+            ),
+            "text": "No licence here.",
+        }
+    )
+    fields = ["image", "text", "licence", "pmc_article"]
+    root = index_of_rows(tmp_path, bundle_dir, rows, fields)
+    settings = server_settings(bundle_dir, root)
+    with serving(settings) as server, browser_page() as (_browser, page, expect):
+        page.goto(f"{server.url}/?q=radiograph&k=10&group=none")
+        cards = page.locator("#grid .card")
+        expect(cards).to_have_count(len(rows))
+        shown = {}
+        for n in range(len(rows)):
+            card = cards.nth(n)
+            line = card.locator(".attribution")
+            source = line.locator(".source")
+            shown[card.locator(".thumb").get_attribute("alt")] = (
+                line.is_visible() and line.locator(".licence").inner_text(),
+                source.is_visible() and source.get_attribute("href"),
+            )
+    expected = {
+        Path(r["image"]).name: (
+            f"Licence: {r['licence']}",
+            f"https://www.ncbi.nlm.nih.gov/pmc/articles/{r['pmc_article']}/",
+        )
+        for r in rows[:-1]
+    }
+    expected[Path(rows[-1]["image"]).name] = (False, False)
+    assert {Path(alt).name: value for alt, value in shown.items()} == expected

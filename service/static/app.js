@@ -403,6 +403,7 @@ function card(result) {
   const fields = result.metadata.fields || {};
   const where = [result.metadata.modality, fields.dataset, result.metadata.relpath];
   node.querySelector(".where").textContent = where.filter(Boolean).join(" · ");
+  attribute(node.querySelector(".attribution"), fields);
   const report = node.querySelector(".report");
   report.textContent = result.report || "";
   report.title = result.report || "";
@@ -414,6 +415,24 @@ function card(result) {
   }
   wireActions(node, result);
   return node;
+}
+
+// Images published under a licence (roco's PubMed Central figures: CC BY and kin) name it, and
+// their source article, where they are shown.
+const PMC_ARTICLE = /^PMC\d+$/;
+
+function attribute(line, fields) {
+  const licence = fields.licence || fields.license;
+  if (!licence) return;
+  line.querySelector(".licence").textContent = `Licence: ${licence}`;
+  const article = fields.pmc_article;
+  if (article && PMC_ARTICLE.test(article)) {
+    const source = line.querySelector(".source");
+    source.href = `https://www.ncbi.nlm.nih.gov/pmc/articles/${article}/`;
+    source.textContent = `source: ${article}`;
+    source.hidden = false;
+  }
+  line.hidden = false;
 }
 
 function wireActions(node, result) {
