@@ -51,10 +51,17 @@ def staging_dir(root: Path, fingerprint: str) -> Path:
 
 def read_current(root: Path) -> str | None:
     """The version name CURRENT points at, or None when nothing was published yet."""
+    path = Path(root) / CURRENT_NAME
     try:
-        name = (Path(root) / CURRENT_NAME).read_text().strip()
+        name = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise IndexStoreError(
+            f"{path} cannot be read ({type(err).__name__}: {err}): it should hold the name of "
+            f"one folder of {versions_dir(root)}; write one there, or publish a new version "
+            "(`convirt index build` or `add`)"
+        ) from err
     return name or None
 
 

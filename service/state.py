@@ -89,10 +89,10 @@ class ServiceState:
         async with self.reload_lock:
             started = time.perf_counter()
             old = self.stores.current
-            if not await run_in_threadpool(old.has_newer_version):
-                self.metrics.reloads.labels("unchanged").inc()
-                return ReloadOutcome(False, old.version, old.version, old.count, 0.0)
             try:
+                if not await run_in_threadpool(old.has_newer_version):
+                    self.metrics.reloads.labels("unchanged").inc()
+                    return ReloadOutcome(False, old.version, old.version, old.count, 0.0)
                 new = await run_in_threadpool(
                     open_current, self.settings.index_root, self.engine.fingerprint
                 )

@@ -225,6 +225,21 @@ def test_a_truncated_vectors_file_is_refused_on_reload(manual_client, manual_roo
     refused_reload(manual_client, truncate_vectors, manual_root, "encoder.npy")
 
 
+def test_an_unreadable_current_file_answers_503_and_the_old_version_keeps_serving(
+    manual_client, manual_root, capsys
+):
+    served = manual_client.get("/readyz").json()["index_version"]
+    before = failed_reloads(manual_client)
+    (manual_root / layout.CURRENT_NAME).write_bytes(b"\xff\xfe not a version name")
+    error = error_of(reload(manual_client), 503, "index_unavailable")
+    assert "CURRENT cannot be read" in error["message"] and "UnicodeDecodeError" in error["message"]
+    assert failed_reloads(manual_client) == before + 1
+    assert_still_serving(manual_client, served)
+    assert cli.main(["info", "--root", str(manual_root)]) == 1
+    err = capsys.readouterr().err
+    assert "CURRENT cannot be read" in err and "Traceback" not in err, err
+
+
 def test_a_damaged_version_at_start_keeps_the_service_from_becoming_ready(
     bundle_dir, pristine_root, tmp_path_factory
 ):
