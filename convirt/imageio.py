@@ -11,12 +11,25 @@ strips of rows, never in whole-image float copies.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+
+class _QuietPluginFailures(logging.Filter):
+    """pydicom logs each decoder plugin that fails on a frame, with its traceback, then raises one
+    error naming every plugin's reason, which load_image passes on as ImageDecodeError. The
+    tracebacks would read as crashes in a service or build log for what is only a bad file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_QuietPluginFailures())
 
 # Refuse decompression bombs: ~100 megapixels is far above any radiograph we expect.
 MAX_PIXELS = 100_000_000

@@ -104,6 +104,22 @@ def test_truncated_dicom_is_a_clear_error():
         load_image(DICOM_DIR / "MR_truncated.dcm")
 
 
+def test_a_corrupt_jpeg_2000_dicom_is_one_error_not_a_logged_traceback_per_plugin(caplog):
+    ds = pydicom.dcmread(DICOM_DIR / "CT_small.dcm")
+    codestream = bytearray(encode_array(ds.pixel_array.astype(np.uint16), bits_stored=16))
+    codestream[6:40] = b"\xff" * 34  # the image and tile size segment
+    ds.PixelRepresentation = 0
+    ds.PixelData = encapsulate([bytes(codestream)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with caplog.at_level("DEBUG"), pytest.raises(ImageDecodeError, match="plugins") as failed:
+        load_image(buffer.getvalue())
+    assert "pillow" in str(failed.value)  # each plugin's reason is in the one error
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
 def test_not_an_image(tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("this is a text file")
