@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ApiError
+from .errors import ApiError, error_response
 from .keys import ROLES, KeyRecord, KeyStore, KeyStoreError, matches, split_key
 from .settings import Settings
 
@@ -130,6 +130,45 @@ def with_peer_and_proxy_headers(app: ASGIApp, forwarded_allow_ips: str) -> ASGIA
     return RecordPeer(ProxyHeadersMiddleware(app, trusted_hosts=forwarded_allow_ips))  # type: ignore[arg-type]
 
 
+class IdentifyBeforeBody:
+    """ASGI middleware: a request with a body (a query, an upload) and no valid identity gets
+    its 401 before the body is read.
+
+    FastAPI reads a request's body before it runs the route's dependencies, so without this the
+    server would take in up to its body limit (an upload's 20 MB) from anyone before the key
+    check said no. Only who is asking is checked here (Access.principal, as the route's
+    dependency will); roles, rate limits and the audit stay with the route. Open mode, and
+    requests outside /v1/ or without a body, pass through."""
+
+    BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+    def __init__(self, app: ASGIApp, access: Access):
+        self.app = app
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.access.mode != "open"
+            and scope["type"] == "http"
+            and scope["method"] in self.BODY_METHODS
+            and scope["path"].startswith("/v1/")
+        ):
+            request = Request(scope)
+            try:
+                await self.access.principal(request, request.headers.get(API_KEY_HEADER))
+            except ApiError as refused:
+                response = error_response(
+                    refused.status_code,
+                    refused.code,
+                    refused.message,
+                    refused.details,
+                    refused.headers,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class RateLimiter:
     """A token bucket per caller, in memory: `per_minute` requests a minute, `burst` at once."""
 
@@ -189,7 +228,7 @@ class Access:
 
     async def identify(self, request: Request, key: str | None) -> Principal:
         """The caller, rate-limited: 401 without a valid identity (open mode: anonymous)."""
-        principal = await self._principal(request, key)
+        principal = await self.principal(request, key)
         if principal.identified and self.limiter is not None:
             wait = self.limiter.take(principal.user)
             if wait > 0:
@@ -212,7 +251,8 @@ class Access:
             return None
         return await self.identify(request, key)
 
-    async def _principal(self, request: Request, key: str | None) -> Principal:
+    async def principal(self, request: Request, key: str | None) -> Principal:
+        """Who is asking (401 when nobody valid), without rate-limiting: identify() does that."""
         if self.mode == "open":
             if (
                 key

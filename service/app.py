@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
-from .access import Access
+from .access import Access, IdentifyBeforeBody
 from .audit import AuditLog
 from .docs import fastapi_docs_url, install_local_docs
 from .errors import install_error_handlers
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         AuditLog(settings.audit_log, settings.audit_queries) if settings.audit_log else None
     )
     install_error_handlers(app)  # its middleware innermost: 500s pass the metrics below
+    app.add_middleware(IdentifyBeforeBody, access=app.state.access)
     app.add_middleware(
         BodySizeLimit,
         upload_limit=settings.max_upload_bytes,

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -206,6 +207,32 @@ def test_every_data_endpoint_needs_a_key_and_health_does_not(client, keys, rows)
         (operation,) = spec["paths"][path].values()
         assert operation["security"] == [{"APIKey": []}], path
     assert "security" not in spec["paths"]["/healthz"]["get"]
+
+
+@pytest.mark.parametrize(
+    ("key", "code"), [(None, "missing_key"), ("cvk_0123456789abcdef." + "x" * 43, "unknown_key")]
+)
+def test_an_upload_without_a_valid_key_is_refused_before_its_body_is_read(server, key, code):
+    """Headers announcing 15 MB, then 1 KB of it: the 401 must come without the rest."""
+    url = httpx.URL(server.url)
+    announced = 15_000_000
+    head = [
+        "POST /v1/search/image HTTP/1.1",
+        f"Host: {url.host}:{url.port}",
+        "Content-Type: multipart/form-data; boundary=b",
+        f"Content-Length: {announced}",
+    ] + ([f"X-API-Key: {key}"] if key else [])
+    with socket.create_connection((url.host, url.port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + b"--b\r\n" + bytes(1024))
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)  # a timeout here: the server waited for the body
+            if not chunk:
+                break
+            answer += chunk
+    status, _, body = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 401"), answer[:300]
+    assert json.loads(body.partition(b"\r\n\r\n")[2])["error"]["code"] == code
 
 
 def test_a_wrong_key_is_a_401_that_says_so(client, keys):
