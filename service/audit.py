@@ -19,6 +19,9 @@ One JSON object a line, appended, never rewritten: seq, time (UTC), user ("key:<
   hundred per page). Requests refused before identification (401, 429) are not recorded either,
   so nobody without a key can grow the log.
 - **Fail closed**: a request whose entry cannot be written gets a 503, not an unrecorded answer.
+- **Durable**: each line is on disk (fsync) before its answer goes out, then LOG.head, so a power
+  cut can lose neither an answered request's line nor leave a head ahead of the log (which verify
+  would report as a cut-off end). It costs two or three fsyncs a request (docs/benchmarks.md).
 
 Route handlers hold no audit code: deps.audited (a dependency of the routers) opens a record for
 the request, the Searcher notes the query and results into it (note_query, note_results), and the
@@ -215,6 +218,7 @@ class AuditLog:
                 written = os.write(fd, line)  # one write on an O_APPEND descriptor: a whole line
                 if written != len(line):
                     raise AuditError(f"{self.path}: short write ({written} of {len(line)} bytes)")
+                os.fsync(fd)  # the line first: the head must never be ahead of the log
                 self.tail = (os.fstat(fd).st_size, entry["seq"], entry["hash"])
                 write_head(self.path, entry["seq"], entry["hash"])
             finally:
@@ -263,7 +267,14 @@ def write_head(path: Path, seq: int, hash_: str) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(canonical({"seq": seq, "hash": hash_}) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(temporary, head)
+    directory = os.open(head.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
 
 
 # -- reading and verifying -----------------------------------------------------------------------
