@@ -4,12 +4,14 @@ speed) and the shared archive's images. Imported by the bench scripts run as
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from convirt.bundle import load_tokenizer, save_bundle
 from convirt.config import ModelConfig
 from convirt.model import build_model
 from convirt.paths import data_root
+from index.embedding import DEFAULT_WORKERS
 
 ARCHIVE_DATASETS = ("medpix", "covid-cxr")
 
@@ -32,3 +34,24 @@ def archive_images(limit: int) -> list[Path]:
     if not images:
         raise SystemExit(f"no images under {data_root()}: set CONVIRT_DATA_ROOT")
     return images[:limit] if limit else images
+
+
+def link_archive(images: list[Path], folder: Path) -> Path:
+    """A folder of symlinks to `images` (no copies of the data), one subfolder per dataset, that
+    `build --images` scans."""
+    for image in images:
+        target = folder / image.parent.parent.name / image.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(image)
+    return folder
+
+
+def add_build_arguments(parser: argparse.ArgumentParser, limit: int, limit_help: str) -> None:
+    """--model, --limit, --batch-size, --workers and --device, as the index benchmarks take them."""
+    parser.add_argument(
+        "--model", type=Path, help="bundle (default: the default config, untrained)"
+    )
+    parser.add_argument("--limit", type=int, default=limit, help=limit_help)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument("--device", default="cpu")

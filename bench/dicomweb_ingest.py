@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import archive_images, untrained_bundle
+from common import add_build_arguments, archive_images, link_archive, untrained_bundle
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -37,7 +37,6 @@ from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 from convirt.bundle import load_bundle
 from index.builder import Options, build
 from index.dicomweb import Pacs, list_source
-from index.embedding import DEFAULT_WORKERS
 from index.sources import scan_folder
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1137.7."
@@ -130,14 +129,6 @@ def start_orthanc(folder: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.1)
 
 
-def link_archive(images: list[Path], folder: Path) -> Path:
-    for image in images:
-        target = folder / image.parent.parent.name / image.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(image)
-    return folder
-
-
 def timed_build(root: Path, bundle, source_of, options: Options) -> tuple[float, dict]:
     started = time.perf_counter()
     summary = build(root, bundle, source_of(), options)
@@ -152,14 +143,8 @@ def median_run(runs: list[tuple[float, dict]]) -> tuple[float, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model", type=Path, help="bundle (default: the default config, untrained)"
-    )
-    parser.add_argument("--limit", type=int, default=200, help="images (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    add_build_arguments(parser, 200, "images (default: %(default)s)")
     parser.add_argument("--fetch-threads", type=int, default=4)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=1, help="builds of each kind (alternating)")
     args = parser.parse_args()
     images = archive_images(args.limit)

@@ -23,23 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import archive_images, untrained_bundle
+from common import add_build_arguments, archive_images, link_archive, untrained_bundle
 
 from convirt.bundle import load_bundle
 from convirt.imageio import load_image
 from convirt.inference import Embedder
 from index.builder import Options, build
-from index.embedding import DEFAULT_WORKERS
 from index.sources import scan_folder
-
-
-def link_archive(images: list[Path], folder: Path) -> Path:
-    """A folder of symlinks (no copies of the data) that `build --images` scans."""
-    for image in images:
-        target = folder / image.parent.parent.name / image.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(image)
-    return folder
 
 
 def measure_model(embedder: Embedder, batch: torch.Tensor, images: int) -> float:
@@ -53,13 +43,7 @@ def measure_model(embedder: Embedder, batch: torch.Tensor, images: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model", type=Path, help="bundle (default: the default config, untrained)"
-    )
-    parser.add_argument("--limit", type=int, default=0, help="first N archive images (0 = all)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    parser.add_argument("--device", default="cpu")
+    add_build_arguments(parser, 0, "first N archive images (0 = all)")
     args = parser.parse_args()
     images = archive_images(args.limit)
     with tempfile.TemporaryDirectory() as tmp:

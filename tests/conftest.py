@@ -151,6 +151,17 @@ def serving(settings: dict) -> Iterator[ServerProcess]:
         assert "Traceback" not in process.output(), process.output()
 
 
+def error_of(response, status: int, code: str | None = None) -> dict:
+    """The JSON error body of a refused request, checked for shape, status and code."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["status"] == status and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--headless",

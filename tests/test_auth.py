@@ -30,7 +30,7 @@ from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
-from conftest import browser_page, index_of_rows, server_settings, serving
+from conftest import browser_page, error_of, index_of_rows, server_settings, serving
 from fastapi.testclient import TestClient
 
 from convirt.bundle import load_bundle
@@ -143,16 +143,6 @@ def client(server) -> Iterator[httpx.Client]:
 
 def as_(key: str) -> dict[str, str]:
     return {"X-API-Key": key}
-
-
-def error_of(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert error["status"] == status and error["message"]
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 def search(client: httpx.Client, key: str, text: str = QUERY, **controls) -> dict:

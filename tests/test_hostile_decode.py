@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_service
+from conftest import error_of
 from openjpeg.utils import encode_array
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
 from test_imageio import dicom_variant, empty_modality_lut, text_window, zero_window_width
-from test_service import DICOM_FILES, error_of, png_chunk, result_ids, upload
+from test_service import DICOM_FILES, png_chunk, result_ids, upload
 
 from index import layout
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import INDEX_OPTIONS, server_settings
-from test_service import API_KEY, error_of, medpix_rows, metric, write_manifest
+from conftest import INDEX_OPTIONS, error_of, server_settings
+from test_service import API_KEY, medpix_rows, metric, write_manifest
 
 from index import cli, layout
 from index.builder import build

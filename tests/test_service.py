@@ -30,7 +30,14 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from conftest import INDEX_OPTIONS, browser_page, make_bundle, server_settings, serving
+from conftest import (
+    INDEX_OPTIONS,
+    browser_page,
+    error_of,
+    make_bundle,
+    server_settings,
+    serving,
+)
 from PIL import Image
 
 from convirt.bundle import load_bundle, read_bundle_info
@@ -161,17 +168,6 @@ def client(server) -> Iterator[httpx.Client]:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def error_of(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    """The JSON error body of a refused request, checked for shape, status and code."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert error["status"] == status and error["message"]
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 def search_text(client: httpx.Client, text: str, k: int = 5, **extra) -> httpx.Response:

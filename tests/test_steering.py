@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import browser_page, index_of_rows, server_settings, serving
+from conftest import browser_page, error_of, index_of_rows, server_settings, serving
 from PIL import Image
 
 from convirt.bundle import load_bundle
@@ -105,11 +105,6 @@ def ids(results: list[dict]) -> list[int]:
     return [int(r["id"]) for r in results]
 
 
-def error_code(response: httpx.Response, status: int) -> str:
-    assert response.status_code == status, response.text
-    return response.json()["error"]["code"]
-
-
 def case_of(result: dict) -> str | None:
     return result["metadata"]["fields"].get("case_id") or None
 
@@ -173,9 +168,9 @@ def test_filters_any_of_and_range(client, rows, by_id):
     assert 0 < len(aged) == len(expected)
     assert all(40 <= float(by_id[i]["meta"]["age"]) <= 60 for i in ids(aged))
     bad = client.post("/v1/search/text", json={"text": QUERY, "filters": {"age": {"from": 3}}})
-    assert error_code(bad, 422) in ("invalid_filters", "invalid_request")
+    assert error_of(bad, 422)["code"] in ("invalid_filters", "invalid_request")
     unknown = client.post("/v1/search/text", json={"text": QUERY, "filters": {"colour": "red"}})
-    assert error_code(unknown, 422) == "invalid_filters"
+    assert error_of(unknown, 422)["code"] == "invalid_filters"
 
 
 def test_keywords_filter_the_ranking(client, rows):
@@ -233,10 +228,10 @@ def test_refine_moves_the_query_toward_a_liked_image(client, bundle_dir, index_r
 
 
 def test_refine_refuses_what_it_cannot_use(client):
-    assert error_code(client.post("/v1/search/refine", json={}), 422) == "nothing_to_refine"
+    assert error_of(client.post("/v1/search/refine", json={}), 422)["code"] == "nothing_to_refine"
     unknown = client.post("/v1/search/refine", json={"text": QUERY, "liked": ["12345"]})
-    assert error_code(unknown, 404) == "unknown_id"
-    assert error_code(client.post("/v1/search/refine", json={"liked": ["x1"]}), 422)
+    assert error_of(unknown, 404)["code"] == "unknown_id"
+    assert error_of(client.post("/v1/search/refine", json={"liked": ["x1"]}), 422)["code"]
 
 
 # -- a region --------------------------------------------------------------------------------------
@@ -260,9 +255,9 @@ def test_a_box_searches_by_that_region(client, rows, by_id):
         f"/v1/images/{image_id}/similar", params={"box": "0,0,0.5,0.5", "k": 10, "group_by": "none"}
     )
     assert ids(region.json()["results"]) == ids(corner.json()["results"])
-    assert error_code(upload(client, path, "0.5,0.5,0.2,0.9"), 422) == "invalid_box"
-    assert error_code(upload(client, path, "0,0,0.01,0.01"), 422) == "invalid_box"
-    assert error_code(upload(client, path, "a,b"), 422) == "invalid_box"
+    assert error_of(upload(client, path, "0.5,0.5,0.2,0.9"), 422)["code"] == "invalid_box"
+    assert error_of(upload(client, path, "0,0,0.01,0.01"), 422)["code"] == "invalid_box"
+    assert error_of(upload(client, path, "a,b"), 422)["code"] == "invalid_box"
 
 
 # -- why it matched --------------------------------------------------------------------------------
@@ -291,11 +286,11 @@ def test_explain_returns_a_heat_map_that_depends_on_the_query(client, bundle_dir
     by_image = client.get("/v1/explain", params={"image_id": image_id, "query_id": another_image})
     assert by_image.json()["space"] == "encoder"
     assert by_image.json()["index_version"] == client.get("/readyz").json()["index_version"]
-    assert error_code(client.get("/v1/explain", params={"image_id": 1, "text": "x"}), 404)
+    assert error_of(client.get("/v1/explain", params={"image_id": 1, "text": "x"}), 404)["code"]
     unknown_query = {"image_id": image_id, "query_id": 1}
-    assert error_code(client.get("/v1/explain", params=unknown_query), 404) == "unknown_id"
+    assert error_of(client.get("/v1/explain", params=unknown_query), 404)["code"] == "unknown_id"
     both = client.get("/v1/explain", params={"image_id": image_id, "text": "x", "query_id": 1})
-    assert error_code(both, 422) == "invalid_query"
+    assert error_of(both, 422)["code"] == "invalid_query"
 
 
 # -- the page, in real Chromium --------------------------------------------------------------------
