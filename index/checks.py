@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from . import dicomweb, faiss_index, layout, metadata
+from . import faiss_index, layout, metadata
 from .errors import CorruptVersionError, IndexStoreError, reason
 from .layout import human
+from .sources import is_remote
 from .version import SPACES, VersionFiles, read_version
 
 NORM_TOLERANCE = 1e-3
@@ -195,7 +196,7 @@ def check_files(conn, result: Verification, hashes: bool) -> None:
     for image_id, path, sha, size in conn.execute(
         "SELECT id, path, sha256, size_bytes FROM images ORDER BY path"
     ):
-        if path.startswith(dicomweb.SCHEME):
+        if is_remote(path):
             remote += 1
             continue
         checked += 1

@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,13 +57,13 @@ from convirt.paths import cache_dir
 
 from . import metadata
 from .errors import check_fingerprint
-from .sources import Source, SourceError, shard_of
+from .sources import REMOTE_SCHEME, Source, SourceError, shard_of
 from .version import Summary, writing
 
 log = logging.getLogger(__name__)
 
 KIND = "dicomweb"
-SCHEME = "dicomweb://"
+SCHEME = REMOTE_SCHEME
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_THREADS = 4  # instances fetched at once
 SERVE_TIMEOUT_S = 10.0
@@ -434,12 +434,14 @@ def orthanc_root(pacs: Pacs) -> str | None:
     return None
 
 
-def _get_json(pacs: Pacs, url: str, doing: str, missing_ok: bool = False) -> Any:
+def _get_json(pacs: Pacs, url: str, doing: str, missing_ok: bool = False, http=None) -> Any:
+    """GET url as JSON, in `http` (a session() to reuse across many calls) or a session of its
+    own; an unreachable PACS is a DicomwebError naming `doing`."""
     import requests
 
     try:
-        with session() as http:
-            answer = http.get(url, timeout=(min(10.0, pacs.timeout), pacs.timeout))
+        with closing(session()) if http is None else nullcontext(http) as client:
+            answer = client.get(url, timeout=(min(10.0, pacs.timeout), pacs.timeout))
         if missing_ok and answer.status_code == 404:
             return None
         answer.raise_for_status()
@@ -462,7 +464,11 @@ def orthanc_position(pacs: Pacs, root: str) -> dict[str, Any]:
 
 def cursor_now(pacs: Pacs) -> dict[str, Any]:
     """The sync cursor to record for a listing made from now on."""
-    root = orthanc_root(pacs)
+    return cursor_at(pacs, orthanc_root(pacs))
+
+
+def cursor_at(pacs: Pacs, root: str | None) -> dict[str, Any]:
+    """cursor_now, given orthanc_root's answer (None: not Orthanc, the QIDO listing)."""
     position = orthanc_position(pacs, root) if root else {"feed": "qido"}
     return {**position, "at": datetime.now(UTC).isoformat(timespec="seconds")}
 
@@ -482,14 +488,14 @@ def orthanc_changes(pacs: Pacs, root: str, since: int) -> tuple[set[str], int, i
         if page.get("Done", True) or not page["Changes"]:
             break
     studies = set()
-    for orthanc_id in dict.fromkeys(new_ids):
-        study = _get_json(
-            pacs, f"{root}/instances/{orthanc_id}/study", "resolving new instances", True
-        )
-        if study:  # None: deleted since
-            uid = study.get("MainDicomTags", {}).get("StudyInstanceUID")
-            if uid:
-                studies.add(uid)
+    with session() as http:  # one connection for what may be thousands of look-ups
+        for orthanc_id in dict.fromkeys(new_ids):
+            url = f"{root}/instances/{orthanc_id}/study"
+            study = _get_json(pacs, url, "resolving new instances", True, http)
+            if study:  # None: deleted since
+                uid = study.get("MainDicomTags", {}).get("StudyInstanceUID")
+                if uid:
+                    studies.add(uid)
     return studies, len(new_ids), last
 
 
@@ -925,8 +931,7 @@ def plan_sync(
     """What is new on the PACS and what is gone from it, compared with what the index knows."""
     client = pacs.client()
     root = orthanc_root(pacs)
-    cursor = {**(orthanc_position(pacs, root) if root else {"feed": "qido"})}
-    cursor["at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    cursor = cursor_at(pacs, root)
     listing: list[Instance] | None = None
     candidates: list[Instance] = []
     recorded = recorded or {}
@@ -964,10 +969,6 @@ def plan_sync(
 
 
 # -- serving: the file behind a dicomweb:// path -------------------------------------------------------
-
-
-def is_remote(path: str) -> bool:
-    return path.startswith(SCHEME)
 
 
 def fetch_for_serving(row: dict[str, Any], folder: Path | None = None) -> Path:

@@ -479,19 +479,29 @@ class FieldTables:
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
         self.tables: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # field -> why its table could not be built
 
     def table_of(self, key: str) -> str:
         """The temporary table (id, value, number) of manifest field `key`, built on first use:
         number is the value read as a number where it is one (_number_sql), as ranges compare.
-        A build that fails (no room for temporary files) leaves nothing behind and raises
-        sqlite3.OperationalError."""
+        A build that fails (no room for temporary files) leaves nothing behind, is logged, and
+        raises sqlite3.OperationalError, then and on every later call for that field (no build
+        is tried again on this connection: each try would scan every row)."""
+        if key in self.failed:
+            raise sqlite3.OperationalError(self.failed[key])
         if key not in self.tables:
             name = f"filter_field_{len(self.tables)}"
             try:
                 self._build(name, key)
-            except sqlite3.Error:
+            except sqlite3.Error as err:
                 self.conn.execute(f"DROP TABLE IF EXISTS temp.{name}")
-                raise
+                self.failed[key] = str(err)
+                log.warning(
+                    "filtering without field tables for %r (%s): every row's metadata is read",
+                    key,
+                    err,
+                )
+                raise sqlite3.OperationalError(str(err)) from err
             self.tables[key] = name
         return self.tables[key]
 
@@ -522,8 +532,8 @@ def filtered_ids(
     if tables is not None:
         try:
             joins, targets = _field_joins(tables, [k for k in filters if k not in FILTER_COLUMNS])
-        except sqlite3.OperationalError as err:
-            log.warning("filtering without field tables (%s): every row's metadata is read", err)
+        except sqlite3.OperationalError:  # logged once per field by FieldTables
+            pass
         else:
             where, params = filter_sql(filters, fields, targets)
     try:

@@ -22,6 +22,13 @@ from convirt.manifest import read_manifest as read_manifest_items
 
 from .errors import IndexStoreError
 
+REMOTE_SCHEME = "dicomweb://"  # the path of an image a PACS holds (index.dicomweb), not a file
+
+
+def is_remote(path: str) -> bool:
+    """Whether an indexed path names an image on a PACS rather than a file."""
+    return path.startswith(REMOTE_SCHEME)
+
 
 class SourceError(IndexStoreError):
     """A folder or manifest cannot be used as a source; the message says what to change."""

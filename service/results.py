@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from index.sources import is_remote
 from index.store import Hit
 
 from .errors import ApiError
@@ -95,7 +96,7 @@ def group_of(group: HitGroup, root: str, group_by: str) -> Group | None:
 def indexed_file(row: Mapping[str, Any]) -> Path:
     """The recorded path, if it still holds a regular file of the recorded size. An image from a
     PACS (a dicomweb:// path) is fetched from it once and served from a local copy."""
-    if row["path"].startswith("dicomweb://"):
+    if is_remote(row["path"]):
         from index.dicomweb import fetch_for_serving
         from index.errors import IndexStoreError
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from starlette.concurrency import run_in_threadpool
 
 from convirt.explain import HeatMap, occlusion_map
 from convirt.imageio import ImageDecodeError, ImageTooLargeError
@@ -177,15 +178,16 @@ class Searcher:
         if text is not None:
             self._check_text(text)
 
-        def locate(store: IndexStore) -> tuple[Path, np.ndarray | None, str]:
-            """The image's file, the query image's vector, the version both come from."""
-            path = self._path_in(store, image_id)
+        def locate(store: IndexStore) -> tuple[dict, np.ndarray | None, str]:
+            """The image's row, the query image's vector, the version both come from."""
+            row = self._row_in(store, image_id)
             stored = None
             if query_id is not None:
                 stored = self._stored_vectors(store, [query_id], "encoder")[0]
-            return path, stored, store.version
+            return row, stored, store.version
 
-        path, stored, version = await self._on_store(locate)
+        row, stored, version = await self._on_store(locate)
+        path = await run_in_threadpool(indexed_file, row)
         if text is not None:
             space, query = "joint", (await self.engine.embed_text(text)).vector
         else:
@@ -290,16 +292,19 @@ class Searcher:
         return done
 
     async def _indexed_path(self, image_id: int) -> Path:
-        return await self._on_store(self._path_in, image_id)
+        """The file of an indexed image; one a PACS holds is fetched off the search pool (a
+        network wait there would hold up every search)."""
+        row = await self._on_store(self._row_in, image_id)
+        return await run_in_threadpool(indexed_file, row)
 
     @staticmethod
-    def _path_in(store: IndexStore, image_id: int) -> Path:
+    def _row_in(store: IndexStore, image_id: int) -> dict:
         row = store.get(image_id)
         if row is None:
             raise ApiError(
                 404, "unknown_id", f"no image with id {image_id} in index version {store.version}"
             )
-        return indexed_file(row)
+        return row
 
     async def _prepare(
         self, data: bytes | Path, box: Box | None = None

@@ -481,6 +481,11 @@ def test_filters_read_the_json_when_no_field_table_can_be_built(
         assert "filtering without field tables" in caplog.text
         assert fresh._field_tables.tables == {}
         assert fresh.db.execute("SELECT name FROM sqlite_temp_master").fetchall() == []
+        assert set(fresh._field_tables.failed) == {"sex"}  # the first build failed; none after
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="index.metadata"):
+            assert found(fresh, filters={"sex": sex, "age": {"gte": 1}}) == passing
+        assert caplog.records == []  # not tried (nor logged) again
 
 
 # -- facets ---------------------------------------------------------------------------------------
