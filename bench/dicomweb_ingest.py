@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,6 +37,7 @@ from convirt.bundle import load_bundle
 from index.builder import Options, build
 from index.dicomweb import Pacs, list_source
 from index.sources import scan_folder
+from service.process import free_port
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1137.7."
 STOW_BATCH = 50
@@ -80,12 +80,6 @@ def wrap_jpeg(jpeg: Path, n: int) -> Dataset:
     ds.PixelData = encapsulate([jpeg.read_bytes()])
     ds["PixelData"].VR = "OB"
     return ds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_orthanc(folder: Path) -> tuple[subprocess.Popen, str]:

@@ -61,6 +61,7 @@ class Principal:
 
 
 ANONYMOUS = Principal("anonymous", None, "reader", identified=False)
+ENV_ADMIN = Principal(f"key:{ENV_KEY_ID}", "CONVIRT_API_KEY", "admin")
 
 
 def effective_mode(settings: Settings) -> str:
@@ -254,12 +255,8 @@ class Access:
     async def principal(self, request: Request, key: str | None) -> Principal:
         """Who is asking (401 when nobody valid), without rate-limiting: identify() does that."""
         if self.mode == "open":
-            if (
-                key
-                and self.admin_key
-                and secrets.compare_digest(key.encode(), self.admin_key.encode())
-            ):
-                return Principal(f"key:{ENV_KEY_ID}", "CONVIRT_API_KEY", "admin")
+            if key and self.is_admin_key(key):
+                return ENV_ADMIN
             return ANONYMOUS
         if self.mode == "proxy":
             found = self.proxy_user(request)
@@ -292,9 +289,15 @@ class Access:
             role = "reader"
         return Principal(f"proxy:{user}", user, role)
 
+    def is_admin_key(self, key: str) -> bool:
+        """Whether `key` is CONVIRT_API_KEY (compared in constant time)."""
+        return self.admin_key is not None and secrets.compare_digest(
+            key.encode(), self.admin_key.encode()
+        )
+
     async def key_principal(self, key: str) -> Principal:
-        if self.admin_key and secrets.compare_digest(key.encode(), self.admin_key.encode()):
-            return Principal(f"key:{ENV_KEY_ID}", "CONVIRT_API_KEY", "admin")
+        if self.is_admin_key(key):
+            return ENV_ADMIN
         parts = split_key(key)
         record = await self.lookup(parts[0]) if parts else None
         if parts is None or record is None or not matches(record, parts[1]):

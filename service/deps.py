@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from index.store import IndexStore
 
 from . import audit
-from .access import API_KEY_HEADER, Access, Principal
+from .access import API_KEY_HEADER, Access, Principal, unauthorized
 from .audit import AuditLog, AuditRecord
 from .engine import Engine
 from .errors import ApiError
@@ -100,11 +100,8 @@ def require(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
                     "admin_disabled",
                     "the admin API is off: start the service with CONVIRT_API_KEY",
                 )
-            raise ApiError(
-                401,
-                "unauthorized",
-                f"missing or wrong API key: send it in the {API_KEY_HEADER} header",
-                headers={"WWW-Authenticate": "APIKey"},
+            raise unauthorized(
+                "unauthorized", f"missing or wrong API key: send it in the {API_KEY_HEADER} header"
             )
         who = principal.name or principal.user
         raise ApiError(
