@@ -231,28 +231,36 @@ def forget_not_indexed(conn: sqlite3.Connection, paths: Iterable[str]) -> None:
         conn.executemany(f"DELETE FROM {NOT_INDEXED} WHERE path = ?", [(p,) for p in paths])
 
 
+def _under(prefix: str) -> tuple[str, list[Any]]:
+    """SQL (and its parameters) for "path starts with prefix" that reads the path index: a
+    range from prefix to its successor (the last character one higher), then the exact test."""
+    clause, params = "path >= ?", [prefix]
+    last = ord(prefix[-1]) + 1 if prefix else None
+    if last is not None and last <= 0x10FFFF and not 0xD800 <= last <= 0xDFFF:
+        clause, params = clause + " AND path < ?", [*params, prefix[:-1] + chr(last)]
+    return clause + " AND substr(path, 1, ?) = ?", [*params, len(prefix), prefix]
+
+
 def paths_under(conn: sqlite3.Connection, prefix: str) -> tuple[dict[str, int], dict[str, str]]:
     """({path: id} of the images, {path: reason} of what was not indexed) whose path starts with
     prefix (a remote source's URL)."""
-    start = "substr(path, 1, ?) = ?"
+    start, params = _under(prefix)
     images = {
         path: image_id
-        for image_id, path in conn.execute(
-            f"SELECT id, path FROM images WHERE {start}", (len(prefix), prefix)
-        )
+        for image_id, path in conn.execute(f"SELECT id, path FROM images WHERE {start}", params)
     }
     seen: dict[str, str] = {}
     if _has_table(conn, "main", NOT_INDEXED):
         query = f"SELECT path, reason FROM {NOT_INDEXED} WHERE {start}"
-        seen = dict(conn.execute(query, (len(prefix), prefix)))
+        seen = dict(conn.execute(query, params))
     return images, seen
 
 
 def report_under(conn: sqlite3.Connection, prefix: str) -> str:
     """The report of an image whose path starts with prefix (a study's URL), or ''."""
+    start, params = _under(prefix)
     row = conn.execute(
-        "SELECT report FROM images WHERE substr(path, 1, ?) = ? AND report != '' LIMIT 1",
-        (len(prefix), prefix),
+        f"SELECT report FROM images WHERE {start} AND report != '' LIMIT 1", params
     ).fetchone()
     return row[0] if row else ""
 
@@ -260,18 +268,19 @@ def report_under(conn: sqlite3.Connection, prefix: str) -> str:
 def values_under(conn: sqlite3.Connection, prefix: str, key: str) -> set[str]:
     """The non-empty values of metadata field `key` among the images whose path starts with
     prefix."""
+    start, params = _under(prefix)
     rows = conn.execute(
-        "SELECT DISTINCT json_extract(meta, ?) FROM images WHERE substr(path, 1, ?) = ?",
-        (f'$."{key}"', len(prefix), prefix),
+        f"SELECT DISTINCT json_extract(meta, ?) FROM images WHERE {start}",
+        [f'$."{key}"', *params],
     )
     return {str(value) for (value,) in rows if value not in (None, "")}
 
 
 def fill_reports_under(conn: sqlite3.Connection, prefix: str, report: str) -> int:
     """Give the images under prefix (a study's URL) that have no report this one; how many."""
+    start, params = _under(prefix)
     done = conn.execute(
-        "UPDATE images SET report = ? WHERE substr(path, 1, ?) = ? AND report = ''",
-        (report, len(prefix), prefix),
+        f"UPDATE images SET report = ? WHERE {start} AND report = ''", [report, *params]
     )
     return done.rowcount
 
