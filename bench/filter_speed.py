@@ -6,7 +6,8 @@ manifest fields look like a hospital archive's (body part, sex, age, a study dat
 modality is a column; an empty thumbnail), so no images and no model are needed. Both ways run on the same
 read-only connection kind the server opens, in the same run, each filter `--repeats` times;
 the table build is timed apart (it happens once per field and index version). Every filter
-must find the same ids both ways, or the run stops. Prints JSON.
+must find the same ids both ways, or the run stops. Last, the look-up sync makes per study
+(images under a path prefix): a scan of every row against the path index. Prints JSON.
 
     python bench/filter_speed.py                      # 200,000 rows
     python bench/filter_speed.py --rows 1000000
@@ -79,6 +80,30 @@ def timed(run, repeats: int) -> tuple[float, list[int]]:
     return statistics.median(times), found
 
 
+def prefix_lookups(conn, repeats: int) -> dict:
+    """The images under a path prefix, as `convirt index sync` asks once per study: the scan it
+    ran before (substr on every row) against metadata.paths_under (a range on the path index)."""
+    prefixes = [f"/archive/{n}" for n in range(1000, 1050)]  # 111 images each at 200k rows
+
+    def scan() -> list[int]:
+        sql = "SELECT id FROM images WHERE substr(path, 1, ?) = ?"
+        return [i for p in prefixes for (i,) in conn.execute(sql, (len(p), p))]
+
+    def indexed() -> list[int]:
+        return [i for p in prefixes for i in metadata.paths_under(conn, p)[0].values()]
+
+    scan_ms, scanned = timed(scan, repeats)
+    index_ms, found = timed(indexed, repeats)
+    if sorted(scanned) != sorted(found):
+        raise SystemExit("prefix look-up: the two ways found different ids")
+    return {
+        "images": len(found),
+        "row_scan_ms_per_study": round(scan_ms / len(prefixes), 3),
+        "path_index_ms_per_study": round(index_ms / len(prefixes), 3),
+        "speedup": round(scan_ms / index_ms, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000, help="images in the database")
@@ -111,6 +136,7 @@ def main() -> None:
                 "field_tables_ms": round(table_ms, 2),
                 "speedup": round(scan_ms / table_ms, 1),
             }
+        prefixes = prefix_lookups(conn, args.repeats)
         conn.close()
     print(
         json.dumps(
@@ -120,6 +146,7 @@ def main() -> None:
                 "repeats": args.repeats,
                 "table_build_ms": builds,
                 "filters": results,
+                "sync_prefix_lookup": prefixes,
             },
             indent=2,
         )
