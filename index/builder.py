@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +79,7 @@ def build(
     with writing(root, "build", keep=options.keep) as w:
         bundle = load_model(model, options.device)
         embedder = Embedder(bundle, options.device, options.batch_size)
+        w.embed_texts = text_vectors(embedder)
         check_index_type(index_type, embedder)
         if shard is not None:
             source = source.shard(*shard)
@@ -180,7 +181,21 @@ def embedder_for(w: Write, model: ModelLike, options: Options) -> Embedder:
     check_fingerprint(
         f"index {w.root} (version {w.current.name})", w.current.fingerprint, bundle.fingerprint
     )
-    return Embedder(bundle, options.device, options.batch_size)
+    embedder = Embedder(bundle, options.device, options.batch_size)
+    w.embed_texts = text_vectors(embedder)
+    return embedder
+
+
+def text_vectors(embedder: Embedder) -> Callable[[Sequence[str]], np.ndarray]:
+    """Report sentences -> joint-space vectors, with a progress line for large archives."""
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        started = time.perf_counter()
+        vectors = embedder.embed_texts(list(texts)).vectors
+        log.info("embedded %d report sentences in %.1fs", len(texts), time.perf_counter() - started)
+        return vectors
+
+    return embed
 
 
 def remove(
@@ -245,6 +260,7 @@ def merge(
         check_factory_for(index_type, dim, space)
     chosen, losers = choose_primaries(shards)
     with writing(root, "merge", keep=keep, started=started) as w:
+        w.reuse_from = [shard.directory for shard in shards]
         w.needs(lambda: sum(version_bytes(shard) for shard in shards))
         ids, vectors = copy_shards(w.meta, shards, chosen)
         metadata.insert_duplicates(w.meta, losers)

@@ -897,6 +897,10 @@ def sync(root: str | Path, model, pacs: Pacs, options) -> Summary:
                 indexed_reports={s: r for s, r in reports.items() if r},
             )
             embedder = builder.embedder_for(w, model, options) if plan.new else None
+            if embedder is None:  # reports joined to indexed studies may bring new sentences
+                w.embed_texts = lambda texts: (
+                    builder.embedder_for(w, model, options).embed_texts(list(texts)).vectors
+                )
             builder.update(w, source, options, embedder, drop=sorted(plan.deleted))
     return w.summary
 

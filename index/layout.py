@@ -38,7 +38,7 @@ KEEP_VERSIONS = 3
 LOW_SPACE_BYTES = 16 * 2**20
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 DISK_FULL_WORDS = ("no space left", "disk is full", "disk full", "quota exceeded")
-AMBIGUOUS_WORDS = ("disk i/o error", "write", "flush")  # "written", "fwrite" too
+AMBIGUOUS_WORDS = ("disk i/o error", "write", "written", "flush")  # "fwrite" too
 
 
 def versions_dir(root: Path) -> Path:

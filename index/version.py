@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,7 +43,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from . import faiss_index, layout, metadata
+from . import faiss_index, layout, metadata, sentences
 from .errors import IndexStoreError
 from .staging import Staging
 
@@ -148,8 +148,12 @@ class VersionWriter:
         info: dict[str, Any],
         report: dict[str, Any],
         index_type: str | None,
+        previous: Sequence[Path] = (),
+        embed_texts: sentences.EmbedTexts | None = None,
     ) -> Path:
-        """Write vectors, FAISS indexes (unless index_type is None: a shard), info and report."""
+        """Write vectors, FAISS indexes (unless index_type is None: a shard), the report
+        sentences (reusing the vectors of `previous` versions of the same model, embedding the
+        rest with `embed_texts`), info and report."""
         order = np.argsort(ids, kind="stable")
         ids = np.ascontiguousarray(ids[order], dtype=np.int64)
         if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
@@ -165,6 +169,9 @@ class VersionWriter:
                 index = faiss_index.build_index(factories[space], data, ids)
                 faiss.write_index(index, str(self.directory / f"{space}.faiss"))
                 recall[space] = faiss_index.measure_recall(index, data, ids)
+        same_model = [p for p in previous if same_fingerprint(p, info.get("fingerprint"))]
+        dim = int(vectors["joint"].shape[1])
+        written = sentences.write(self.meta, self.directory, dim, same_model, embed_texts)
         info = {
             **info,
             "format": VERSION_FORMAT,
@@ -176,6 +183,7 @@ class VersionWriter:
             "recall_at_10": recall if any(v is not None for v in recall.values()) else None,
             "created_at": now_iso(),
             "seconds": round(time.perf_counter() - self.started, 3),
+            "sentences": written.as_info() if written else None,
         }
         (self.directory / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         report = {"version": self.name, **report}
@@ -187,6 +195,14 @@ class VersionWriter:
         self.meta.commit()
         if metadata.sorted_ids(self.meta) != ids.tolist():
             raise IndexStoreError("internal error: metadata rows and vectors disagree")
+
+
+def same_fingerprint(directory: Path, fingerprint: str | None) -> bool:
+    """Whether the version in `directory` was embedded by the model `fingerprint` names."""
+    try:
+        return read_version(directory).fingerprint == fingerprint
+    except (IndexStoreError, KeyError):
+        return False
 
 
 # -- the one template of every write ---------------------------------------------------------------
@@ -243,6 +259,12 @@ class Write:
         self._stagings: list[Staging] = []
         self._directory: Path | None = None
         self._changes: dict[str, int] = {}
+        # report sentences: texts -> joint vectors for those no earlier version holds (set by
+        # the operations that load a model), and where earlier vectors may be found
+        self.embed_texts: sentences.EmbedTexts | None = None
+        self.reuse_from: list[Path] = []
+        if self.parent is not None:
+            self.reuse_from.append(layout.versions_dir(root) / self.parent)
 
     def needs(self, estimate: Callable[[], int]) -> None:
         """About the bytes this write takes (asked only when a write fails for want of space)."""
@@ -284,7 +306,9 @@ class Write:
         operation's name and parent; `changes` (default: the report's counts) go to the summary."""
         info = {**info, "operation": self.operation, "parent": self.parent}
         report = {"operation": self.operation, **report}
-        self._directory = self.writer().publish(vectors, ids, info, report, index_type)
+        self._directory = self.writer().publish(
+            vectors, ids, info, report, index_type, self.reuse_from, self.embed_texts
+        )
         self._changes = dict(report.get("counts", {}) if changes is None else changes)
         return self._directory
 
