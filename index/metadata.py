@@ -658,17 +658,26 @@ def phrase(term: str) -> str:
     return '"' + term.replace('"', '""') + '"'
 
 
-def keyword_ids(fts: sqlite3.Connection, keywords: Keywords) -> tuple[set[int] | None, set[int]]:
+# Keywords against the reports' words by status (index.sentences): a report "holds" a term it
+# asserts as present; "No effusion." neither satisfies `must: effusion` nor fails `must_not`.
+ASSERTED = ("report_terms", "{present} : ")
+MENTIONED = ("reports", "")  # the in-memory index of versions written before report sentences
+
+
+def keyword_ids(
+    fts: sqlite3.Connection, keywords: Keywords, table: tuple[str, str] = MENTIONED
+) -> tuple[set[int] | None, set[int]]:
     """(ids whose report holds every `must` term, None when there is none; ids whose report
     holds any `must_not` term)."""
-    query = "SELECT rowid FROM reports WHERE reports MATCH ?"
+    name, column = table
+    query = f"SELECT rowid FROM {name} WHERE {name} MATCH ?"
     must = None
     if keywords.must:
-        expression = " AND ".join(phrase(term) for term in keywords.must)
+        expression = " AND ".join(column + phrase(term) for term in keywords.must)
         must = {row[0] for row in fts.execute(query, (expression,))}
     must_not: set[int] = set()
     if keywords.must_not:
-        expression = " OR ".join(phrase(term) for term in keywords.must_not)
+        expression = " OR ".join(column + phrase(term) for term in keywords.must_not)
         must_not = {row[0] for row in fts.execute(query, (expression,))}
     return must, must_not
 

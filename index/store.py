@@ -22,14 +22,15 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import checks, faiss_index, layout, metadata
-from .errors import FilterError, IndexStoreError, check_fingerprint
+from . import checks, faiss_index, hybrid, layout, metadata, sentences
+from .errors import CorruptVersionError, FilterError, IndexStoreError, check_fingerprint
+from .hybrid import Evidence, TextRanking
 from .metadata import Facet, Keywords
 from .version import VersionFiles, read_version
 
@@ -51,7 +52,9 @@ OVERFETCH = 4  # for structures that cannot filter inside FAISS: fetch k * OVERF
 @dataclass(frozen=True)
 class Hit:
     id: int
-    score: float  # inner product of L2-normalised vectors: the cosine similarity
+    score: float  # inner product of L2-normalised vectors: the cosine similarity (text
+    # queries ranked with their reports: the fused score, index.hybrid)
+    evidence: Evidence | None = field(default=None, compare=False)
 
 
 class IndexStore:
@@ -82,6 +85,17 @@ class IndexStore:
         self._reports_lock = threading.Lock()
         self._facets: list[Facet] | None = None
         self._field_tables = metadata.FieldTables(self.db)  # filters' per-field indexes
+        # the reports' sentences and their words by status (index.sentences); None in versions
+        # written before them, which rank text queries by the image alone
+        self.sentences: sentences.SentenceSpace | None = None
+        if files.info.get("sentences") and sentences.has_space(self.db):
+            try:
+                self.sentences = sentences.SentenceSpace(files.directory, self.db)
+            except (OSError, ValueError, sqlite3.Error) as err:
+                self.db.close()
+                raise CorruptVersionError(
+                    files.directory, [f"the report sentences cannot be read: {err}"]
+                ) from err
 
     @property
     def version(self) -> str:
@@ -146,6 +160,62 @@ class IndexStore:
                 "search_text_vectors / search_image_vectors for a batch"
             )
         return self._search(space, query[None], k, filters, keywords, exclude)[0]
+
+    def rank_text(
+        self,
+        vector: np.ndarray,
+        text: str,
+        k: int,
+        filters: Filters | None = None,
+        keywords: Keywords | None = None,
+        exclude: Collection[int] = (),
+        mode: str = "hybrid",
+        fusion: str = "weighted",
+    ) -> TextRanking | None:
+        """A text query ranked with the reports (index.hybrid): mode `hybrid` (image, report
+        sentences and words) or `report` (the report alone); None where this version holds no
+        report sentences (the caller ranks by the image). Filters, keywords and exclusions
+        restrict every kind of evidence, as in `search`."""
+        if mode not in ("hybrid", "report") or fusion not in hybrid.FUSIONS:
+            raise ValueError(f"mode {mode!r} / fusion {fusion!r}: see index.hybrid")
+        if self.sentences is None:
+            return None
+        query = self._queries("joint", vector)[0]
+        terms = hybrid.query_terms(text)
+        allowed = self._allowed(filters, keywords)
+        excluded = self._excluded(exclude)
+
+        def keep(ids: np.ndarray) -> np.ndarray:
+            ids = np.asarray(ids, dtype=np.int64)
+            if allowed is not None:
+                ids = ids[np.isin(ids, allowed, assume_unique=False)]
+            return ids[~np.isin(ids, excluded)] if len(excluded) else ids
+
+        with self.lock:
+            lexical = hybrid.lexical_evidence(self.db, terms, keep)
+        reports = hybrid.Reports(
+            hybrid.sentence_evidence(self.sentences, query, terms, keep), lexical
+        )
+        image_hits = []
+        if mode == "hybrid":
+            reads = max(hybrid.IMAGES_READ, k)
+            image_hits = self.search("joint", query, reads, filters, keywords, exclude)
+        return TextRanking(
+            self.sentences,
+            lambda ids: self.vectors_of(ids, "joint"),
+            query,
+            reports,
+            image_hits,
+            mode,
+            fusion,
+        )
+
+    def report_sentences_of(self, ids: Sequence[int]) -> dict[int, list[int]]:
+        """The sentence ids of each image's report (empty without the sentence space)."""
+        if self.sentences is None:
+            return {}
+        with self.lock:
+            return sentences.sentences_of_images(self.db, [int(i) for i in ids])
 
     def vectors_of(self, ids: Sequence[int], space: str) -> np.ndarray:
         """The stored vectors (len(ids) x dim, float32) of indexed images, in the order given;
@@ -296,8 +366,7 @@ class IndexStore:
             if len(allowed) == 0:
                 return allowed
         if keywords:
-            with self._reports_lock:
-                must, must_not = metadata.keyword_ids(self._report_index(), keywords)
+            must, must_not = self._keyword_ids(keywords)
             if must is not None:
                 must_ids = np.fromiter(must, dtype=np.int64, count=len(must))
                 allowed = (
@@ -311,6 +380,15 @@ class IndexStore:
                 drop = np.fromiter(must_not, dtype=np.int64, count=len(must_not))
                 allowed = np.setdiff1d(allowed, drop, assume_unique=True)
         return allowed
+
+    def _keyword_ids(self, keywords: Keywords) -> tuple[set[int] | None, set[int]]:
+        """metadata.keyword_ids on what the reports assert (index.sentences), or, in versions
+        written before report sentences, on what they mention."""
+        if self.sentences is not None:
+            with self.lock:
+                return metadata.keyword_ids(self.db, keywords, metadata.ASSERTED)
+        with self._reports_lock:
+            return metadata.keyword_ids(self._report_index(), keywords)
 
     def _report_index(self) -> sqlite3.Connection:
         """The reports' FTS5 index, built on the first keyword query; hold _reports_lock."""

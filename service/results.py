@@ -14,7 +14,7 @@ from index.store import Hit
 
 from .errors import ApiError
 from .grouping import HitGroup
-from .schemas import DicomUids, Group, GroupMember, ImageMetadata, SearchResult
+from .schemas import DicomUids, Evidence, Group, GroupMember, ImageMetadata, SearchResult
 from .viewer import dicom_uids, viewer_url
 
 MAX_GROUP_MEMBERS = 8  # listed under a card; `size` still counts them all
@@ -46,9 +46,20 @@ def describe(
         fields=row.get("meta") or {},
     )
     uids = dicom_uids(row.get("meta"))
+    evidence = hit.evidence
     return SearchResult(
         id=str(hit.id),
         score=hit.score,
+        evidence=Evidence(
+            image=evidence.image,
+            sentence=evidence.sentence,
+            sentence_score=evidence.sentence_score,
+            terms=list(evidence.terms),
+            lexical=evidence.lexical,
+            has_report=evidence.has_report,
+        )
+        if evidence
+        else None,
         metadata=metadata,
         report=row.get("report") or None,
         group=group,

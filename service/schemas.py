@@ -25,16 +25,24 @@ INT64 = (-(2**63), 2**63 - 1)  # what SQLite stores
 RANGE_BOUNDS = frozenset({"gte", "lte"})
 GROUP_BY = ("study", "patient", "none")
 GroupBy = Literal["study", "patient", "none"]
+TextMode = Literal["image", "report", "hybrid"]
+Fusion = Literal["weighted", "rrf"]
+MODE_DOC = (
+    "what ranks the images: hybrid (the default where the index holds reports) weighs the "
+    "image, the report sentence nearest the query and the query's words the report asserts; "
+    "report ranks by the report alone, image by the image alone (the joint space). Negation is "
+    "understood: 'no pneumothorax' finds reports that deny a pneumothorax"
+)
 FILTERS_DOC = (
     "filters on indexed fields (modality, view, manifest columns; see GET /v1/facets): a value "
     '({"modality": "CT"}), any of a list ({"modality": ["CT", "MR"]}) or a range '
     '({"age": {"gte": 40, "lte": 60}}, dates as YYYY-MM-DD text)'
 )
 KEYWORDS_DOC = (
-    "words or phrases the indexed report must contain (must) or must not contain (must_not), "
-    "matched on word stems ('effusion' also finds 'effusions'); they filter the semantic "
-    "ranking, they do not rank. The encoder does not understand negation in the sentence "
-    "itself ('no effusion' is close to 'effusion'): use must_not for that"
+    "words or phrases the indexed report must assert (must) or must not assert (must_not), "
+    "matched on word stems ('effusion' also finds 'effusions'); a report that denies a term "
+    "('No effusion.') does not satisfy must and is not excluded by must_not. They filter the "
+    "ranking, they do not rank"
 )
 
 
@@ -153,6 +161,12 @@ class TextQuery(SearchControls):
     )
 
     text: str = Field(description="a report sentence; past the encoder's token limit it is cut")
+    mode: TextMode | None = Field(None, description=MODE_DOC)
+    fusion: Fusion = Field(
+        "weighted",
+        description="how hybrid combines its evidence: weighted (a weighted sum of the image, "
+        "sentence and word scores) or rrf (reciprocal rank fusion of the three rankings)",
+    )
 
     @field_validator("text")
     @classmethod
@@ -243,11 +257,33 @@ class DicomUids(BaseModel):
     sop_instance_uid: str | None = None
 
 
+class Evidence(BaseModel):
+    """Why a card ranked for a text query: each kind of evidence the score weighs."""
+
+    image: float = Field(description="cosine similarity of the image to the query (joint space)")
+    sentence: str | None = Field(
+        None, description="the sentence of the image's report nearest the query that agrees with it"
+    )
+    sentence_score: float | None = Field(None, description="its cosine similarity to the query")
+    terms: list[str] = Field(
+        default_factory=list,
+        description="the query's words the report asserts as asked (present; absent for a "
+        "negated query)",
+    )
+    lexical: float = Field(0.0, description="the rarity-weighted share of those words, 0..1")
+    has_report: bool = Field(
+        True, description="false: the image has no report, its image score stands in"
+    )
+
+
 class SearchResult(BaseModel):
     id: str = Field(
         description="image id: a 63-bit integer, as a decimal string so JavaScript keeps it exact"
     )
-    score: float = Field(description="cosine similarity to the query")
+    score: float = Field(
+        description="cosine similarity to the query; a text query ranked with the reports "
+        "(mode hybrid or report): the fused score, its parts in `evidence`"
+    )
     image_url: str
     thumbnail_url: str
     similar_url: str
@@ -264,6 +300,9 @@ class SearchResult(BaseModel):
         description="the image in the PACS viewer (CONVIRT_VIEWER_URL), when the metadata "
         "holds the UIDs the link needs",
     )
+    evidence: Evidence | None = Field(
+        None, description="text queries ranked with the reports: why this card ranked"
+    )
 
 
 class SearchResponse(BaseModel):
@@ -274,10 +313,49 @@ class SearchResponse(BaseModel):
 
 
 class TextSearchResponse(SearchResponse):
+    mode: TextMode = Field(
+        description="what ranked the images: image when the index holds no report sentences "
+        "(versions built before them) whatever was asked"
+    )
     truncated: bool = Field(
         description="the text ran past the encoder's token limit and only its start was used"
     )
     max_tokens: int = Field(description="the encoder's token limit")
+
+
+class FindingStatus(BaseModel):
+    finding: str
+    status: Literal["present", "absent", "uncertain", "historical"]
+
+
+class SuggestedSentence(BaseModel):
+    text: str
+    score: float = Field(
+        description="how close the sentence is to the image (joint space) and to the similar "
+        "cases whose reports hold it"
+    )
+    cases: list[str] = Field(description="ids of the similar cases whose reports hold it")
+    findings: list[FindingStatus] = Field(description="what the sentence asserts")
+
+
+class SimilarCase(BaseModel):
+    id: str
+    score: float = Field(description="cosine similarity to the image (encoder space)")
+    thumbnail_url: str
+
+
+class SuggestResponse(BaseModel):
+    disclaimer: str = Field(description="a suggestion from retrieved text, not a diagnosis")
+    draft: list[str] = Field(
+        description="the findings the suggested sentences assert as present, once each"
+    )
+    sentences: list[SuggestedSentence] = Field(
+        description="report sentences of similar cases, best first, without repeats (maximal "
+        "marginal relevance)"
+    )
+    cases: list[SimilarCase] = Field(description="the similar cases whose reports were read")
+    took_ms: float
+    index_version: str
 
 
 class FacetValue(BaseModel):

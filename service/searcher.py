@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,13 +25,15 @@ from starlette.concurrency import run_in_threadpool
 from convirt.explain import HeatMap, occlusion_map
 from convirt.imageio import ImageDecodeError, ImageTooLargeError
 from index.errors import FilterError
+from index.hybrid import TextRanking
 from index.store import Facet, Hit, IndexStore, Keywords
+from index.suggest import CASES, Suggestion, suggest
 
 from . import audit
 from .engine import Engine
 from .errors import ApiError
 from .feedback import Weights, rocchio
-from .grouping import HitGroup, fill_groups, group_hits
+from .grouping import HitGroup, fill_groups, group_hits, group_key
 from .results import describe_groups, indexed_file
 from .schemas import RefineQuery, SearchControls
 from .settings import Settings
@@ -40,6 +42,7 @@ from .threads import search_pool
 from .uploads import Box
 
 T = TypeVar("T")
+SPACES = ("encoder", "joint")
 GROUP_OVERFETCH = 4  # grouped searches read k * 4 hits first, then 4 times more while short
 MAX_FETCH = 2_000  # ...up to this many: a bound on the work one grouped query may cause
 
@@ -66,6 +69,7 @@ class Found:
     index_version: str
     model_fingerprint: str
     truncated: bool = False
+    mode: str = "image"  # text queries: what ranked them (index.hybrid)
 
 
 @dataclass(frozen=True)
@@ -87,15 +91,39 @@ class Searcher:
 
     # -- queries -----------------------------------------------------------------------------------
 
-    async def text(self, text: str, options: SearchOptions, root: str) -> Found:
-        """Images nearest to a report sentence, in the joint space."""
+    async def text(
+        self,
+        text: str,
+        options: SearchOptions,
+        root: str,
+        mode: str | None = None,
+        fusion: str = "weighted",
+    ) -> Found:
+        """Images matching a report sentence: by the image, its report, or both (index.hybrid;
+        mode None: hybrid where the index holds report sentences, else the image alone)."""
         audit.note_query(text)
         self._check_text(text)
         embedded = await self.engine.embed_text(text)
-        found = await self._on_store(self._find, "joint", embedded.vector, options, root, ())
-        return Found(
-            found.results, found.index_version, found.model_fingerprint, embedded.truncated
-        )
+
+        def find(store: IndexStore) -> Found:
+            ranking = None
+            if mode != "image":
+                try:
+                    ranking = store.rank_text(
+                        embedded.vector,
+                        text,
+                        options.k,
+                        options.filters,
+                        options.keywords,
+                        mode=mode or "hybrid",
+                        fusion=fusion,
+                    )
+                except FilterError as err:
+                    raise ApiError(422, "invalid_filters", str(err)) from err
+            return self._find(store, "joint", embedded.vector, options, root, (), ranking)
+
+        found = await self._on_store(find)
+        return replace(found, truncated=embedded.truncated)
 
     async def image(
         self, data: bytes | Path, options: SearchOptions, root: str, box: Box | None = None
@@ -162,6 +190,52 @@ class Searcher:
 
         return await self._on_store(find)
 
+    async def suggest(
+        self, data: bytes | None, image_id: int | None, count: int
+    ) -> tuple[Suggestion, str]:
+        """What the reports of similar cases said of an upload or an indexed image (index.suggest):
+        a suggestion from retrieved text, with the index version it was read from. An indexed
+        image's own study is left out of its similar cases."""
+        if (data is None) == (image_id is None):
+            raise ApiError(422, "invalid_query", "give either an image file or image_id, not both")
+        vectors = None
+        if data is not None:
+            audit.note_upload(data)
+            pixels, _size = await self._prepare(data)
+            vectors = await self.engine.embed_image_vectors(pixels)
+        else:
+            audit.note_image(image_id)
+
+        def work(store: IndexStore) -> tuple[Suggestion, str]:
+            if store.sentences is None:
+                raise ApiError(
+                    409,
+                    "no_report_sentences",
+                    f"index version {store.version} was built before report sentences were "
+                    "indexed: rebuild it (`convirt index build`) to suggest from its reports",
+                )
+            exclude: set[int] = set()
+            if image_id is not None:
+                row = self._row_in(store, image_id)
+                encoder, joint = (self._stored_vectors(store, [image_id], s)[0] for s in SPACES)
+                exclude = {image_id, *self._study_of(store, row)}
+            else:
+                encoder, joint = vectors
+            hits = store.search("encoder", encoder, CASES, exclude=exclude)
+            cases = [(hit.id, hit.score) for hit in hits]
+            held = store.report_sentences_of([hit.id for hit in hits])
+            return suggest(store.sentences, joint, cases, held, count), store.version
+
+        return await self._on_store(work)
+
+    @staticmethod
+    def _study_of(store: IndexStore, row: Mapping[str, Any]) -> list[int]:
+        """The ids of the other images of a row's study (none where no field names one)."""
+        key = group_key(row, "study")
+        if key is None:
+            return []
+        return store.group_members(key[0], {key[1]}).get(key[1], [])
+
     async def facets(self) -> tuple[str, int, list[Facet]]:
         """(index version, image count, facets) of the served version."""
         return await self._on_store(lambda store: (store.version, store.count, store.facets()))
@@ -207,12 +281,17 @@ class Searcher:
         options: SearchOptions,
         root: str,
         exclude: Collection[int],
+        ranking: TextRanking | None = None,
     ) -> Found:
-        """Search, group and describe. Grouped searches read more hits until k groups are found,
-        the index runs out, or MAX_FETCH hits have been read."""
+        """Search (or read a text ranking's best hits), group and describe. Grouped searches
+        read more hits until k groups are found, the index runs out, or MAX_FETCH hits have
+        been read."""
         fetch = options.k if options.group_by == "none" else options.k * GROUP_OVERFETCH
         while True:
-            hits = self._search(store, space, vector, fetch, options, exclude)
+            if ranking is None:
+                hits = self._search(store, space, vector, fetch, options, exclude)
+            else:
+                hits = ranking.top(fetch)
             exhausted = len(hits) < fetch
             if options.min_score is not None:
                 kept = [hit for hit in hits if hit.score >= options.min_score]
@@ -225,9 +304,10 @@ class Searcher:
             fetch = min(fetch * GROUP_OVERFETCH, MAX_FETCH)
         chosen = groups[: options.k]
         if options.group_by != "none":
-            self._fill(store, space, vector, chosen, options, exclude)
+            self._fill(store, space, vector, chosen, options, exclude, ranking)
         results = describe_groups(chosen, rows, root, options.group_by, self.settings.viewer_url)
-        return Found(results, store.version, store.fingerprint)
+        mode = ranking.mode if ranking is not None else "image"
+        return Found(results, store.version, store.fingerprint, mode=mode)
 
     @staticmethod
     def _fill(
@@ -237,9 +317,10 @@ class Searcher:
         groups: list[HitGroup],
         options: SearchOptions,
         exclude: Collection[int],
+        ranking: TextRanking | None = None,
     ) -> None:
         """Complete the chosen groups with every member that passes the filters, scored exactly
-        (one SQL query per grouping field, one matrix product)."""
+        (one SQL query per grouping field, one matrix product; a text ranking's fused score)."""
         keys: dict[str, set[str]] = {}
         for group in groups:
             if group.key is not None and group.named_by is not None:
@@ -251,6 +332,10 @@ class Searcher:
         skip = set(exclude)
         every = sorted({i for ids in members.values() for i in ids if i not in skip})
         if not every:
+            return
+        if ranking is not None:
+            scored = {hit.id: hit.score for hit in ranking.score(np.asarray(every))}
+            fill_groups(groups, members, scored, options.min_score)
             return
         query = vector / max(float(np.linalg.norm(vector)), 1e-12)
         scores = store.vectors_of(every, space) @ query.astype(np.float32)

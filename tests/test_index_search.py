@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from conftest import index_of_rows
 
+from convirt.findings import split_by_status
+from convirt.sentences import split_sentences
 from index import faiss_index, metadata
 from index.errors import FilterError
 from index.metadata import MAX_ANY_OF, MAX_KEYWORD_CHARS, MAX_KEYWORDS
@@ -57,7 +59,13 @@ def manifest_rows(datasets) -> list[dict[str, str]]:
         [(r"\beffusions\b", 3), (r"\beffusion\b", 3), (r"\bpneumothorax\b", 2)],
     )
     covid = pick(
-        source_rows(datasets, "covid-cxr"), 6, [(r"\beffusion\b", 3), (r"\bpneumothorax\b", 1)]
+        source_rows(datasets, "covid-cxr"),
+        6,
+        [
+            (r"\beffusion\b", 3),
+            (r"\bpneumothorax\b", 1),
+            (r"\b(small|large|moderate|bilateral)\s+(pleural\s+)?effusions?\b", 3),  # asserted
+        ],
     )
     rows, seen = [], set()
     for name, source in (("medpix", medpix), ("covid-cxr", covid)):
@@ -133,7 +141,17 @@ def brute_force(store, space: str, vector: np.ndarray, k: int, allowed: set[int]
 
 
 def has_word(pattern: str):
+    """Rows whose report asserts the pattern: keywords match what a report says is there
+    (convirt.findings), so "No effusion." holds no effusion."""
+    return lambda row: re.search(pattern, asserted(row["text"]), re.I) is not None
+
+
+def mentions_word(pattern: str):
     return lambda row: re.search(pattern, row["text"], re.I) is not None
+
+
+def asserted(report: str) -> str:
+    return " . ".join(split_by_status(s)["present"] for s in split_sentences(report))
 
 
 EFFUSION = r"\beffusions?\b"  # the only forms of the stem in these reports (checked below)
@@ -335,6 +353,8 @@ def test_keywords_must_and_must_not_with_stemming(store, manifest_rows, id_of):
     plural = ids_where(manifest_rows, id_of, has_word(r"\beffusions\b"))
     assert singular - plural and plural - singular, "both forms, each alone somewhere"
     effusion = ids_where(manifest_rows, id_of, has_word(EFFUSION))
+    denied = ids_where(manifest_rows, id_of, mentions_word(EFFUSION)) - effusion
+    assert denied and effusion, "reports that deny an effusion, and reports that assert one"
     for term in ("effusion", "effusions", "EFFUSION", "Effusions."):
         assert found(store, keywords=Keywords(must=(term,))) == effusion, term
     everyone = set(id_of.values())

@@ -344,7 +344,14 @@ def test_text_search_equals_in_process_search(client, rows, embedder, index_root
         for text in (rows[1]["text"], rows[25]["text"], "No acute cardiopulmonary process."):
             vector = embedder.embed_texts([text]).vectors
             hits = store.search_text_vectors(vector, k=10)[0]
-            assert_same_ranking(search_text(client, text, k=10).json()["results"], hits)
+            served = search_text(client, text, k=10, mode="image").json()
+            assert served["mode"] == "image"
+            assert_same_ranking(served["results"], hits)
+            # the default ranks with the reports too: the same as the store's ranking in process
+            ranked = store.rank_text(vector[0], text, 10).top(10)
+            served = search_text(client, text, k=10, group_by="none").json()
+            assert served["mode"] == "hybrid"
+            assert_same_ranking(served["results"], ranked)
 
 
 def test_text_filters(client, rows):

@@ -44,13 +44,19 @@ async def search_text(
     query: TextQuery, searcher: SearcherDep, root: UrlRootDep
 ) -> TextSearchResponse:
     """Embed the sentence with the text encoder (micro-batched with concurrent queries) and return
-    the k nearest images, or studies, in the joint space. A sentence past the encoder's token
-    limit is cut to its start, and `truncated` says so. The encoder does not understand negation
-    ("no effusion" lands near "effusion"): use `must_not` to leave words out."""
+    the k best images, or studies. `mode` hybrid (the default where the index holds reports)
+    weighs three kinds of evidence per image: its cosine similarity to the sentence, the
+    sentence of its report nearest the query that agrees with it, and the query's words its
+    report asserts; each card's `evidence` says which. Negation is read the way clinical NLP
+    reads reports (ConText): "no pneumothorax" finds reports denying one, and a report saying
+    "No effusion." never counts as one with an effusion. A sentence past the encoder's token
+    limit is cut to its start, and `truncated` says so."""
     started = time.perf_counter()
-    found = await searcher.text(query.text, SearchOptions.of(query), root)
+    options = SearchOptions.of(query)
+    found = await searcher.text(query.text, options, root, query.mode, query.fusion)
     return TextSearchResponse(
         **response_fields(found, started),
+        mode=found.mode,
         truncated=found.truncated,
         max_tokens=searcher.engine.max_tokens,
     )
