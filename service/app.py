@@ -22,7 +22,7 @@ from .errors import install_error_handlers
 from .limits import BodyReadDeadline, BodySizeLimit
 from .loading import Resources, load_resources
 from .metrics import Metrics, RequestMetrics
-from .routes import admin, auth, explain, facets, health, images, page, search
+from .routes import admin, auth, explain, facets, health, images, page, reports, search
 from .routes.page import STATIC_DIR
 from .settings import Settings
 from .state import ServiceState
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     )
     # outermost, so it counts the 413s of the size limit and the 400s of the host check too
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)
-    for module in (search, facets, explain, images, admin, auth, health, page):
+    for module in (search, reports, facets, explain, images, admin, auth, health, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_local_docs(app)

@@ -77,7 +77,7 @@ class Engine:
             settings.max_batch,
             partial(metrics.observe_batch, "text"),
         )
-        self.images: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+        self.images: MicroBatcher[torch.Tensor, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
             self._embed_pixels,
             self.executor,
             window_s,
@@ -116,6 +116,10 @@ class Engine:
 
     async def embed_image(self, pixels: torch.Tensor) -> np.ndarray:
         """Encoder-space vector h/|h| of one preprocessed image (the space the index searches)."""
+        return (await self.images.submit(pixels))[0]
+
+    async def embed_image_vectors(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(h/|h| in the encoder space, v/|v| in the joint space) of one preprocessed image."""
         return await self.images.submit(pixels)
 
     async def prepare_image(
@@ -152,9 +156,9 @@ class Engine:
             for vector, truncated in zip(embedded.vectors, embedded.truncated, strict=True)
         ]
 
-    def _embed_pixels(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        encoder, _joint = self.embedder.embed_pixels(torch.stack(tensors))
-        return list(encoder)
+    def _embed_pixels(self, tensors: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+        encoder, joint = self.embedder.embed_pixels(torch.stack(tensors))
+        return list(zip(encoder, joint, strict=True))
 
 
 def trim_heap() -> None:
