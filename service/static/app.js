@@ -184,6 +184,7 @@ function setControls(params) {
   $("#min-score").value = params.get("min") || "";
   $("#must").value = params.get("must") || "";
   $("#must-not").value = params.get("not") || "";
+  $("#mode").value = params.get("mode") || "hybrid";
   let filters = {};
   try {
     filters = JSON.parse(params.get("f") || "{}");
@@ -260,7 +261,10 @@ function facetControl(facet) {
 
 function writeUrl(query) {
   const params = new URLSearchParams();
-  if (query.kind === "text") params.set("q", query.text);
+  if (query.kind === "text") {
+    params.set("q", query.text);
+    if ($("#mode").value !== "hybrid") params.set("mode", $("#mode").value);
+  }
   else if (query.kind === "similar") params.set("similar", query.imageId);
   else return;  // an upload cannot be put in a link
   if (query.box) params.set("box", query.box.join(","));
@@ -309,7 +313,7 @@ function request(query) {
     return api("v1/search/text", {
       method: "POST",
       headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({text: query.text, ...chosen}),
+      body: JSON.stringify({text: query.text, mode: $("#mode").value, ...chosen}),
     });
   }
   if (query.kind === "similar") {
@@ -404,6 +408,7 @@ function card(result) {
   const where = [result.metadata.modality, fields.dataset, result.metadata.relpath];
   node.querySelector(".where").textContent = where.filter(Boolean).join(" · ");
   attribute(node.querySelector(".attribution"), fields);
+  showEvidence(node, result);
   const report = node.querySelector(".report");
   report.textContent = result.report || "";
   report.title = result.report || "";
@@ -415,6 +420,59 @@ function card(result) {
   }
   wireActions(node, result);
   return node;
+}
+
+// Why a card ranked for a text query: the report sentence that agreed with it, the query's words
+// its report asserts, and the image's own similarity.
+function showEvidence(node, result) {
+  const evidence = result.evidence;
+  if (!evidence) return;
+  const line = node.querySelector(".evidence");
+  const parts = [];
+  if (evidence.sentence) {
+    const said = document.createElement("q");
+    said.textContent = evidence.sentence;
+    line.append("Report: ", said, ` ${evidence.sentence_score.toFixed(2)}`);
+  } else if (!evidence.has_report) {
+    parts.push("no report: ranked by the image");
+  }
+  if (evidence.terms.length) parts.push(`says: ${evidence.terms.join(", ")}`);
+  parts.push(`image ${evidence.image.toFixed(2)}`);
+  line.append(`${evidence.sentence ? " · " : ""}${parts.join(" · ")}`);
+  line.hidden = false;
+  node.querySelector(".score").title =
+    "score: the image, its report's nearest sentence and the query's words, weighed together";
+}
+
+// What the reports of similar cases said: for an image query, a side panel of report sentences.
+async function suggestFor(query) {
+  const panel = $("#suggest-panel");
+  panel.hidden = true;
+  if (query.kind === "text" || query.box) return;
+  const form = new FormData();
+  if (query.kind === "upload") form.append("file", query.file, query.file.name);
+  else form.append("image_id", query.imageId);
+  let response;
+  try {
+    response = await api("v1/reports/suggest", {method: "POST", body: form});
+  } catch (err) {
+    return;  // an index without report sentences: no panel
+  }
+  if (current.query !== query || !response.sentences.length) return;
+  panel.querySelector(".disclaimer").textContent = response.disclaimer;
+  panel.querySelector(".draft").textContent =
+    response.draft.length ? `Findings they assert: ${response.draft.join(", ")}` : "";
+  panel.querySelector(".sentences").replaceChildren(...response.sentences.map((sentence) => {
+    const item = document.createElement("li");
+    item.textContent = sentence.text;
+    const from = document.createElement("span");
+    from.className = "muted small";
+    const cases = sentence.cases.length;
+    from.textContent = ` ${sentence.score.toFixed(2)}${cases ? ` · ${cases} similar case${cases > 1 ? "s" : ""}` : ""}`;
+    item.appendChild(from);
+    return item;
+  }));
+  panel.hidden = false;
 }
 
 // Images published under a licence (roco's PubMed Central figures: CC BY and kin) name it, and
@@ -496,6 +554,7 @@ function render(view) {
   const file = view.query.kind === "upload" ? view.query.file : null;
   $("#query-region").hidden = !(file && /^image\/(png|jpeg)$/.test(file.type));
   if (view.results.length === 0) say("No matching images: loosen the filters or the threshold.");
+  suggestFor(view.query);
 }
 
 function show(view) {
