@@ -36,6 +36,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 import yaml
@@ -85,6 +86,10 @@ class Rules:
     terminate: frozenset[tuple[str, ...]]
     findings: dict[tuple[str, ...], str]  # phrase -> finding name
     longest: int
+    synonyms: dict[str, tuple[str, ...]]  # finding name -> every phrase that means it
+
+    def phrases(self, finding: str) -> tuple[str, ...]:
+        return self.synonyms.get(finding, (finding,))
 
     @classmethod
     def parse(cls, data: dict) -> Rules:
@@ -105,12 +110,16 @@ class Rules:
         pseudo = frozenset(words_of(p) for p in data.get("pseudo") or [])
         terminate = frozenset(words_of(p) for p in data.get("terminate") or [])
         every = [*triggers, *pseudo, *terminate, *findings]
+        synonyms: dict[str, list[str]] = {}
+        for phrase, name in findings.items():
+            synonyms.setdefault(name, []).append(" ".join(phrase))
         return cls(
             {k: tuple(v) for k, v in triggers.items()},
             pseudo,
             terminate,
             findings,
             max((len(p) for p in every), default=1),
+            {name: tuple(phrases) for name, phrases in synonyms.items()},
         )
 
 
@@ -173,7 +182,10 @@ def scopes(sentence: str, rules: Rules | None = None) -> list[Scope]:
     """The stretches of `sentence` that a trigger governs, with the status it gives them."""
     rules = rules or read_rules()
     tokens = tokenize(sentence)
-    marks = _marks(tokens, rules)
+    return _scopes(tokens, _marks(tokens, rules))
+
+
+def _scopes(tokens: list[Token], marks: list[Mark]) -> list[Scope]:
     found = []
     for n, mark in enumerate(marks):
         for status, way in mark.ways:
@@ -199,9 +211,23 @@ def status_at(found: Iterable[Scope], start: int, end: int) -> str:
 
 def mentions(sentence: str, rules: Rules | None = None) -> list[Mention]:
     """The findings a sentence names, each with what it says of it."""
+    return read_sentence(sentence, rules).mentions
+
+
+@dataclass(frozen=True)
+class Reading:
+    """All that one sentence asserts: its findings, and its words by status (split_by_status)."""
+
+    mentions: list[Mention]
+    parts: dict[str, str]
+
+
+def read_sentence(sentence: str, rules: Rules | None = None) -> Reading:
+    """mentions() and split_by_status() of one sentence, tokenised and scoped once."""
     rules = rules or read_rules()
     tokens = tokenize(sentence)
-    found = scopes(sentence, rules)
+    marks = _marks(tokens, rules)
+    found = _scopes(tokens, marks)
     words = [t.word for t in tokens]
     result, i = [], 0
     while i < len(words):
@@ -215,7 +241,12 @@ def mentions(sentence: str, rules: Rules | None = None) -> list[Mention]:
                 break
         else:
             i += 1
-    return result
+    skip = {i for mark in marks if mark.kind == "trigger" for i in range(mark.first, mark.last)}
+    parts: dict[str, list[str]] = {status: [] for status in STATUSES}
+    for i, token in enumerate(tokens):
+        if i not in skip and token.word not in (",", ";"):
+            parts[status_at(found, token.start, token.end)].append(token.word)
+    return Reading(result, {status: " ".join(words) for status, words in parts.items()})
 
 
 def term_status(sentence: str, term: str, rules: Rules | None = None) -> str | None:
@@ -237,19 +268,7 @@ def term_status(sentence: str, term: str, rules: Rules | None = None) -> str | N
 def split_by_status(sentence: str, rules: Rules | None = None) -> dict[str, str]:
     """The sentence's words by what it asserts of them, trigger words left out: `present` is
     what the sentence says is there, `absent` what it denies, and so on."""
-    rules = rules or read_rules()
-    tokens = tokenize(sentence)
-    found = scopes(sentence, rules)
-    skip = set()
-    for mark in _marks(tokens, rules):
-        if mark.kind == "trigger":
-            skip.update(range(mark.first, mark.last))
-    parts: dict[str, list[str]] = {status: [] for status in STATUSES}
-    for i, token in enumerate(tokens):
-        if i in skip or token.word in (",", ";"):
-            continue
-        parts[status_at(found, token.start, token.end)].append(token.word)
-    return {status: " ".join(words) for status, words in parts.items()}
+    return read_sentence(sentence, rules).parts
 
 
 @dataclass(frozen=True)
@@ -258,17 +277,51 @@ class QueryTerms:
 
     present: tuple[str, ...]  # content words asked for (uncertain and historical ones count)
     absent: tuple[str, ...]  # content words asked to be denied ("no pneumothorax")
+    # the findings it names (rules' names): asked to be there, or denied
+    findings: tuple[str, ...] = ()
+    denied_findings: tuple[str, ...] = ()
+    side: str | None = None  # "left" or "right" when the query names one side only
 
     @property
     def negated(self) -> bool:
         """The query asks only for an absence ("no pneumothorax", "without effusion")."""
-        return bool(self.absent) and not self.present
+        return bool(self.absent or self.denied_findings) and not (self.present or self.findings)
+
+
+SIDES = {"left": "left", "lt": "left", "right": "right", "rt": "right"}
+
+
+def side_of(words: Iterable[str]) -> set[str]:
+    """The sides a text names ("l sided" and "r sided" too)."""
+    words = list(words)
+    found = {SIDES[w] for w in words if w in SIDES}
+    for first, second in pairwise(words):
+        if second == "sided" and first in ("l", "r"):
+            found.add("left" if first == "l" else "right")
+        if first in ("bilateral", "both"):
+            found.update(("left", "right"))
+    return found
 
 
 def query_terms(text: str, rules: Rules | None = None) -> QueryTerms:
-    parts = split_by_status(text, rules)
-    asked = " ".join(parts[s] for s in ("present", "uncertain", "historical"))
-    return QueryTerms(content_words(asked), content_words(parts["absent"]))
+    """The words and findings a query asks for, and those it asks to be denied. Words that make
+    up a finding's name ("pleural effusion") are asked for as the finding, which its synonyms
+    match too ("hydrothorax"), not word by word."""
+    rules = rules or read_rules()
+    reading = read_sentence(text, rules)
+    covered = {w for m in reading.mentions for w in words_of(m.phrase)}
+    asked = " ".join(reading.parts[s] for s in ("present", "uncertain", "historical")).split()
+    denied = reading.parts["absent"].split()
+    findings = dict.fromkeys(m.finding for m in reading.mentions if m.status != "absent")
+    denied_findings = dict.fromkeys(m.finding for m in reading.mentions if m.status == "absent")
+    sides = side_of(words_of(text))
+    return QueryTerms(
+        content_words(" ".join(w for w in asked if w not in covered)),
+        content_words(" ".join(w for w in denied if w not in covered)),
+        tuple(findings),
+        tuple(denied_findings),
+        sides.pop() if len(sides) == 1 else None,
+    )
 
 
 def stem(word: str) -> str:

@@ -7,7 +7,7 @@ what each sentence asserts (convirt.findings: present, absent, uncertain, histor
     sentences.npy                float32 S x d: u/|u| of sentence s at row s (joint space)
     meta.sqlite  sentences       id, text, mentions (JSON [[finding, status], ...]), asserts
                                  (1 when the sentence says something is there), denies (the
-                                 words it says are absent)
+                                 words it says are absent), sides (1 left, 2 right, 3 both)
                  sentence_images sentence id, image id: which reports hold which sentence
                  report_terms    FTS5, rowid = image id: its report's words by what the report
                                  asserts of them (columns present, absent, uncertain, historical)
@@ -26,9 +26,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
-from convirt.findings import STATUSES, content_words, mentions, split_by_status, stem
+from convirt.findings import (
+    STATUSES,
+    Reading,
+    content_words,
+    read_sentence,
+    side_of,
+    stem,
+    words_of,
+)
 from convirt.sentences import split_sentences
 
 from . import metadata
@@ -41,7 +50,8 @@ CREATE TABLE sentences (
     text TEXT NOT NULL UNIQUE,
     mentions TEXT NOT NULL DEFAULT '[]',
     asserts INTEGER NOT NULL DEFAULT 0,
-    denies TEXT NOT NULL DEFAULT ''
+    denies TEXT NOT NULL DEFAULT '',
+    sides INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE sentence_images (sentence INTEGER NOT NULL, image INTEGER NOT NULL);
 CREATE INDEX sentence_images_sentence ON sentence_images (sentence);
@@ -99,26 +109,34 @@ def write(
     if len(missing):
         vectors[missing] = embed([texts[i] for i in missing])
     conn.executescript(SCHEMA)
+    readings = [read_sentence(text) for text in texts]
     conn.executemany(
-        "INSERT INTO sentences VALUES (?, ?, ?, ?, ?)",
-        ((i, text, *read_sentence(text)) for i, text in enumerate(texts)),
+        "INSERT INTO sentences VALUES (?, ?, ?, ?, ?, ?)",
+        ((i, t, *columns(t, r)) for i, (t, r) in enumerate(zip(texts, readings, strict=True))),
     )
     conn.executemany("INSERT INTO sentence_images VALUES (?, ?)", links)
-    write_terms(conn, by_image)
+    parts = {text: reading.parts for text, reading in zip(texts, readings, strict=True)}
+    write_terms(conn, {image: [parts[s] for s in held] for image, held in by_image.items()})
     conn.commit()
     np.save(directory / VECTORS, vectors)
     return Written(len(texts), len(missing), len(texts) - len(missing))
 
 
-def read_sentence(text: str) -> tuple[str, int, str]:
-    """(mentions as JSON, whether it asserts anything, the words it denies) of one sentence."""
-    found = [[m.finding, m.status] for m in mentions(text)]
-    parts = split_by_status(text)
-    return json.dumps(found), int(bool(content_words(parts["present"]))), parts["absent"]
+SIDE_BITS = {"left": 1, "right": 2}
 
 
-def write_terms(conn: sqlite3.Connection, by_image: dict[int, list[str]]) -> None:
-    """The FTS5 table of each report's words by status: `must` and lexical ranking read it."""
+def columns(text: str, reading: Reading) -> tuple[str, int, str, int]:
+    """(mentions as JSON, whether it asserts anything, the words it denies, the sides it names
+    as bits) of one sentence."""
+    found = [[m.finding, m.status] for m in reading.mentions]
+    parts = reading.parts
+    sides = sum(SIDE_BITS[side] for side in side_of(words_of(text)))
+    return json.dumps(found), int(bool(content_words(parts["present"]))), parts["absent"], sides
+
+
+def write_terms(conn: sqlite3.Connection, by_image: dict[int, list[dict[str, str]]]) -> None:
+    """The FTS5 table of each report's words by status (the split_by_status parts of its
+    sentences): `must` and lexical ranking read it."""
     try:
         conn.execute(FTS_SCHEMA)
     except sqlite3.OperationalError as err:
@@ -127,8 +145,7 @@ def write_terms(conn: sqlite3.Connection, by_image: dict[int, list[str]]) -> Non
         ) from err
 
     def rows():
-        for image_id, sentences in by_image.items():
-            parts = [split_by_status(s) for s in sentences]
+        for image_id, parts in by_image.items():
             yield (image_id, *(" . ".join(p[status] for p in parts) for status in STATUSES))
 
     conn.executemany(
@@ -177,23 +194,35 @@ def reuse(texts: list[str], vectors: np.ndarray, previous: Sequence[Path]) -> np
 
 
 class SentenceSpace:
-    """The sentences of one published version, opened for searching (thread-safe reads)."""
+    """The sentences of one published version, opened for searching (thread-safe reads).
+
+    Held in memory: the vectors (S x d float32) and, per sentence, whether it asserts anything,
+    the sides it names and the word stems it denies (as postings: stem -> sentence ids); the
+    (sentence, image) pairs sorted by sentence."""
 
     def __init__(self, directory: Path, db: sqlite3.Connection):
-        self.vectors = np.load(Path(directory) / VECTORS, mmap_mode="r")
-        rows = db.execute("SELECT id, text, mentions, asserts, denies FROM sentences ORDER BY id")
+        self.vectors = np.load(Path(directory) / VECTORS)
+        self.index = faiss.IndexFlatIP(self.vectors.shape[1])
+        self.index.add(np.ascontiguousarray(self.vectors, np.float32))
+        rows = db.execute(
+            "SELECT id, text, mentions, asserts, denies, sides FROM sentences ORDER BY id"
+        )
         self.texts: list[str] = []
         self.mentions: list[str] = []
-        self.denies: list[frozenset[str]] = []  # word stems each sentence says are absent
-        asserts = []
-        for i, (sid, text, found, flag, denied) in enumerate(rows):
+        denying: dict[str, list[int]] = {}
+        asserts, sides = [], []
+        for i, (sid, text, found, flag, denied, side) in enumerate(rows):
             if sid != i:
                 raise ValueError(f"sentence ids are not 0..S-1 (id {sid} at row {i})")
             self.texts.append(text)
             self.mentions.append(found)
-            self.denies.append(frozenset(stem(w) for w in content_words(denied)))
+            for word in {stem(w) for w in content_words(denied)}:
+                denying.setdefault(word, []).append(i)
             asserts.append(bool(flag))
+            sides.append(side)
         self.asserts = np.asarray(asserts, bool)
+        self.sides = np.asarray(sides, np.uint8)
+        self.denying = {word: np.asarray(ids, np.int64) for word, ids in denying.items()}
         if len(self.texts) != len(self.vectors):
             raise ValueError(
                 f"{len(self.vectors)} sentence vectors for {len(self.texts)} sentences"
@@ -203,27 +232,56 @@ class SentenceSpace:
             dtype=np.int64,
         ).reshape(-1, 2)
         self.offsets = np.searchsorted(pairs[:, 0], np.arange(len(self.texts) + 1))
+        self.pair_sentence = pairs[:, 0].copy()
         self.images = pairs[:, 1].copy()
         self.reported = np.unique(self.images)  # the images whose report has a sentence
+        order = np.argsort(self.images, kind="stable")  # the pairs by image
+        self._by_image = self.images[order]
+        self._sentence_at = pairs[order, 0].copy()
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    def scores_of(self, sentences: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """Cosine of some sentences to a unit query vector."""
+        return dot(self.vectors[sentences], query)
+
     def nearest(self, query: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """The m sentences nearest to a unit query vector: (ids, cosine), best first."""
+        """The m sentences nearest to a unit query vector: (ids, cosine), best first (FAISS,
+        exact; single-threaded in the service's search pool, see service.threads)."""
         if len(self.texts) == 0 or m < 1:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        scores = np.asarray(self.vectors @ query.astype(np.float32), np.float32)
-        m = min(m, len(scores))
-        top = np.argpartition(-scores, m - 1)[:m]
-        top = top[np.lexsort((top, -scores[top]))]
-        return top, scores[top]
+        scores, ids = self.index.search(np.ascontiguousarray(query[None], np.float32), m)
+        keep = ids[0] >= 0
+        return ids[0][keep], scores[0][keep]
+
+    def denying_any(self, stems: set[str]) -> np.ndarray:
+        """Per sentence, whether it denies one of these word stems."""
+        mask = np.zeros(len(self.texts), bool)
+        for word in stems:
+            mask[self.denying.get(word, [])] = True
+        return mask
+
+    def naming_side(self, side: str) -> np.ndarray:
+        """Per sentence, whether it names no side, or this one."""
+        return (self.sides == 0) | ((self.sides & SIDE_BITS[side]) != 0)
+
+    def sentences_of(self, image: int) -> np.ndarray:
+        """The sentence ids of one image's report."""
+        first, last = np.searchsorted(self._by_image, [image, image + 1])
+        return self._sentence_at[first:last]
 
     def images_of(self, sentence: int) -> np.ndarray:
         return self.images[self.offsets[sentence] : self.offsets[sentence + 1]]
 
     def findings_of(self, sentence: int) -> list[tuple[str, str]]:
         return [tuple(pair) for pair in json.loads(self.mentions[sentence])]
+
+
+def dot(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """rows @ query without BLAS: numpy's BLAS runs its own threads, which on a few cores slow
+    the model thread down (service.threads); these products are small."""
+    return np.einsum("ij,j->i", rows, query.astype(rows.dtype, copy=False))
 
 
 def sentences_of_images(db: sqlite3.Connection, ids: Sequence[int]) -> dict[int, list[int]]:

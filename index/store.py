@@ -185,21 +185,23 @@ class IndexStore:
         allowed = self._allowed(filters, keywords)
         excluded = self._excluded(exclude)
 
-        def keep(ids: np.ndarray) -> np.ndarray:
-            ids = np.asarray(ids, dtype=np.int64)
+        def passes(ids: np.ndarray) -> np.ndarray:
+            mask = np.ones(len(ids), bool)
             if allowed is not None:
-                ids = ids[np.isin(ids, allowed, assume_unique=False)]
-            return ids[~np.isin(ids, excluded)] if len(excluded) else ids
+                mask &= np.isin(ids, allowed)
+            if len(excluded):
+                mask &= ~np.isin(ids, excluded)
+            return mask
 
         with self.lock:
-            lexical = hybrid.lexical_evidence(self.db, terms, keep)
-        reports = hybrid.Reports(
-            hybrid.sentence_evidence(self.sentences, query, terms, keep), lexical
-        )
+            lexical, matches = hybrid.lexical_evidence(self.db, terms, passes)
         image_hits = []
         if mode == "hybrid":
             reads = max(hybrid.IMAGES_READ, k)
             image_hits = self.search("joint", query, reads, filters, keywords, exclude)
+        also = [*lexical[0].tolist(), *(hit.id for hit in image_hits)]
+        found = hybrid.sentence_evidence(self.sentences, query, terms, passes, also)
+        reports = hybrid.Reports(found, lexical, matches)
         return TextRanking(
             self.sentences,
             lambda ids: self.vectors_of(ids, "joint"),

@@ -296,6 +296,13 @@ def report_of(root: Path) -> dict:
     return json.loads((layout.current_version_dir(root) / "build_report.json").read_text())
 
 
+def sentence_links(root: Path) -> dict[str, set[int]]:
+    """Report sentence -> the ids of the images whose report holds it, in the current version."""
+    with open_current(root) as store:
+        space = store.sentences
+        return {text: set(space.images_of(n).tolist()) for n, text in enumerate(space.texts)}
+
+
 def rows_by_sop(root: Path) -> dict[str, dict]:
     with open_current(root) as store:
         rows = store.get_many(store.ids.tolist()).values()
@@ -422,6 +429,9 @@ def test_sync_adds_new_studies_removes_deleted_ones_and_a_rerun_changes_nothing(
     assert new_row["report"] == "Right basal consolidation." and new_row["view"] == "AP"
     mr = next(r for r in rows.values() if r["meta"]["StudyInstanceUID"] == MR_SMALL_STUDY)
     assert mr["report"] == "Normal brain MR."
+    # the report sentences follow: the new study's, and the one filled in later (embedded by sync)
+    assert sentence_links(root)["Right basal consolidation."] == {new_row["id"]}
+    assert mr["id"] in sentence_links(root)["Normal brain MR."]
     again = dicomweb.sync(root, bundle_dir, settings, OPTIONS)
     assert not again.published and layout.read_current(root) == "000002"
 
@@ -431,6 +441,8 @@ def test_sync_adds_new_studies_removes_deleted_ones_and_a_rerun_changes_nothing(
     removed = dicomweb.sync(root, bundle_dir, settings, OPTIONS)
     assert removed.published and removed.count == IMAGES and removed.changes["removed"] == 1
     assert all(r["meta"]["StudyInstanceUID"] != CT_SMALL_STUDY for r in rows_by_sop(root).values())
+    indexed = {r["id"] for r in rows_by_sop(root).values()}
+    assert set().union(*sentence_links(root).values()) <= indexed  # removed with their images
     assert not dicomweb.sync(root, bundle_dir, settings, OPTIONS).published
     # without the change feed (a QIDO listing, as for any DICOMweb server) the index is current too
     assert not dicomweb.sync(root, bundle_dir, replace(settings, feed="qido"), OPTIONS).published

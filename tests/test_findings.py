@@ -131,11 +131,13 @@ def test_split_by_status_and_query_terms():
     parts = split_by_status("No effusion, but a small right pneumothorax.")
     assert parts["absent"] == "effusion"
     assert "pneumothorax" in parts["present"] and "effusion" not in parts["present"]
-    assert query_terms("no pneumothorax").absent == ("pneumothorax",)
+    assert query_terms("no pneumothorax").denied_findings == ("pneumothorax",)
     assert query_terms("no pneumothorax").negated
+    assert query_terms("no aortic calcification").absent == ("aortic",)
     terms = query_terms("Large right pleural effusion without pneumothorax")
-    assert terms.present == ("large", "right", "pleural", "effusion")
-    assert terms.absent == ("pneumothorax",) and not terms.negated
+    assert terms.present == ("large", "right") and terms.findings == ("pleural effusion",)
+    assert terms.denied_findings == ("pneumothorax",) and not terms.negated
+    assert terms.side == "right" and query_terms("bilateral effusions").side is None
 
 
 def test_rules_are_extended_by_a_yaml_file(tmp_path, monkeypatch):
