@@ -18,6 +18,11 @@ Targets (for docs/benchmarks.md; not assertions): text p50 at concurrency 1 with
 in-process time; requests/s at 32 clients >= 3x requests/s at 1; zero errors.
 The load generator runs on the same machine as the server: on few cores it competes for CPU.
 
+--text-modes image,hybrid sends the text queries once per ranking mode (the `mode` of POST
+/v1/search/text: image, report or hybrid, index.hybrid) to the same server, level by level, and
+prints the p50/p99 of each beside the first's: the cost of ranking with the reports. --index ROOT
+serves an index already built (the demo's) instead of building one of --images medpix images.
+
 --compare serves the fp32 and the int8 query path (CONVIRT_QUANTIZE=none, then int8) in the same
 run: same index, queries and load generator, one server after the other, `--rounds` times; it
 prints a side-by-side table with the int8/fp32 ratios (medians of each round's ratio) on stderr.
@@ -28,6 +33,8 @@ Targets: text requests/s at 32 clients >= 2x fp32's, text p50 at one client <= 0
     python bench/serve_latency.py --torch-threads 1             # steadier on a busy machine
     python bench/serve_latency.py --client httpx                # the Python load generator
     python bench/serve_latency.py --model runs/demo-cpu/bundle --compare --duration 10
+    python bench/serve_latency.py --model runs/demo-cpu/bundle --index runs/demo-index-cpu \
+        --text-modes image,hybrid --levels 1,8 --duration 10
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ K = 10
 IN_PROCESS_RUNS = 40
 IDLE_GAP_S = 0.5
 PATHS = {"fp32": "none", "int8": "int8"}  # query path -> CONVIRT_QUANTIZE
+TEXT_MODES: dict[str, str | None] = {"text": None}  # level kind -> the text queries' `mode`
 
 
 @dataclass
@@ -165,9 +173,9 @@ async def drive(
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as session:
 
         async def query(n: int) -> httpx.Response:
-            if kind == "text":
+            if kind in TEXT_MODES:
                 text = archive.texts[n % len(archive.texts)]
-                return await session.post("/v1/search/text", json={"text": text, "k": K})
+                return await session.post("/v1/search/text", json=text_body(kind, text))
             name, data = uploads[n % len(uploads)]
             files = {"file": (name, data, "image/jpeg")}
             return await session.post("/v1/search/image", files=files, data={"k": str(K)})
@@ -226,8 +234,8 @@ BOUNDARY = "convirt-bench-boundary"
 
 def request_bodies(kind: str, archive: Archive) -> tuple[str, str, list[bytes]]:
     """(path, content type, bodies) of the queries one level sends in turn."""
-    if kind == "text":
-        bodies = [json.dumps({"text": text, "k": K}).encode() for text in archive.texts]
+    if kind in TEXT_MODES:
+        bodies = [json.dumps(text_body(kind, text)).encode() for text in archive.texts]
         return "/v1/search/text", "application/json", bodies
     bodies = []
     for path in archive.images[:16]:
@@ -238,6 +246,11 @@ def request_bodies(kind: str, archive: Archive) -> tuple[str, str, list[bytes]]:
         ).encode()
         bodies.append(head + path.read_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode())
     return "/v1/search/image", f"multipart/form-data; boundary={BOUNDARY}", bodies
+
+
+def text_body(kind: str, text: str) -> dict:
+    mode = TEXT_MODES[kind]
+    return {"text": text, "k": K, **({"mode": mode} if mode else {})}
 
 
 def drive_wrk(
@@ -300,12 +313,13 @@ def load_test(
 ) -> dict:
     drive_level = drive_wrk if client == "wrk" else drive_httpx
     results: dict[str, dict[str, dict]] = {}
-    for kind in ("text", "image"):
+    for kind in (*TEXT_MODES, "image"):
         results[kind] = {}
+        batches = "text" if kind in TEXT_MODES else kind
         for clients in levels:
-            before = batch_stats(server.url, kind)
+            before = batch_stats(server.url, batches)
             level = drive_level(server.url, kind, clients, seconds, archive)
-            after = batch_stats(server.url, kind)
+            after = batch_stats(server.url, batches)
             calls = after[1] - before[1]
             level["mean_batch"] = round((after[0] - before[0]) / calls, 2) if calls else None
             rss = server.rss_bytes()
@@ -418,6 +432,28 @@ def print_table(table: dict) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+def mode_table(http: dict, levels: list[int]) -> dict:
+    """Per text mode and level: p50/p99 and their ratio to the first mode's (printed too)."""
+    out, lines = {}, ["| mode | clients | p50 ms | p99 ms | p50 / first's | p99 / first's |"]
+    lines.append("|---|---|---|---|---|---|")
+    for kind, mode in TEXT_MODES.items():
+        for level in map(str, levels):
+            row, base = http[kind][level], http["text"][level]
+            out.setdefault(mode, {})[level] = {
+                "p50_ms": row["p50_ms"],
+                "p99_ms": row["p99_ms"],
+                "p50_ratio": round(row["p50_ms"] / base["p50_ms"], 2),
+                "p99_ratio": round(row["p99_ms"] / base["p99_ms"], 2),
+            }
+            figures = out[mode][level]
+            lines.append(
+                f"| {mode} | {level} | {row['p50_ms']} | {row['p99_ms']} | "
+                f"{figures['p50_ratio']} | {figures['p99_ratio']} |"
+            )
+    print("\n".join(lines), file=sys.stderr)
+    return out
+
+
 def targets(in_process: dict, http: dict, levels: list[int]) -> dict:
     low, high = str(min(levels)), str(max(levels))
     text = http["text"]
@@ -440,6 +476,15 @@ def main() -> None:
         "--model", type=Path, help="bundle (default: the default config, untrained)"
     )
     parser.add_argument("--images", type=int, default=128, help="archive images to index")
+    parser.add_argument(
+        "--index", type=Path, help="serve this index root (built with --model) instead"
+    )
+    parser.add_argument(
+        "--text-modes",
+        default="",
+        help="text query modes, comma-separated (image, report, hybrid); the first is the "
+        "baseline of the others' ratios (default: the server's default mode only)",
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
     parser.add_argument("--levels", default="1,8,32", help="concurrent clients, comma-separated")
     parser.add_argument(
@@ -478,25 +523,31 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     levels = [int(n) for n in args.levels.split(",")]
+    modes = [m for m in args.text_modes.split(",") if m]
+    if modes:
+        TEXT_MODES.clear()
+        TEXT_MODES.update({"text": modes[0], **{f"text-{m}": m for m in modes[1:]}})
     paths = PATHS if args.compare else {p: q for p, q in PATHS.items() if q == args.quantize}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         archive = write_archive(tmp, args.images)
         model_dir = args.model or untrained_bundle(tmp / "bundle")
         bundle = load_bundle(model_dir)
-        build(tmp / "index", bundle, read_manifest(archive.manifest), Options(progress=False))
+        root = args.index or tmp / "index"
+        if args.index is None:
+            build(root, bundle, read_manifest(archive.manifest), Options(progress=False))
         embedders = {
             path: Embedder(bundle)
             if quantize == "none"
             else Embedder(bundle, text_encoder=load_int8(bundle, build_missing=True))
             for path, quantize in paths.items()
         }
-        with open_current(tmp / "index") as store:
+        with open_current(root) as store:
             before = {p: time_in_process(e, store, archive) for p, e in embedders.items()}
             indexed = store.count
         settings = {
             "CONVIRT_MODEL": model_dir,
-            "CONVIRT_INDEX_ROOT": tmp / "index",
+            "CONVIRT_INDEX_ROOT": root,
             "CONVIRT_BATCH_WINDOW_MS": args.batch_window_ms,
             "CONVIRT_MAX_BATCH": args.max_batch,
             "CONVIRT_MAX_IMAGE_BATCH": args.max_image_batch,
@@ -510,7 +561,7 @@ def main() -> None:
             }
             for _ in range(args.rounds if args.compare else 1)
         ]
-        with open_current(tmp / "index") as store:
+        with open_current(root) as store:
             after = {p: time_in_process(e, store, archive) for p, e in embedders.items()}
     in_process = {
         path: {kind: mean_of(before[path][kind], after[path][kind]) for kind in before[path]}
@@ -548,6 +599,8 @@ def main() -> None:
         **served,
         "targets": targets(in_process[path], served["http"], levels),
     }
+    if len(TEXT_MODES) > 1:
+        report["text_modes"] = mode_table(served["http"], levels)
     print(json.dumps(report, indent=2))
 
 
