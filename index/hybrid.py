@@ -42,11 +42,11 @@ from .sentences import SentenceSpace, dot
 MODES = ("image", "report", "hybrid")
 FUSIONS = ("weighted", "rrf")
 SENTENCES_READ = 400  # nearest sentences read per query
-LEXICAL_READ = 300  # reports read per query word from the FTS5 table
-LEXICAL_TERMS = 8  # words and findings matched at most: the findings first, then the words
+LEXICAL_READ = 1000  # reports read per query word from the FTS5 table
+LEXICAL_TERMS = 12  # words and findings matched at most: the findings first, then the words
 IMAGES_READ = 20  # nearest images read per query (more when k is larger): FAISS's fast path
 RRF_K = 60
-FINDING_WEIGHT = 2.0  # a finding the query names counts twice a word in the lexical share
+FINDING_WEIGHT = 1.0  # a finding the query names counts as much as a word (chosen on train)
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,18 @@ class Reports:
     def sentence_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cosine, sentence id) per image; 0 and -1 where none agrees."""
         found, rows = lookup(self.sentence_ids, ids)
-        scores = np.where(found, self.sentence_scores[rows] if len(rows) else 0.0, 0.0)
-        sids = np.where(found, self.sentence_rows[rows] if len(rows) else -1, -1)
-        return scores, sids
+        if len(self.sentence_ids) == 0:
+            return np.zeros(len(found)), np.full(len(found), -1, np.int64)
+        return (
+            np.where(found, self.sentence_scores[rows], 0.0),
+            np.where(found, self.sentence_rows[rows], -1),
+        )
 
     def lexical_of(self, ids: np.ndarray) -> np.ndarray:
         found, rows = lookup(self.lexical_ids, ids)
-        return np.where(found, self.lexical_shares[rows] if len(rows) else 0.0, 0.0)
+        if len(self.lexical_ids) == 0:
+            return np.zeros(len(found))
+        return np.where(found, self.lexical_shares[rows], 0.0)
 
 
 def lookup(keys: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
@@ -286,8 +291,9 @@ class TextRanking:
         image_hits: list,
         mode: str,
         fusion: str,
-        weights: Weights = WEIGHTS,
+        weights: Weights | None = None,
     ):
+        weights = weights or WEIGHTS  # read when called: a benchmark may set the module's
         self.space, self.joint, self.query = space, joint, query
         self.reports, self.mode, self.fusion, self.weights = reports, mode, fusion, weights
         pool = reports.images

@@ -265,6 +265,10 @@ def test_images_without_a_report_still_rank_and_modes_differ(client, root):
     assert image_only["mode"] == "image" and all(
         r["evidence"] is None for r in image_only["results"]
     )
+    # words no report holds, a query of stop words only: the image ranks alone, no error
+    for text in ("Zqxw vbnm.", "of the and", "no"):
+        assert len(search(client, text)["results"]) == count
+        assert all(r["report"] for r in search(client, text, mode="report")["results"])
     rrf = search(client, "Bilateral opacities.", fusion="rrf")
     assert {r["id"] for r in rrf["results"]} == {r["id"] for r in answer["results"]}
     error_of(client.post("/v1/search/text", json={"text": "x", "mode": "words"}), 422)
