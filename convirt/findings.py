@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
@@ -156,26 +156,39 @@ class Mark:
     ways: tuple[tuple[str, str], ...] = ()
 
 
-def _marks(tokens: list[Token], rules: Rules) -> list[Mark]:
-    """Triggers, pseudo-triggers and terminating words, longest phrase first at each word."""
-    words = [t.word for t in tokens]
-    marks, i = [], 0
+def longest_phrases(
+    words: list[str], longest: int, kind_of: Callable[[tuple[str, ...]], str | None]
+) -> Iterator[tuple[int, int, tuple[str, ...], str]]:
+    """(first, last, phrase, kind) of the phrases `kind_of` names, the longest one first at
+    each word, left to right, never overlapping."""
+    i = 0
     while i < len(words):
-        for size in range(min(rules.longest, len(words) - i), 0, -1):
+        for size in range(min(longest, len(words) - i), 0, -1):
             phrase = tuple(words[i : i + size])
-            if phrase in rules.pseudo:
-                marks.append(Mark(i, i + size, "pseudo"))
-            elif phrase in rules.triggers:
-                marks.append(Mark(i, i + size, "trigger", rules.triggers[phrase]))
-            elif phrase in rules.terminate:
-                marks.append(Mark(i, i + size, "terminate"))
-            else:
-                continue
-            i += size
-            break
+            kind = kind_of(phrase)
+            if kind is not None:
+                yield i, i + size, phrase, kind
+                i += size
+                break
         else:
             i += 1
-    return marks
+
+
+def _marks(tokens: list[Token], rules: Rules) -> list[Mark]:
+    """Triggers, pseudo-triggers and terminating words, longest phrase first at each word."""
+
+    def kind_of(phrase: tuple[str, ...]) -> str | None:
+        if phrase in rules.pseudo:
+            return "pseudo"
+        if phrase in rules.triggers:
+            return "trigger"
+        return "terminate" if phrase in rules.terminate else None
+
+    words = [t.word for t in tokens]
+    return [
+        Mark(first, last, kind, rules.triggers[phrase] if kind == "trigger" else ())
+        for first, last, phrase, kind in longest_phrases(words, rules.longest, kind_of)
+    ]
 
 
 def scopes(sentence: str, rules: Rules | None = None) -> list[Scope]:
@@ -229,18 +242,10 @@ def read_sentence(sentence: str, rules: Rules | None = None) -> Reading:
     marks = _marks(tokens, rules)
     found = _scopes(tokens, marks)
     words = [t.word for t in tokens]
-    result, i = [], 0
-    while i < len(words):
-        for size in range(min(rules.longest, len(words) - i), 0, -1):
-            phrase = tuple(words[i : i + size])
-            if phrase in rules.findings:
-                start, end = tokens[i].start, tokens[i + size - 1].end
-                status = status_at(found, start, end)
-                result.append(Mention(rules.findings[phrase], " ".join(phrase), start, end, status))
-                i += size
-                break
-        else:
-            i += 1
+    result = []
+    for first, last, phrase, name in longest_phrases(words, rules.longest, rules.findings.get):
+        start, end = tokens[first].start, tokens[last - 1].end
+        result.append(Mention(name, " ".join(phrase), start, end, status_at(found, start, end)))
     skip = {i for mark in marks if mark.kind == "trigger" for i in range(mark.first, mark.last)}
     parts: dict[str, list[str]] = {status: [] for status in STATUSES}
     for i, token in enumerate(tokens):

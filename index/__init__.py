@@ -3,6 +3,8 @@
 Write side (CLI `convirt index ...`, or `index.builder`): build, add, remove, reindex, merge; each
 writes a new version under ROOT/versions/ and switches ROOT/CURRENT atomically.
 Read side (`index.store`): open_current(root, expected_fingerprint) -> IndexStore.
+Report sentences (`index.sentences`, written at publish) feed text ranking (`index.hybrid`) and
+"what similar cases said" (`index.suggest`).
 """
 
 import logging

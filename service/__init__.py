@@ -2,8 +2,8 @@
 
 service/app.py       create_app: routers, middleware, error handlers, lifespan
 service/settings.py  Settings: every CONVIRT_* setting in one pydantic class
-service/routes/      one router per resource: search, facets, explain, images, admin, auth,
-                     health, page
+service/routes/      one router per resource: search, reports (what similar cases said),
+                     facets, explain, images, admin, auth, health, page
 service/schemas.py   request and response bodies
 service/searcher.py  the one owner of search: text, image, region, similar, refine, explain
 service/grouping.py  one card per study or patient; feedback.py: refine by example (Rocchio)
@@ -20,7 +20,9 @@ The path of a text query, one way only:
                        record; it checks the body (schemas.TextQuery), calls Searcher.text
     Searcher.text      embeds the sentence (engine: model thread, micro-batched), leases the
                        served index version, and in one hop to its search pool:
-      IndexStore.search  filters, keywords and exclusions as one allowed-id set inside FAISS
+      IndexStore.rank_text  the image, its report's sentences and the words its report
+                         asserts, fused (index.hybrid; mode=image: IndexStore.search alone);
+                         filters, keywords and exclusions as one allowed-id set
       group_hits         one card per study, reading more hits until k cards are found
       describe_groups    response items with URLs built from ids
     routes/search.py   packs the Found into the response (the query and result ids, noted

@@ -164,7 +164,7 @@ def test_the_service_serves_the_int8_path(datasets, quantized_dir, bundle, fp32,
         assert ready["model_fingerprint"] == bundle.fingerprint  # the bundle's, as the index's
         with open_current(root) as store:
             for text in texts:
-                body = {"text": text, "k": K, "group_by": "none"}
+                body = {"text": text, "k": K, "group_by": "none", "mode": "image"}  # joint space
                 response = client.post("/v1/search/text", json=body)
                 assert response.status_code == 200, response.text
                 served = [r["id"] for r in response.json()["results"]]
