@@ -271,8 +271,7 @@ def evaluate_suggest(store, in_split: dict, limit: int) -> dict:
             store.vectors_of([image], "joint")[0],
         )
         hits = store.search("encoder", encoder, 5, exclude=exclude)
-        held = store.report_sentences_of([h.id for h in hits])
-        found = suggest(space, joint, [(h.id, h.score) for h in hits], held, 5)
+        found = suggest(space, joint, [(h.id, h.score) for h in hits], 5)
         pairs["suggest"].append((set(found.draft), gold))
         nearest = next((h.id for h in hits if rows[h.id]["report"]), None)
         pairs["nearest report"].append(

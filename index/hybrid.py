@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from convirt.findings import QueryTerms, read_rules, stem
-from convirt.findings import query_terms as read_query
 
 from .metadata import phrase
 from .sentences import SentenceSpace, dot
@@ -122,10 +121,6 @@ def lookup(keys: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(len(ids), bool), np.zeros(len(ids), np.int64)
     rows = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
     return keys[rows] == ids, rows
-
-
-def query_terms(text: str) -> QueryTerms:
-    return read_query(text)
 
 
 def sentence_evidence(

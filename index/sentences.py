@@ -284,18 +284,6 @@ def dot(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", rows, query.astype(rows.dtype, copy=False))
 
 
-def sentences_of_images(db: sqlite3.Connection, ids: Sequence[int]) -> dict[int, list[int]]:
-    """The sentence ids of each image's report, in no particular order."""
-    found: dict[int, list[int]] = {}
-    for start in range(0, len(ids), 500):
-        chunk = [int(i) for i in ids[start : start + 500]]
-        marks = ",".join("?" * len(chunk))
-        query = f"SELECT image, sentence FROM sentence_images WHERE image IN ({marks})"
-        for image, sentence in db.execute(query, chunk):
-            found.setdefault(image, []).append(sentence)
-    return found
-
-
 def has_space(db: sqlite3.Connection) -> bool:
     row = db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_terms'"

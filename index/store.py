@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from convirt.findings import query_terms
+
 from . import checks, faiss_index, hybrid, layout, metadata, sentences
 from .errors import CorruptVersionError, FilterError, IndexStoreError, check_fingerprint
 from .hybrid import Evidence, TextRanking
@@ -181,7 +183,7 @@ class IndexStore:
         if self.sentences is None:
             return None
         query = self._queries("joint", vector)[0]
-        terms = hybrid.query_terms(text)
+        terms = query_terms(text)
         allowed = self._allowed(filters, keywords)
         excluded = self._excluded(exclude)
 
@@ -196,9 +198,9 @@ class IndexStore:
         with self.lock:
             lexical, matches = hybrid.lexical_evidence(self.db, terms, passes)
         image_hits = []
-        if mode == "hybrid":
+        if mode == "hybrid" and self.count:
             reads = max(hybrid.IMAGES_READ, k)
-            image_hits = self.search("joint", query, reads, filters, keywords, exclude)
+            image_hits = self._search_within("joint", query[None], reads, allowed, excluded)[0]
         also = [*lexical[0].tolist(), *(hit.id for hit in image_hits)]
         found = hybrid.sentence_evidence(self.sentences, query, terms, passes, also)
         reports = hybrid.Reports(found, lexical, matches)
@@ -211,13 +213,6 @@ class IndexStore:
             mode,
             fusion,
         )
-
-    def report_sentences_of(self, ids: Sequence[int]) -> dict[int, list[int]]:
-        """The sentence ids of each image's report (empty without the sentence space)."""
-        if self.sentences is None:
-            return {}
-        with self.lock:
-            return sentences.sentences_of_images(self.db, [int(i) for i in ids])
 
     def vectors_of(self, ids: Sequence[int], space: str) -> np.ndarray:
         """The stored vectors (len(ids) x dim, float32) of indexed images, in the order given;
@@ -333,7 +328,17 @@ class IndexStore:
         if k < 1 or self.count == 0:
             return [[] for _ in queries]
         excluded = self._excluded(exclude)
-        allowed = self._allowed(filters, keywords)
+        return self._search_within(space, queries, k, self._allowed(filters, keywords), excluded)
+
+    def _search_within(
+        self,
+        space: str,
+        queries: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None,
+        excluded: np.ndarray,
+    ) -> list[list[Hit]]:
+        """_search once the allowed ids (None: all) and the excluded ones are known."""
         if allowed is None:
             if len(excluded) == 0:
                 return self._faiss_search(space, queries, min(k, self.count))

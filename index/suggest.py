@@ -18,12 +18,11 @@ It is a suggestion from retrieved text, never a diagnosis: the service and the p
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .sentences import SentenceSpace
+from .sentences import SentenceSpace, dot
 
 CASES = 5  # nearest cases whose reports are read
 NEAREST_SENTENCES = 50  # sentences nearest the image read besides them
@@ -52,28 +51,21 @@ class Suggestion:
 
 
 def suggest(
-    space: SentenceSpace,
-    joint: np.ndarray,
-    cases: list[tuple[int, float]],
-    sentences_of: dict[int, list[int]],
-    count: int = 5,
-    present_only: bool = False,
+    space: SentenceSpace, joint: np.ndarray, cases: list[tuple[int, float]], count: int = 5
 ) -> Suggestion:
     """Up to `count` sentences for an image whose joint vector is `joint`, given its nearest
-    cases (image id, similarity) and the sentence ids of their reports."""
+    cases (image id, similarity)."""
     support: dict[int, tuple[float, list[int]]] = {}
     for image, similarity in cases:
-        for sid in sentences_of.get(image, []):
+        for sid in space.sentences_of(image).tolist():
             best, holders = support.get(sid, (-1.0, []))
             support[sid] = (max(best, similarity), [*holders, image])
     near, _ = space.nearest(joint, NEAREST_SENTENCES)
     candidates = sorted(set(support) | set(near.tolist()))
-    if present_only:
-        candidates = [sid for sid in candidates if space.asserts[sid]]
     if not candidates:
         return Suggestion([], cases=cases)
     vectors = np.asarray(space.vectors[candidates], np.float32)
-    relevance = vectors @ joint.astype(np.float32)
+    relevance = dot(vectors, joint)
     held = np.array([support.get(sid, (0.0, []))[0] for sid in candidates])
     scores = RELEVANCE * relevance + (1 - RELEVANCE) * held
     chosen: list[int] = []
@@ -83,11 +75,11 @@ def suggest(
         marginal[chosen] = -np.inf
         best = int(np.argmax(marginal))
         chosen.append(best)
-        redundancy = np.maximum(redundancy, vectors @ vectors[best])
+        redundancy = np.maximum(redundancy, dot(vectors, vectors[best]))
     picked = []
     for i in chosen:
         sid = candidates[i]
-        findings = [tuple(pair) for pair in json.loads(space.mentions[sid])]
+        findings = space.findings_of(sid)
         picked.append(
             Suggested(
                 sid, space.texts[sid], float(scores[i]), support.get(sid, (0, []))[1], findings

@@ -42,7 +42,6 @@ from .threads import search_pool
 from .uploads import Box
 
 T = TypeVar("T")
-SPACES = ("encoder", "joint")
 GROUP_OVERFETCH = 4  # grouped searches read k * 4 hits first, then 4 times more while short
 MAX_FETCH = 2_000  # ...up to this many: a bound on the work one grouped query may cause
 
@@ -217,14 +216,14 @@ class Searcher:
             exclude: set[int] = set()
             if image_id is not None:
                 row = self._row_in(store, image_id)
-                encoder, joint = (self._stored_vectors(store, [image_id], s)[0] for s in SPACES)
+                encoder = self._stored_vectors(store, [image_id], "encoder")[0]
+                joint = self._stored_vectors(store, [image_id], "joint")[0]
                 exclude = {image_id, *self._study_of(store, row)}
             else:
                 encoder, joint = vectors
             hits = store.search("encoder", encoder, CASES, exclude=exclude)
             cases = [(hit.id, hit.score) for hit in hits]
-            held = store.report_sentences_of([hit.id for hit in hits])
-            return suggest(store.sentences, joint, cases, held, count), store.version
+            return suggest(store.sentences, joint, cases, count), store.version
 
         return await self._on_store(work)
 
