@@ -1,7 +1,9 @@
 """Decode PNG, JPEG and DICOM into 8-bit greyscale PIL images, with clear errors for bad input.
 
-Decoding is bounded before it starts: a file's header says how many bytes its pixels take once
-decoded, and anything above MAX_DECODED_BYTES is refused (ImageTooLargeError) without decoding.
+Decoding is bounded before it starts: a file's header, and the frame header of the codestream the
+decoder reads (JPEG SOF, JPEG 2000 SIZ, PNG IHDR: convirt.decode_budget), say how many bytes its
+pixels take once decoded, and anything above MAX_DECODED_BYTES, or a codestream larger than its
+DICOM header says, is refused (ImageTooLargeError) without decoding.
 A multi-frame DICOM has only the one frame we use decoded; a JPEG far larger than any side the
 model uses is decoded at a reduced scale (libjpeg's DCT scaling, 1/2 to 1/8) that keeps its
 shorter side at least DRAFT_MIN_SIDE; conversion to 8 bits works through a lookup table or in
@@ -19,6 +21,35 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .decode_budget import (
+    DRAFT_MIN_SIDE,
+    JPEG2000_SYNTAXES,
+    MAX_DECODED_BYTES,
+    MAX_PIXELS,
+    ImageDecodeError,
+    ImageTooLargeError,
+    check_file_codestream,
+    check_frame_codestream,
+    check_size,
+    draft_scale,
+    trim_heap,
+)
+
+__all__ = [  # with the budget names convirt.decode_budget defines, imported from here
+    "DECODER_VERSION",
+    "DICOM_PREAMBLE",
+    "DICOM_SUFFIXES",
+    "DRAFT_MIN_SIDE",
+    "IMAGE_SUFFIXES",
+    "MAX_DECODED_BYTES",
+    "MAX_PIXELS",
+    "ImageDecodeError",
+    "ImageTooLargeError",
+    "load_image",
+    "looks_like_dicom",
+    "resize_shorter",
+]
+
 
 class _QuietPluginFailures(logging.Filter):
     """pydicom logs each decoder plugin that fails on a frame, with its traceback, then raises one
@@ -31,17 +62,6 @@ class _QuietPluginFailures(logging.Filter):
 
 logging.getLogger("pydicom.pixels.decoders.base").addFilter(_QuietPluginFailures())
 
-# Refuse decompression bombs: ~100 megapixels is far above any radiograph we expect.
-MAX_PIXELS = 100_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-# ...and any image whose decoded pixels take more than this many bytes (rows x columns x samples
-# per pixel x bytes per sample, for the one frame we decode): a 100-megapixel 8-bit greyscale
-# image, or a 50-megapixel 16-bit one, or a 25-megapixel RGBA one.
-MAX_DECODED_BYTES = 100_000_000
-# A JPEG whose shorter side is at least twice this is decoded scaled down by 2, 4 or 8, keeping
-# the shorter side at least this long: far above the sides the model resizes to (256 or less),
-# so what the model sees is unchanged in quality, for a fraction of the memory and time.
-DRAFT_MIN_SIDE = 1024
 STRIP_PIXELS = 1 << 20  # pixels converted at a time when a conversion needs float temporaries
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
@@ -55,22 +75,6 @@ DECODER_VERSION = 2
 MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3}
 MODE_BYTES |= {"HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
 MODE_BYTES |= {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
-# JPEG 2000 decoders work in 32-bit integers whatever the bit depth.
-JPEG2000_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
-JPEG2000_SYNTAXES |= {
-    "1.2.840.10008.1.2.4.201",
-    "1.2.840.10008.1.2.4.202",
-    "1.2.840.10008.1.2.4.203",
-}
-
-
-class ImageDecodeError(ValueError):
-    """The input is not an image we can decode; the message says why."""
-
-
-class ImageTooLargeError(ImageDecodeError):
-    """The image would take more than MAX_PIXELS pixels or MAX_DECODED_BYTES bytes once decoded
-    (a likely decompression bomb)."""
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -91,6 +95,7 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     )
     if is_dicom:
         return _load_dicom(io.BytesIO(data) if data is not None else path)
+    check_file_codestream(data if data is not None else path)
     return _load_raster(io.BytesIO(data) if data is not None else path)
 
 
@@ -102,20 +107,6 @@ def _read_head(path: Path) -> bytes:
         raise ImageDecodeError(f"cannot read {path}: {err.strerror or err}") from err
 
 
-def _check_size(what: str, width: int, height: int, pixel_bytes: int) -> None:
-    """ImageTooLargeError unless width x height pixels of pixel_bytes each fit both budgets."""
-    if width * height > MAX_PIXELS:
-        raise ImageTooLargeError(
-            f"{what} is {width}x{height} pixels, above the {MAX_PIXELS:,} limit"
-        )
-    decoded = width * height * pixel_bytes
-    if decoded > MAX_DECODED_BYTES:
-        raise ImageTooLargeError(
-            f"{what} is {width}x{height} pixels of {pixel_bytes} byte(s): {decoded:,} bytes once "
-            f"decoded, above the {MAX_DECODED_BYTES:,}-byte limit"
-        )
-
-
 def _load_raster(fp) -> Image.Image:
     try:
         with Image.open(fp) as img:
@@ -125,7 +116,7 @@ def _load_raster(fp) -> Image.Image:
                 )
             size = img.size
             _draft(img)
-            _check_size("image", img.width, img.height, MODE_BYTES.get(img.mode, 4))
+            check_size("image", img.width, img.height, MODE_BYTES.get(img.mode, 4))
             img.load()
             grey = _to_grey(img)
             grey.info["source_size"] = size  # width, height in the file, before any reduction
@@ -137,18 +128,19 @@ def _load_raster(fp) -> Image.Image:
     except ImageDecodeError:
         raise
     except MemoryError:
+        trim_heap()
         raise
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error...)
+        trim_heap()  # what a failed decoder freed goes back to the system
         raise ImageDecodeError(f"corrupt or truncated image: {err}") from err
 
 
 def _draft(img: Image.Image) -> None:
     """Have libjpeg decode a huge JPEG at 1/2, 1/4 or 1/8 scale, keeping the shorter side at least
     DRAFT_MIN_SIDE; anything smaller (every image we train on) decodes exactly as before."""
-    shorter = min(img.size)
-    if img.format != "JPEG" or shorter < 2 * DRAFT_MIN_SIDE:
+    scale = draft_scale(img.width, img.height)
+    if img.format != "JPEG" or scale == 1:
         return
-    scale = next(s for s in (8, 4, 2) if shorter >= s * DRAFT_MIN_SIDE)
     img.draft(img.mode, (img.width // scale, img.height // scale))
 
 
@@ -294,14 +286,19 @@ def _decode_dicom(ds) -> Image.Image:
     sample_bytes = max(1, math.ceil(_header_int(ds, "BitsAllocated", 8) / 8))
     if str(ds.file_meta.get("TransferSyntaxUID", "")) in JPEG2000_SYNTAXES:
         sample_bytes = max(sample_bytes, 4)
-    _check_size("DICOM frame", cols, rows, samples * sample_bytes)
+    check_size("DICOM frame", cols, rows, samples * sample_bytes)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     colour = photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or samples > 1
-    if frames > 1:  # multi-frame: decode only the frame we use (colour: the first; else middle)
-        ds.pixel_array_options(index=0 if colour else frames // 2)
+    # decode only the frame we use (multi-frame: colour the first, else the middle one)
+    index = (0 if colour else frames // 2) if frames > 1 else 0
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_encapsulated:
+        check_frame_codestream(ds, index, max(1, frames), rows, cols, samples)
+    ds.pixel_array_options(index=index)
     try:
         pixels = ds.pixel_array
     except Exception as err:  # pydicom raises many types for truncated or undecodable data
+        trim_heap()  # what a failed decoder freed goes back to the system
         raise ImageDecodeError(f"cannot decode DICOM pixel data: {err}") from err
     if colour or pixels.ndim == 4:
         frame = pixels[0] if pixels.ndim == 4 else pixels

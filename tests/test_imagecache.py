@@ -85,7 +85,7 @@ def test_unreadable_images_are_listed_with_reasons_and_not_retried(small_archive
     out, resolver = resolve(cache, small_archive)
     skips = [entry for entry in out if isinstance(entry, Skip)]
     assert [s.path.rsplit("/", 1)[-1] for s in skips] == ["broken.png", "gone.png"]
-    assert "not a recognised image format" in skips[0].reason
+    assert "corrupt or truncated image" in skips[0].reason
     assert "not found" in skips[1].reason
     assert resolver.counts.decoded == 4 and resolver.counts.failed == 1
     _, resolver = resolve(cache, small_archive)

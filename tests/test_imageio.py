@@ -107,7 +107,8 @@ def test_truncated_dicom_is_a_clear_error():
 def test_a_corrupt_jpeg_2000_dicom_is_one_error_not_a_logged_traceback_per_plugin(caplog):
     ds = pydicom.dcmread(DICOM_DIR / "CT_small.dcm")
     codestream = bytearray(encode_array(ds.pixel_array.astype(np.uint16), bits_stored=16))
-    codestream[6:40] = b"\xff" * 34  # the image and tile size segment
+    # the coding style segment (after SIZ: a broken SIZ is refused before any plugin runs)
+    codestream[47:60] = b"\xff" * 13
     ds.PixelRepresentation = 0
     ds.PixelData = encapsulate([bytes(codestream)])
     ds["PixelData"].VR = "OB"
