@@ -334,6 +334,37 @@ def add_dicomweb_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="instances fetched at once (default: %(default)s)",
     )
+    group.add_argument(
+        "--pacs-deadline",
+        type=float,
+        default=dicomweb.setting("CONVIRT_PACS_DEADLINE_S", dicomweb.DEFAULT_DEADLINE_S, float),
+        metavar="S",
+        help="seconds one request may take in all, however slowly the PACS sends; an instance "
+        "not fetched by then is skipped (default: %(default)s; env CONVIRT_PACS_DEADLINE_S)",
+    )
+    group.add_argument(
+        "--max-instance-mb",
+        type=float,
+        default=dicomweb.setting(
+            "CONVIRT_PACS_MAX_INSTANCE_MB", dicomweb.DEFAULT_MAX_INSTANCE_BYTES / 2**20, float
+        ),
+        metavar="MB",
+        help="an instance larger than this is skipped, not fetched whole (default: %(default)g; env CONVIRT_PACS_MAX_INSTANCE_MB)",
+    )
+    group.add_argument(
+        "--max-listed",
+        type=int,
+        default=dicomweb.setting("CONVIRT_PACS_MAX_LISTED", dicomweb.DEFAULT_MAX_LISTED, int),
+        metavar="N",
+        help="instances one listing may return before it is taken as endless and the command "
+        "stops (default: %(default)s; env CONVIRT_PACS_MAX_LISTED)",
+    )
+    group.add_argument(
+        "--retry-skipped",
+        action="store_true",
+        help="fetch again the instances the index remembers as skipped (a PACS fault since "
+        "fixed, a decoder installed since); without it they are not fetched again",
+    )
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
@@ -398,6 +429,10 @@ def pacs_of(args: argparse.Namespace) -> dicomweb.Pacs:
         feed=getattr(args, "feed", "auto"),
         threads=args.fetch_threads,
         max_removal=getattr(args, "max_removal", dicomweb.DEFAULT_MAX_REMOVAL),
+        deadline_s=args.pacs_deadline,
+        max_instance_bytes=int(args.max_instance_mb * 2**20),
+        max_listed=args.max_listed,
+        retry_skipped=args.retry_skipped,
     )
 
 
@@ -412,8 +447,10 @@ def load_source(args: argparse.Namespace, known_root: Path | None = None) -> Sou
                 metadata.open_readonly(layout.current_version_dir(known_root) / metadata.META_DB)
             ) as conn:
                 images, seen = metadata.paths_under(conn, pacs.prefix + "/")
-            known = set(images) | set(seen)
-        return dicomweb.list_source(pacs, known, record=known_root is None)
+            known = set(images) | set(pacs.remembered(seen))
+            return dicomweb.list_source(pacs, known, record=False)
+        remembered = dicomweb.remembered_skips(args.root, pacs)
+        return dicomweb.list_source(pacs, remembered=remembered)
     used = [f"--{n}" for n in ("since", "modality", "reports") if getattr(args, n) is not None]
     if used:
         raise IndexStoreError(f"{', '.join(used)}: only with --dicomweb URL")
