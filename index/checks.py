@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Callable
 from contextlib import closing
@@ -16,7 +15,7 @@ from . import faiss_index, layout, metadata
 from .errors import CorruptVersionError, IndexStoreError, reason
 from .layout import human
 from .sources import is_remote
-from .version import SPACES, VersionFiles, read_version
+from .version import SPACES, VersionFiles, read_version, sha256_of
 
 NORM_TOLERANCE = 1e-3
 
@@ -112,7 +111,20 @@ def verify(root: str | Path, fingerprint: str | None = None, hashes: bool = Fals
             check_files(conn, result, hashes)
     except sqlite3.Error as err:
         result.problems.append(f"meta.sqlite cannot be read: {err}")
+    check_checksums(files, result)
     return result
+
+
+def check_checksums(files: VersionFiles, result: Verification) -> None:
+    """Files whose bytes changed since publish, but for those already found damaged."""
+    recorded = sorted(files.info.get("checksums") or {})
+    for name in recorded:
+        if any(problem.startswith(name) for problem in result.problems):
+            continue
+        changed = (files.directory / name).is_file() and files.checksum_problem(name)
+        if changed:
+            result.problems.append(changed)
+    result.checked["checksums"] = len(recorded)
 
 
 def check_vectors(files: VersionFiles, result: Verification) -> np.ndarray | None:
@@ -220,7 +232,7 @@ def file_problem(path: Path, sha: str, size: int, rehash: bool) -> str | None:
         return f"image file unreadable ({err.strerror or err})"
     if actual_size != size:
         return f"image file changed (size {actual_size}, indexed {size})"
-    if rehash and _sha256(path) != sha:
+    if rehash and sha256_of(path) != sha:
         return "image file changed (content hash differs)"
     return None
 
@@ -251,6 +263,11 @@ def open_checked(files: VersionFiles) -> OpenedVersion:
     dims = files.info.get("dims") or {}
     indexes: dict[str, Any] = {}
     for space in SPACES:
+        path = files.directory / f"{space}.faiss"
+        changed = path.is_file() and files.checksum_problem(path.name)
+        if changed:
+            problems.append(changed)
+            continue
         try:
             index = files.faiss_index(space)
         except Exception as err:
@@ -262,6 +279,9 @@ def open_checked(files: VersionFiles) -> OpenedVersion:
     ids = load_array(files.ids, "ids.npy", problems)
     if ids is not None:
         counts["ids.npy"] = len(ids)
+        changed = files.checksum_problem("ids.npy")
+        if changed:
+            problems.append(changed)
     vectors: dict[str, np.ndarray] = {}
     for space in SPACES:
         array = load_array(
@@ -303,8 +323,3 @@ def load_array(load: Callable[[], np.ndarray], name: str, problems: list[str]) -
     except Exception as err:
         problems.append(f"{name} cannot be read: {reason(err)}")
         return None
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:  # in blocks: an archive's DICOMs can be large
-        return hashlib.file_digest(f, "sha256").hexdigest()

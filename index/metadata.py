@@ -605,6 +605,9 @@ def check_keywords(keywords: Keywords) -> None:
         )
 
 
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, newline, return are spaces
+
+
 def check_keyword(name: str, term: Any) -> None:
     if not isinstance(term, str):
         raise FilterError(f"keywords {name}: a term is a string, not {type(term).__name__}")
@@ -618,6 +621,10 @@ def check_keyword(name: str, term: Any) -> None:
         term.encode("utf-8")
     except UnicodeEncodeError:
         raise FilterError(f"keywords {name}: {term!r} is not valid Unicode") from None
+    if CONTROL.search(term):
+        raise FilterError(
+            f"keywords {name}: {term!r} holds a control character (NUL, ESC...); send the words"
+        )
     if not any(char.isalnum() for char in term):
         raise FilterError(
             f"keywords {name}: {term!r} has no letter or digit; the search matches words"

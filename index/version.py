@@ -11,6 +11,9 @@
 
 The .npy files are the source of truth: add/remove/merge copy them instead of re-embedding, and
 the FAISS files can be rebuilt from them with another --index-type (`convirt index reindex`).
+version.json records the SHA-256 of each of these data files (meta.sqlite aside: the server adds
+its field indexes to it): a server checks the FAISS files and ids.npy against them at every start
+and reload, `convirt index verify` all of them.
 
 Every write operation (build, add, remove, reindex, merge, sync) goes through one template:
 
@@ -30,6 +33,7 @@ is discarded and CURRENT still names the old version; the staging area stays for
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -86,9 +90,45 @@ class VersionFiles:
         faiss_index.tune_for_search(index)
         return index
 
+    def checksum_problem(self, name: str) -> str | None:
+        """Why the file `name` is not what was published (its SHA-256 differs from the one
+        version.json recorded), or None; versions written before checksums were recorded pass."""
+        recorded = (self.info.get("checksums") or {}).get(name)
+        if recorded is None:
+            return None
+        if sha256_of(self.directory / name) != recorded:
+            return (
+                f"{name} is not the file published with this version (its SHA-256 differs from "
+                "version.json's): it was changed or damaged since; rebuild it with "
+                "`convirt index reindex` or restore it from a backup"
+            )
+        return None
+
     def report(self) -> dict[str, Any]:
         path = self.directory / REPORT_NAME
         return json.loads(path.read_text()) if path.is_file() else {}
+
+
+DATA_FILES = (
+    "ids.npy",
+    "joint.npy",
+    "encoder.npy",
+    "joint.faiss",
+    "encoder.faiss",
+    sentences.VECTORS,
+)
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """The SHA-256 of each data file a version directory holds."""
+    return {
+        name: sha256_of(directory / name) for name in DATA_FILES if (directory / name).is_file()
+    }
 
 
 def read_version(directory: Path) -> VersionFiles:
@@ -184,6 +224,7 @@ class VersionWriter:
             "created_at": now_iso(),
             "seconds": round(time.perf_counter() - self.started, 3),
             "sentences": written.as_info() if written else None,
+            "checksums": checksums(self.directory),
         }
         (self.directory / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         report = {"version": self.name, **report}

@@ -11,7 +11,8 @@ service/engine.py    the model: decoding, micro-batched encoder calls in a model
 service/stores.py    the served index version, swapped on reload without dropping requests
 service/access.py    who is asking: API keys (keys.py, `convirt keys`), a sign-in proxy's
                      headers, roles and rate limits; deps.py turns them into route dependencies
-service/audit.py     the hash-chained audit log (`convirt audit`); viewer.py: DICOM UIDs, PACS links
+service/audit/       the keyed, hash-chained audit log (`convirt audit`, docs/audit.md)
+                     viewer.py: DICOM UIDs, PACS links
 service/static/      the web page (plain HTML, CSS and JS)
 
 The path of a text query, one way only:

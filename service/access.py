@@ -15,11 +15,14 @@ Three modes (CONVIRT_AUTH):
 auto (the default) is keys when CONVIRT_AUTH_DB is set, else open.
 
 Every identified caller (a key or a proxy user) has a token bucket: CONVIRT_RATE_LIMIT_PER_MINUTE
-requests a minute, CONVIRT_RATE_LIMIT_BURST at once; past it a 429 with Retry-After.
+requests a minute, CONVIRT_RATE_LIMIT_BURST at once; past it a 429 with Retry-After. Work that
+takes the model far longer than a query costs more (Access.charge): a computed heat-map counts as
+CONVIRT_EXPLAIN_RATE_COST requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
@@ -34,15 +37,14 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import ApiError, error_response
-from .keys import ROLES, KeyRecord, KeyStore, KeyStoreError, matches, split_key
+from .keys import ROLES, UNKNOWN, KeyRecord, KeyStore, KeyStoreError, matches, split_key
 from .settings import Settings
 
 log = logging.getLogger("service")
 
 API_KEY_HEADER = "X-API-Key"
 PEER = "convirt.peer"  # scope key: the address of the TCP peer, before X-Forwarded-For
-KEY_CACHE_SECONDS = 1.0  # a key's row is read again after this long: revocation delay
-KEY_CACHE_MAX = 10_000
+KEY_CACHE_SECONDS = 1.0  # the key table is read again after this long: revocation delay
 MAX_USER_CHARS = 256
 ENV_KEY_ID = "env"  # the id CONVIRT_API_KEY appears under in the audit log
 
@@ -85,6 +87,7 @@ class AddressList:
 
     def __init__(self, text: str):
         items = [item.strip() for item in text.split(",") if item.strip()]
+        self.empty = not items
         self.any = "*" in items
         self.networks = []
         self.names = set()
@@ -125,9 +128,13 @@ class RecordPeer:
 
 def with_peer_and_proxy_headers(app: ASGIApp, forwarded_allow_ips: str) -> ASGIApp:
     """The app as `convirt serve` runs it: uvicorn's proxy-headers handling (run with
-    proxy_headers=False), with the peer recorded before it."""
+    proxy_headers=False), with the peer recorded before it. No trusted proxies (the default): no
+    X-Forwarded-For is believed, from loopback either, so a local client cannot name the address
+    the audit log records for it."""
     from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+    if AddressList(forwarded_allow_ips).empty:
+        return RecordPeer(app)
     return RecordPeer(ProxyHeadersMiddleware(app, trusted_hosts=forwarded_allow_ips))  # type: ignore[arg-type]
 
 
@@ -181,18 +188,21 @@ class RateLimiter:
         self.clock = clock
         self.buckets: dict[str, tuple[float, float]] = {}  # who -> (tokens, when)
 
-    def take(self, who: str) -> float:
-        """0 when the request may go ahead (a token is spent), else seconds until it may."""
+    def take(self, who: str, cost: float = 1.0) -> float:
+        """0 when the request may go ahead (`cost` tokens are spent: a request that takes more
+        of the model than a query, a heat-map, costs more), else seconds until it may. A cost
+        above the burst is charged as the whole burst."""
+        cost = min(cost, self.capacity)
         now = self.clock()
         tokens, then = self.buckets.get(who, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - then) * self.rate)
-        if tokens >= 1:
-            self.buckets[who] = (tokens - 1, now)
+        if tokens >= cost:
+            self.buckets[who] = (tokens - cost, now)
             return 0.0
         if len(self.buckets) >= self.MAX_BUCKETS:
             self._forget_full(now)
         self.buckets[who] = (tokens, now)
-        return (1 - tokens) / self.rate
+        return (cost - tokens) / self.rate
 
     def _forget_full(self, now: float) -> None:
         """Drop the buckets that have filled up again: they are the same as no bucket."""
@@ -224,7 +234,9 @@ class Access:
         self.limiter = (
             RateLimiter(per_minute, settings.rate_limit_burst) if per_minute > 0 else None
         )
-        self.cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        self.table: dict[str, KeyRecord] = {}
+        self.table_read: tuple[float, tuple[int, int, int] | None] = (-math.inf, None)
+        self.table_lock = asyncio.Lock()
         self.loopback = is_loopback(settings.host)
 
     async def identify(self, request: Request, key: str | None) -> Principal:
@@ -243,6 +255,27 @@ class Access:
                     headers={"Retry-After": str(seconds)},
                 )
         return principal
+
+    def charge(self, principal: Principal, extra: float, what: str) -> None:
+        """Spend `extra` requests more of the caller's rate limit, besides the one its request
+        took, on `what`: work that takes the model far longer than a query (a heat-map), so one
+        key cannot buy many seconds of model time a second. 429 when the caller has not that
+        much left. Anonymous callers (open mode) are not rate-limited: the work's own queue
+        bounds them."""
+        if extra <= 0 or not principal.identified or self.limiter is None:
+            return
+        wait = self.limiter.take(principal.user, extra)
+        if wait > 0:
+            seconds = max(1, math.ceil(wait))
+            per_minute = self.settings.rate_limit_per_minute
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many requests from {principal.name or principal.user}: {what} counts as "
+                f"{extra + 1:g} of the {per_minute:g} requests a minute; retry in {seconds} s",
+                {"retry_after_seconds": seconds, "cost": extra + 1},
+                headers={"Retry-After": str(seconds)},
+            )
 
     async def optional(self, request: Request, key: str | None) -> Principal | None:
         """identify(), or None where nobody signed in and no key was sent (no 401)."""
@@ -300,7 +333,9 @@ class Access:
             return ENV_ADMIN
         parts = split_key(key)
         record = await self.lookup(parts[0]) if parts else None
-        if parts is None or record is None or not matches(record, parts[1]):
+        # the digest is compared whether the id exists or not: the time an answer takes says
+        # nothing about which key ids exist
+        if not matches(record or UNKNOWN, parts[1] if parts else key) or record is None:
             raise unauthorized("unknown_key", f"the {API_KEY_HEADER} sent is not a valid key")
         if record.revoked_at:
             raise unauthorized(
@@ -313,23 +348,47 @@ class Access:
         return Principal(f"key:{record.id}", record.name, record.role)
 
     async def lookup(self, key_id: str) -> KeyRecord | None:
-        """The key's row, read again when the cached copy is older than KEY_CACHE_SECONDS."""
+        """The key's row, from a copy of the whole table: a known id and an unknown one are both
+        a dict look-up, with no database read an unknown id could trigger, or time. The copy is
+        read again when the file changes (a key added or revoked counts at once) and at least
+        every KEY_CACHE_SECONDS."""
         if self.keys is None:
             return None
-        now = time.monotonic()
-        cached = self.cache.get(key_id)
-        if cached is not None and now - cached[0] < KEY_CACHE_SECONDS:
-            return cached[1]
+        return (await self.key_table()).get(key_id)
+
+    async def key_table(self) -> dict[str, KeyRecord]:
+        assert self.keys is not None
+        if not self.table_stale():
+            return self.table
+        async with self.table_lock:  # one read for the requests that find it stale together
+            if self.table_stale():
+                signature = self.table_signature()
+                try:
+                    records = await run_in_threadpool(self.keys.records)
+                except Exception as err:  # sqlite3.Error, OSError: fail closed
+                    log.error("the key database %s cannot be read: %s", self.keys.path, err)
+                    raise ApiError(
+                        503, "auth_unavailable", "the key database cannot be read"
+                    ) from err
+                self.table = {record.id: record for record in records}
+                self.table_read = (time.monotonic(), signature)
+        return self.table
+
+    def table_signature(self) -> tuple[int, int, int] | None:
+        assert self.keys is not None
         try:
-            record = await run_in_threadpool(self.keys.get, key_id)
-        except Exception as err:  # sqlite3.Error, OSError: fail closed
-            log.error("the key database %s cannot be read: %s", self.keys.path, err)
-            raise ApiError(503, "auth_unavailable", "the key database cannot be read") from err
-        if record is not None:
-            if len(self.cache) >= KEY_CACHE_MAX:
-                self.cache.clear()
-            self.cache[key_id] = (now, record)
-        return record
+            stat = self.keys.path.stat()
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+    def table_stale(self) -> bool:
+        read_at, signature = self.table_read
+        return (
+            time.monotonic() - read_at >= KEY_CACHE_SECONDS
+            or signature is None
+            or signature != self.table_signature()
+        )
 
     def describe(self, principal: Principal | None) -> dict[str, Any]:
         """What GET /v1/whoami answers."""
@@ -364,6 +423,11 @@ def startup_problem(settings: Settings) -> str | None:
             "authenticating proxy in front (CONVIRT_AUTH=proxy, CONVIRT_FORWARDED_ALLOW_IPS=its "
             "address), or bind to 127.0.0.1; --insecure-no-auth serves it open anyway"
         )
+    if mode == "proxy" and AddressList(settings.forwarded_allow_ips).empty:
+        return (
+            "CONVIRT_AUTH=proxy needs the proxy's address: set CONVIRT_FORWARDED_ALLOW_IPS to it "
+            "(e.g. 127.0.0.1 for a proxy on this machine); the user header is believed from there only"
+        )
     if mode == "keys" and settings.auth_db is None and settings.api_key is None:
         return "CONVIRT_AUTH=keys needs keys: set CONVIRT_AUTH_DB (`convirt keys add`) or CONVIRT_API_KEY"
     if settings.auth_db is not None:
@@ -375,7 +439,7 @@ def startup_problem(settings: Settings) -> str | None:
         from .audit import AuditError, AuditLog
 
         try:
-            AuditLog(settings.audit_log, settings.audit_queries)
+            AuditLog.from_settings(settings)
         except (AuditError, OSError) as err:
             return f"the audit log {settings.audit_log} cannot be written: {err}"
     return None

@@ -12,13 +12,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
 from .access import Access, IdentifyBeforeBody
 from .audit import AuditLog
 from .docs import fastapi_docs_url, install_local_docs
 from .errors import install_error_handlers
+from .hosts import HostCheck, allowed_hosts
 from .limits import BodyReadDeadline, BodySizeLimit
 from .loading import Resources, load_resources
 from .metrics import Metrics, RequestMetrics
@@ -72,8 +72,10 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.state.service = service
     app.state.access = Access(settings)
     app.state.audit = (
-        AuditLog(settings.audit_log, settings.audit_queries) if settings.audit_log else None
+        AuditLog.from_settings(settings, metrics.audit_event) if settings.audit_log else None
     )
+    if app.state.audit is not None:
+        metrics.audit_free_bytes.set_function(app.state.audit.free_bytes)
     install_error_handlers(app)  # its middleware innermost: 500s pass the metrics below
     app.add_middleware(IdentifyBeforeBody, access=app.state.access)
     app.add_middleware(
@@ -82,9 +84,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         other_limit=settings.max_json_bytes,
     )
     app.add_middleware(BodyReadDeadline, seconds=settings.body_timeout)
-    app.add_middleware(
-        TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings), www_redirect=False
-    )
+    app.add_middleware(HostCheck, allowed=allowed_hosts(settings.allowed_hosts, settings.host))
     # outermost, so it counts the 413s of the size limit and the 400s of the host check too
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)
     for module in (search, reports, facets, explain, images, admin, auth, health, page):
@@ -106,7 +106,3 @@ def install_fault_route(app: FastAPI) -> None:
     @app.get("/_fault", include_in_schema=False)
     async def fault() -> None:
         raise DeliberateFault("a deliberate unexpected error (CONVIRT_FAULT_ROUTE is on)")
-
-
-def allowed_hosts(settings: Settings) -> list[str]:
-    return [host.strip() for host in settings.allowed_hosts.split(",") if host.strip()] or ["*"]

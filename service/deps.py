@@ -170,7 +170,7 @@ async def write_record(trail: AuditLog, record: AuditRecord, failure: BaseExcept
             raise ApiError(
                 503,
                 "audit_unavailable",
-                "not answered: the audit entry of this request could not be written",
+                getattr(err, "public", audit.AuditError.public),
             ) from err
 
 

@@ -5,25 +5,25 @@ inside it), fed by two micro-batchers, one per modality. Uploads are decoded and
 separate pool of one thread per CPU (one torch thread each), in parallel with the model; at most
 `max_concurrent_decodes` of them decode at once (decoding a large image takes memory), however
 many uploads arrive together. Index searches run in the Searcher's pool (service.searcher).
+Heat-maps (GET /v1/explain) never run on the model thread: they have their own worker
+(service.explain_worker), so that a query never waits behind one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
 from convirt.bundle import Bundle
+from convirt.decode_budget import trim_heap
 from convirt.imageio import load_image
 from convirt.inference import Embedder
 from convirt.quantize import load_int8, release_text_tower
@@ -34,7 +34,6 @@ from .settings import Settings
 from .threads import decode_pool
 from .uploads import Box, crop_to_box
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -136,10 +135,6 @@ class Engine:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.decoders, self._prepare_image, data, box)
 
-    async def run_model(self, work: Callable[..., T], *args: Any) -> T:
-        """Run something that calls the model (an explanation) in the model thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
-
     def _prepare_image(
         self, data: bytes | Path, box: Box | None
     ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -159,12 +154,3 @@ class Engine:
     def _embed_pixels(self, tensors: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
         encoder, joint = self.embedder.embed_pixels(torch.stack(tensors))
         return list(zip(encoder, joint, strict=True))
-
-
-def trim_heap() -> None:
-    """Give freed heap pages back to the system: glibc would keep about half of a released
-    tower's memory (docs/benchmarks.md, "Int8 query encoder"). Without glibc, nothing to do."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):
-        log.debug("no malloc_trim here: freed memory stays with the process")

@@ -75,6 +75,30 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.audit_refused = Counter(
+            "convirt_audit_refused",
+            "Requests refused (503) because their audit entry could not be written, by reason "
+            "(disk_reserve: under CONVIRT_AUDIT_MIN_FREE_MB, disk_full, write_failed)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.audit_torn_sealed = Counter(
+            "convirt_audit_torn_writes_sealed",
+            "Audit lines cut short (a full disk) and sealed by a recovery entry",
+            registry=self.registry,
+        )
+        self.audit_free_bytes = Gauge(
+            "convirt_audit_disk_free_bytes",
+            "Free bytes on the audit log's disk (requests are refused under the reserve)",
+            registry=self.registry,
+        )
+
+    def audit_event(self, event: str) -> None:
+        """What the audit log reports (service.audit.store): a refusal's reason, or a seal."""
+        if event == "torn_write_sealed":
+            self.audit_torn_sealed.inc()
+        else:
+            self.audit_refused.labels(event).inc()
 
     def set_index(self, version: str, fingerprint: str, count: int) -> None:
         self.index_info.clear()

@@ -106,7 +106,9 @@ def group_of(group: HitGroup, root: str, group_by: str) -> Group | None:
 
 def indexed_file(row: Mapping[str, Any]) -> Path:
     """The recorded path, if it still holds a regular file of the recorded size. An image from a
-    PACS (a dicomweb:// path) is fetched from it once and served from a local copy."""
+    PACS (a dicomweb:// path) is fetched from it once, here in the calling thread, and served from
+    a local copy. The service never calls this for a PACS image: it fetches through
+    service.pacs.PacsFetcher (its own pool, a deadline, one fetch per image)."""
     if is_remote(row["path"]):
         from index.dicomweb import fetch_for_serving
         from index.errors import IndexStoreError

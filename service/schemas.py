@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from index.metadata import CONTROL
+
 K_MAX = 100
 K_DEFAULT = 10
 ID_MAX = 2**63 - 1  # index ids are positive signed 64-bit integers
@@ -109,6 +111,8 @@ def check_keywords(terms: list[str], what: str) -> list[str]:
         raise ValueError(f"{what}: at most {MAX_KEYWORDS} words or phrases")
     for term in terms:
         valid_unicode(term, what)
+        if CONTROL.search(term):
+            raise ValueError(f"{what}: {term!r} holds a control character (NUL, ESC...)")
         if not term.strip() or len(term) > MAX_KEYWORD_CHARS:
             raise ValueError(f"{what}: each word or phrase is 1 to {MAX_KEYWORD_CHARS} characters")
     return terms

@@ -20,9 +20,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from starlette.concurrency import run_in_threadpool
 
-from convirt.explain import HeatMap, occlusion_map
+from convirt.explain import HeatMap
 from convirt.imageio import ImageDecodeError, ImageTooLargeError
 from index.errors import FilterError
 from index.hybrid import TextRanking
@@ -32,9 +31,12 @@ from index.suggest import CASES, Suggestion, suggest
 from . import audit
 from .engine import Engine
 from .errors import ApiError
+from .explain_worker import HeatMapWorker
+from .explainer import Explainer, query_key
 from .feedback import Weights, rocchio
 from .grouping import HitGroup, fill_groups, group_hits, group_key
-from .results import describe_groups, indexed_file
+from .pacs import PacsFetcher
+from .results import describe_groups
 from .schemas import RefineQuery, SearchControls
 from .settings import Settings
 from .stores import StoreSlot
@@ -79,13 +81,33 @@ class Explanation:
 
 
 class Searcher:
-    def __init__(self, engine: Engine, stores: StoreSlot, settings: Settings):
+    def __init__(
+        self,
+        engine: Engine,
+        stores: StoreSlot,
+        settings: Settings,
+        pacs: PacsFetcher | None = None,
+    ):
         self.engine = engine
         self.stores = stores
         self.settings = settings
+        self.pacs = pacs or PacsFetcher(settings)
         self.pool = search_pool()
+        worker = HeatMapWorker(
+            engine.embedder,
+            settings.explain_worker,
+            settings.explain_concurrency,
+            settings.explain_nice,
+        )
+        self.explainer: Explainer[Explanation] = Explainer(
+            worker,
+            settings.explain_concurrency,
+            settings.explain_queue,
+            settings.explain_cache_entries,
+        )
 
     def close(self) -> None:
+        self.explainer.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # -- queries -----------------------------------------------------------------------------------
@@ -240,9 +262,16 @@ class Searcher:
         return await self._on_store(lambda store: (store.version, store.count, store.facets()))
 
     async def explain(
-        self, image_id: int, text: str | None = None, query_id: int | None = None
-    ) -> Explanation:
-        """Where in the image its similarity to the query comes from (convirt.explain)."""
+        self,
+        image_id: int,
+        text: str | None = None,
+        query_id: int | None = None,
+        charge: Callable[[], None] = lambda: None,
+    ) -> tuple[Explanation, bool]:
+        """Where in the image its similarity to the query comes from (convirt.explain), and
+        whether the map came from the cache. Computed in the heat-map worker, off the model
+        thread, under the explainer's queue bound; `charge` is called before a map is computed
+        (service.explainer: the caller's rate-limit cost)."""
         if (text is None) == (query_id is None):
             raise ApiError(422, "invalid_query", "give either text or query_id, not both")
         audit.note_image(image_id)
@@ -250,6 +279,17 @@ class Searcher:
         audit.note_image(query_id)
         if text is not None:
             self._check_text(text)
+        asked = query_key(text, query_id)
+        return await self.explainer.explain(
+            (self.stores.current.version, image_id, asked),
+            partial(self._explain, image_id, text, query_id),
+            charge,
+            lambda found: (found.index_version, image_id, asked),
+        )
+
+    async def _explain(self, image_id: int, text: str | None, query_id: int | None) -> Explanation:
+        """The map itself: the image read (from a PACS too), the query embedded (a text on the
+        model thread, micro-batched as any text query), the map in the heat-map worker."""
 
         def locate(store: IndexStore) -> tuple[dict, np.ndarray | None, str]:
             """The image's row, the query image's vector, the version both come from."""
@@ -260,14 +300,13 @@ class Searcher:
             return row, stored, store.version
 
         row, stored, version = await self._on_store(locate)
-        path = await run_in_threadpool(indexed_file, row)
+        path = await self.pacs.file(row)
         if text is not None:
             space, query = "joint", (await self.engine.embed_text(text)).vector
         else:
             space, query = "encoder", stored
         pixels, size = await self._prepare(path)
-        explain = partial(occlusion_map, original_size=size)
-        heat_map = await self.engine.run_model(explain, self.engine.embedder, pixels, query, space)
+        heat_map = await self.explainer.heat_map(pixels, query, space, size)
         return Explanation(heat_map, space, version)
 
     # -- in the search pool ------------------------------------------------------------------------
@@ -376,10 +415,11 @@ class Searcher:
         return done
 
     async def _indexed_path(self, image_id: int) -> Path:
-        """The file of an indexed image; one a PACS holds is fetched off the search pool (a
-        network wait there would hold up every search)."""
+        """The file of an indexed image; one a PACS holds is fetched in the PACS pool, under its
+        deadline (service.pacs: a network wait in the search pool, or the shared one, would hold
+        up every search)."""
         row = await self._on_store(self._row_in, image_id)
-        return await run_in_threadpool(indexed_file, row)
+        return await self.pacs.file(row)
 
     @staticmethod
     def _row_in(store: IndexStore, image_id: int) -> dict:

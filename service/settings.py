@@ -107,14 +107,22 @@ class Settings(BaseSettings):
         "a 503 at once",
     )
     allowed_hosts: str = Field(
-        "*",
+        "auto",
         description="comma-separated Host header values served (*.example.com matches "
-        "subdomains); others get a 400 (*: any host)",
+        "subdomains, auto: the bound address and localhost names, and on 0.0.0.0 or :: this "
+        "machine's name and addresses); others get a 400 (*: any host, which lets a web page "
+        "rebind its own name to this address and read the archive)",
     )
     forwarded_allow_ips: str = Field(
-        "127.0.0.1",
+        "",
         description="comma-separated proxy addresses whose X-Forwarded-For/-Proto headers are "
-        "trusted (*: any; only behind a proxy that sets them)",
+        "trusted (empty: none, every client is its TCP peer; *: any, only when nothing but the "
+        "proxy reaches the port)",
+    )
+    sensitive_fields: str = Field(
+        "",
+        description="comma-separated metadata fields /v1/facets never lists, besides patient "
+        "and accession numbers and DICOM UIDs (they stay filterable by name)",
     )
     # -- access control, audit trail, viewer links (service/access.py, audit.py, viewer.py) -------
     auth: Literal["auto", "keys", "proxy"] = Field(
@@ -151,6 +159,35 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(
         200, ge=1, description="requests a key or proxy user may make at once, past the rate"
     )
+    # -- heat-maps, GET /v1/explain (service/explainer.py) ------------------------------------------
+    explain_worker: Literal["process", "thread"] = Field(
+        "process",
+        description="where heat-maps are computed, never on the model thread text and image "
+        "queries use: process (a niced worker process with its own copy of the image tower, "
+        "started at the first heat-map; the OS gives queries the CPU first) or thread (a thread "
+        "of this process sharing the model, one torch thread; less memory)",
+    )
+    explain_concurrency: int = Field(
+        1, ge=1, description="heat-maps computed at once (each takes a CPU core for ~0.5-1 s)"
+    )
+    explain_queue: int = Field(
+        4,
+        ge=0,
+        description="heat-maps that may wait for the worker; past it 503 explain_busy with "
+        "Retry-After",
+    )
+    explain_nice: int = Field(
+        10, ge=0, le=19, description="niceness of the heat-map worker (process or thread)"
+    )
+    explain_rate_cost: float = Field(
+        30.0,
+        ge=1,
+        description="requests of the caller's rate limit one computed heat-map costs (about "
+        "the model time of that many text queries; a cached one costs 1)",
+    )
+    explain_cache_entries: int = Field(
+        256, ge=0, description="heat-maps kept per (index version, image, query); 0: no cache"
+    )
     audit_log: Path | None = Field(
         None,
         description="append-only, hash-chained audit log of searches and views (JSON lines; "
@@ -161,10 +198,58 @@ class Settings(BaseSettings):
         description="how the audit log keeps query text: a salted hash (the salt beside the "
         "log) or the text",
     )
+    audit_key_file: Path | None = Field(
+        None,
+        description="the HMAC key of the audit chain, made on first start if missing: keep it "
+        "off the log's disk, readable by the service only; unset: LOG.key beside the log "
+        "(weaker: whoever can write the log can usually read it; docs/audit.md)",
+    )
+    audit_anchor: Path | None = Field(
+        None,
+        description="a file on another disk or host that holds the audit log's last seq and "
+        "hash, rewritten with each entry; `convirt audit verify` finds an emptied or cut log "
+        "against it; unset: none",
+    )
+    audit_min_free_mb: float = Field(
+        64,
+        ge=0,
+        description="free space (MB) the audit log's disk must keep: below it audited "
+        "requests get 503 audit_unavailable before the disk fills (0: no reserve)",
+    )
+    audit_rotate_mb: float = Field(
+        0,
+        ge=0,
+        description="start a new audit file past this size (MB), chained to the old one "
+        "(LOG.<last seq>); 0: only `convirt audit rotate`",
+    )
+    audit_max_result_ids: int = Field(
+        100,
+        ge=1,
+        description="result ids an audit line keeps of a large answer (past 16: packed, with "
+        "the count and a SHA-256 of them all)",
+    )
     viewer_url: str | None = Field(
         None,
         description="PACS viewer link of a result, with {study}, {series} and {instance} for "
         "its DICOM UIDs, e.g. http://pacs:8042/ohif/viewer?StudyInstanceUIDs={study}",
+    )
+    # -- images a PACS holds, fetched when viewed (service/pacs.py) ------------------------------
+    pacs_threads: int = Field(
+        4, ge=1, description="threads fetching PACS images for viewing (their own pool)"
+    )
+    pacs_queue: int = Field(
+        8,
+        ge=0,
+        description="PACS fetches that may wait for a thread; past it a view gets 503 pacs_busy",
+    )
+    pacs_deadline_s: float = Field(
+        15.0, gt=0, description="seconds a PACS has to give an image; then 504 pacs_timeout"
+    )
+    pacs_retry_s: float = Field(
+        5.0,
+        ge=0,
+        description="after a PACS fails (timeout, no connection, 5xx), seconds its images get "
+        "503 pacs_unavailable at once instead of each waiting out the deadline",
     )
     fault_route: bool = Field(
         False,

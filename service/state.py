@@ -16,6 +16,7 @@ from index.store import IndexStore, open_current
 from .engine import Engine
 from .loading import Resources
 from .metrics import Metrics
+from .pacs import PacsFetcher
 from .searcher import Searcher
 from .settings import Settings
 from .stores import StoreSlot
@@ -39,6 +40,8 @@ class ServiceState:
         self.engine: Engine | None = None
         self.stores: StoreSlot | None = None
         self.searcher: Searcher | None = None
+        # PACS images viewed are fetched in their own pool, never the shared one (service.pacs)
+        self.pacs = PacsFetcher(settings, metrics.registry)
         self.reload_lock = asyncio.Lock()
         self.poller: asyncio.Task | None = None
 
@@ -51,7 +54,7 @@ class ServiceState:
         engine = Engine(resources.bundle, resources.model_thread, self.settings, self.metrics)
         engine.warm_up()
         self.engine, self.stores = engine, StoreSlot(resources.store)
-        self.searcher = Searcher(engine, self.stores, self.settings)
+        self.searcher = Searcher(engine, self.stores, self.settings, self.pacs)
         self._publish(resources.store)
         log.info(
             "model %s, index version %s with %d images",

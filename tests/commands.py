@@ -194,7 +194,8 @@ def _client():
     from service.app import create_app
     from service.settings import Settings
 
-    return TestClient(create_app(Settings()))  # no lifespan: nothing loaded, /readyz says 503
+    # no lifespan: nothing loaded, /readyz says 503; a Host the default allow-list serves
+    return TestClient(create_app(Settings()), base_url="http://localhost")
 
 
 def status_before_loading(path: str) -> int:

@@ -394,7 +394,7 @@ def test_convirt_audit_verify_finds_an_edited_or_deleted_line(client, keys, stat
     for n in range(3):
         search(client, keys["reader"], f"verify test {n}", k=2)
     copy = tmp_path / "audit.jsonl"
-    for suffix in ("", ".head", ".salt"):
+    for suffix in ("", ".head", ".salt", ".key"):
         shutil.copy(state / f"audit.jsonl{suffix}", tmp_path / f"audit.jsonl{suffix}")
     lines = copy.read_text().splitlines(keepends=True)
     assert len(lines) >= 6
@@ -418,7 +418,7 @@ def test_convirt_audit_verify_finds_an_edited_or_deleted_line(client, keys, stat
     found = convirt("audit", "verify", "--log", str(copy))
     assert found.returncode == 1 and "deleted from the end" in found.stderr
 
-    rehashed = json.loads(lines[3])  # an edit with its own hash recomputed breaks the next link
+    rehashed = json.loads(lines[3])  # an edit with its plain hash recomputed: not the keyed one
     rehashed["status"] = 500
     rehashed.pop("hash")
     rehashed["hash"] = hashlib.sha256(
@@ -426,7 +426,7 @@ def test_convirt_audit_verify_finds_an_edited_or_deleted_line(client, keys, stat
     ).hexdigest()
     copy.write_text("".join([*lines[:3], json.dumps(rehashed) + "\n", *lines[4:]]))
     found = convirt("audit", "verify", "--log", str(copy))
-    assert found.returncode == 1 and "line 5:" in found.stderr
+    assert found.returncode == 1 and "line 4:" in found.stderr and "keyed hash" in found.stderr
 
     live = convirt("audit", "verify", "--log", str(state / "audit.jsonl"))
     assert live.returncode == 0, live.stderr
@@ -543,7 +543,8 @@ def test_serve_refuses_a_non_loopback_address_without_auth(tmp_path):
 
 
 def test_open_mode_on_loopback_says_so():
-    client = TestClient(create_app(Settings()))  # not started: no model needed for these
+    # not started: no model needed for these; a Host the default allow-list serves
+    client = TestClient(create_app(Settings()), base_url="http://localhost")
     assert client.get("/v1/whoami").json() == {
         "mode": "open", "user": None, "role": None,
         "note": "open: no authentication, loopback only",

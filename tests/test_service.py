@@ -475,7 +475,7 @@ def test_bad_uploads_get_clear_4xx_and_the_service_stays_up(client, rows):
 def test_oversized_upload_is_refused_before_it_is_read(server):
     """A declared 10 GB body is refused from its headers alone; a chunked one once past the limit."""
     head = (
-        b"POST /v1/search/image HTTP/1.1\r\nHost: test\r\n"
+        b"POST /v1/search/image HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Type: multipart/form-data; boundary=XX\r\nContent-Length: 10000000000\r\n\r\n"
     )
     response, _ = raw_request(server.port, head)
@@ -491,7 +491,7 @@ def test_oversized_upload_is_refused_before_it_is_read(server):
             time.sleep(0.001)
 
     head = (
-        b"POST /v1/search/image HTTP/1.1\r\nHost: test\r\n"
+        b"POST /v1/search/image HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Type: multipart/form-data; boundary=XX\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     response, sent = raw_request(server.port, head, endless_chunks())

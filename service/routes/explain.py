@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from ..deps import AUDITED, READER, SearcherDep
+from ..deps import AUDITED, READER, AccessDep, PrincipalDep, SearcherDep, SettingsDep
 from ..schemas import ID_MAX, CropBox, ExplainResponse, errors
 from ..searcher import elapsed_ms
 
 router = APIRouter(
     prefix="/v1", tags=["search"], dependencies=[AUDITED, READER], responses=errors(401, 403, 429)
 )
+CACHE_HEADER = "X-Explain-Cache"  # hit: the map came from the cache; miss: computed for this
 
 
 @router.get(
@@ -24,6 +26,10 @@ router = APIRouter(
 )
 async def explain(
     searcher: SearcherDep,
+    principal: PrincipalDep,
+    access: AccessDep,
+    settings: SettingsDep,
+    response: Response,
     image_id: Annotated[int, Query(ge=0, le=ID_MAX, description="the result to explain")],
     text: Annotated[
         str | None, Query(max_length=2000, description="the text query it matched")
@@ -36,9 +42,15 @@ async def explain(
     """Occlusion sensitivity: a patch slides over the image, every occluded copy is embedded in
     one batch, and each cell holds how much the similarity to the query drops while it is hidden.
     High cells are what the match rests on. The grid covers `crop`, the centre square the encoder
-    sees. It takes about a second on a CPU, in the model's thread."""
+    sees. It takes about a second of a CPU core, in a worker of its own (never the thread text
+    and image queries wait for); one computed map counts as CONVIRT_EXPLAIN_RATE_COST requests
+    of the caller's rate limit, and when CONVIRT_EXPLAIN_QUEUE maps already wait the answer is a
+    503 `explain_busy` with Retry-After. The last maps are cached by (index version, image,
+    query): the `X-Explain-Cache` header says `hit` or `miss`."""
     started = time.perf_counter()
-    found = await searcher.explain(image_id, text, query_id)
+    charge = partial(access.charge, principal, settings.explain_rate_cost - 1, "a heat-map")
+    found, cached = await searcher.explain(image_id, text, query_id, charge)
+    response.headers[CACHE_HEADER] = "hit" if cached else "miss"
     heat_map = found.heat_map
     left, top, width, height = heat_map.crop
     return ExplainResponse(

@@ -17,10 +17,9 @@ from starlette.concurrency import run_in_threadpool
 from convirt.imageio import looks_like_dicom
 from index.store import IndexStore
 
-from ..deps import AUDITED, READER, ImageId, SearcherDep, StoreDep, UrlRootDep
+from ..deps import AUDITED, READER, ImageId, SearcherDep, ServiceDep, StoreDep, UrlRootDep
 from ..errors import ApiError
 from ..query_params import form_options, response_fields
-from ..results import indexed_file
 from ..schemas import FILTERS_DOC, K_DEFAULT, K_MAX, KEYWORDS_DOC, GroupBy, SearchResponse, errors
 from ..uploads import parse_box
 
@@ -49,16 +48,20 @@ MEDIA_TYPES = {
     response_class=FileResponse,
     responses={
         200: {"content": {t: {} for t in sorted(set(MEDIA_TYPES.values()))}},
-        **errors(404, 422),
+        **errors(404, 422, 503, 504),
     },
     summary="The original image file",
     dependencies=[AUDITED],
 )
-async def image_file(image_id: ImageId, store: StoreDep) -> FileResponse:
+async def image_file(image_id: ImageId, store: StoreDep, service: ServiceDep) -> FileResponse:
     """The file as indexed (PNG, JPEG or DICOM). 404 when the id is unknown, or when the file
-    was moved or changed since it was indexed (`convirt index verify` lists such files)."""
+    was moved or changed since it was indexed (`convirt index verify` lists such files).
+
+    An image a PACS holds is fetched from it once (then served from a local copy), in a pool of
+    its own under a deadline: 504 `pacs_timeout` when the PACS is too slow, 503 `pacs_busy` or
+    `pacs_unavailable` (with Retry-After) when its fetches are all taken or it just failed."""
     row = await run_in_threadpool(known_row, store, image_id)
-    path = await run_in_threadpool(indexed_file, row)
+    path = await service.pacs.file(row)
     return FileResponse(
         path,
         media_type=await run_in_threadpool(media_type, path),
@@ -84,7 +87,7 @@ async def thumbnail(image_id: ImageId, store: StoreDep) -> Response:
 @router.get(
     "/{image_id}/similar",
     response_model=SearchResponse,
-    responses=errors(404, 413, 422),
+    responses=errors(404, 413, 422, 503, 504),
     summary="Similar cases for an indexed image, or a region of it",
     dependencies=[AUDITED],
 )
