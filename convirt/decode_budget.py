@@ -15,7 +15,9 @@ import ctypes
 import io
 import logging
 import math
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -45,7 +47,9 @@ JPEG2000_SYNTAXES |= {
 # (convirt.codestreams): JPEG baseline, extended, lossless, lossless SV1; JPEG-LS; JPEG 2000.
 JPEG_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81)}
 CODESTREAM_SYNTAXES = JPEG_SYNTAXES | JPEG2000_SYNTAXES
-RLE_SYNTAX = "1.2.840.10008.1.2.5"  # decoded into the frame its header gives
+RLE_SYNTAX = "1.2.840.10008.1.2.5"  # segments checked to decode into the frame the header gives
+# pydicom inflates a deflated dataset whole, unbounded, before it reads one element
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
 
 
 class ImageDecodeError(ValueError):
@@ -115,26 +119,21 @@ def check_frame_codestream(ds, index: int, frames: int, rows: int, cols: int, sa
     """ImageTooLargeError when the frame's codestream is larger than its DICOM header says, or
     over the budget itself; ImageDecodeError for a transfer syntax whose codestream we cannot
     read (so cannot budget) or a frame that is not such a codestream."""
-    from pydicom.encaps import get_frame
 
     syntax = str(ds.file_meta.TransferSyntaxUID)
     if syntax == RLE_SYNTAX:
-        return  # decoded into the frame the header gives (budgeted above)
+        check_rle_frame(_frame(ds, index, frames), rows * cols, index)
+        return
     if syntax not in CODESTREAM_SYNTAXES:
         raise ImageDecodeError(
             f"DICOM transfer syntax {syntax} ({ds.file_meta.TransferSyntaxUID.name}) is not one "
             "we decode: convert the file to uncompressed, RLE, JPEG, JPEG-LS or JPEG 2000"
         )
-    offsets = None
-    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
-        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    frame = _frame(ds, index, frames)
     try:
-        frame = get_frame(ds.PixelData, index, number_of_frames=frames, extended_offsets=offsets)
         size = read_codestream_size(frame)
     except CodestreamError as err:
         raise ImageDecodeError(f"DICOM frame {index}: unreadable codestream: {err}") from err
-    except Exception as err:  # pydicom: a broken item or offset table
-        raise ImageDecodeError(f"DICOM frame {index} cannot be found: {err}") from err
     if size is None or size.kind == "PNG":
         raise ImageDecodeError(
             f"DICOM frame {index} does not start like a {ds.file_meta.TransferSyntaxUID.name} "
@@ -149,6 +148,87 @@ def check_frame_codestream(ds, index: int, frames: int, rows: int, cols: int, sa
     check_budget(
         f"DICOM frame {index}, a {size.describe()},", size.width * size.height, size.samples * width
     )
+
+
+def _frame(ds, index: int, frames: int) -> bytes:
+    """The encapsulated bytes of one frame (ImageDecodeError: a broken item or offset table)."""
+    from pydicom.encaps import get_frame
+
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        return get_frame(ds.PixelData, index, number_of_frames=frames, extended_offsets=offsets)
+    except Exception as err:  # pydicom raises many types here
+        raise ImageDecodeError(f"DICOM frame {index} cannot be found: {err}") from err
+
+
+def check_rle_frame(frame: bytes, segment_bytes: int, index: int = 0) -> None:
+    """ImageTooLargeError when a segment of an RLE frame decodes to more bytes than the header's
+    frame holds: pydicom's RLE decoder grows each segment without bound (2 input bytes make up
+    to 128), so a 20 MB upload could take 1.3 GB. Counted without decoding, stopping at the cap."""
+    if len(frame) < 64:
+        raise ImageDecodeError(f"DICOM frame {index}: shorter than an RLE header (64 bytes)")
+    count = int.from_bytes(frame[:4], "little")
+    if not 1 <= count <= 15:
+        raise ImageDecodeError(f"DICOM frame {index}: its RLE header says {count} segments")
+    ends = [int.from_bytes(frame[4 + 4 * n : 8 + 4 * n], "little") for n in range(count)]
+    ends.append(len(frame))
+    cap = segment_bytes + 1  # a segment may end with one pad byte
+    for n in range(count):
+        if rle_length(memoryview(frame)[ends[n] : ends[n + 1]], cap) > cap:
+            raise ImageTooLargeError(
+                f"DICOM frame {index}: RLE segment {n} decodes to more than the {segment_bytes:,} "
+                "bytes its header allows: refused before decoding"
+            )
+
+
+def rle_length(segment: memoryview, cap: int) -> int:
+    """Bytes a PackBits segment decodes to, counted up to just past `cap`."""
+    total = pos = 0
+    end = len(segment)
+    while pos < end and total <= cap:
+        header = segment[pos]
+        if header < 128:  # a literal run of header + 1 bytes
+            total += header + 1
+            pos += header + 2
+        elif header > 128:  # the next byte, 257 - header times
+            total += 257 - header
+            pos += 2
+        else:
+            pos += 1
+    return total
+
+
+def check_deflated(fp: BinaryIO) -> None:
+    """ImageTooLargeError when a Deflated Explicit VR dataset inflates past MAX_DECODED_BYTES:
+    pydicom inflates it whole before reading a single element (1 MB of deflate makes 1 GB).
+    Inflated here in 1 MB steps, kept nowhere; the file position is left where it was."""
+    start = fp.tell()
+    try:
+        head = fp.read(144)
+        # preamble, DICM, then (0002,0000) UL: the length of the rest of the file meta group
+        if len(head) < 144 or head[128:136] != b"DICM\x02\x00\x00\x00":
+            return
+        meta_end = 144 + int.from_bytes(head[140:144], "little")
+        if DEFLATED_SYNTAX.encode() not in fp.read(min(meta_end - 144, 1 << 16)):
+            return
+        fp.seek(start + meta_end)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while (chunk := fp.read(1 << 20)) and not inflater.eof:
+            while chunk:
+                total += len(inflater.decompress(chunk, 1 << 20))
+                if total > MAX_DECODED_BYTES:
+                    raise ImageTooLargeError(
+                        f"the deflated DICOM dataset inflates to more than {MAX_DECODED_BYTES:,} "
+                        "bytes: refused before reading it"
+                    )
+                chunk = inflater.unconsumed_tail
+    except zlib.error as err:
+        raise ImageDecodeError(f"the deflated DICOM dataset cannot be inflated: {err}") from err
+    finally:
+        fp.seek(start)
 
 
 def trim_heap() -> None:

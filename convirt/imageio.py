@@ -28,6 +28,7 @@ from .decode_budget import (
     MAX_PIXELS,
     ImageDecodeError,
     ImageTooLargeError,
+    check_deflated,
     check_file_codestream,
     check_frame_codestream,
     check_size,
@@ -250,6 +251,14 @@ def _infer_transfer_syntax(ds) -> None:
 def _load_dicom(fp) -> Image.Image:
     import pydicom
 
+    try:
+        if isinstance(fp, Path):
+            with open(fp, "rb") as f:
+                check_deflated(f)
+        else:
+            check_deflated(fp)
+    except OSError as err:
+        raise ImageDecodeError(f"unreadable DICOM file: {err}") from err
     try:
         ds = pydicom.dcmread(fp, force=True)
     except MemoryError:

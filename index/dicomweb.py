@@ -561,6 +561,13 @@ def classify(instance: Instance, path: Path) -> Fetched:
     """Image, Structured Report, or a reason it cannot be indexed; its metadata from the header."""
     import pydicom
 
+    from convirt.decode_budget import ImageDecodeError, check_deflated
+
+    try:
+        with open(path, "rb") as f:
+            check_deflated(f)  # pydicom would inflate a deflated dataset unbounded
+    except ImageDecodeError as err:
+        return Fetched(instance, path, skip=str(err))
     try:
         dataset = pydicom.dcmread(path, defer_size="64 KB", force=True)
     except Exception as err:  # pydicom raises many types for malformed files

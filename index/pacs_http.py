@@ -309,6 +309,12 @@ def normalised_dicom(part: bytes) -> bytes:
     short reason when pydicom cannot read it."""
     import pydicom
 
+    from convirt.decode_budget import ImageDecodeError, check_deflated
+
+    try:
+        check_deflated(io.BytesIO(part))  # pydicom would inflate a deflated dataset unbounded
+    except ImageDecodeError as err:
+        raise ValueError(str(err)) from None
     try:
         dataset = pydicom.dcmread(io.BytesIO(part))
         out = io.BytesIO()

@@ -195,3 +195,118 @@ def test_one_bad_dicom_does_not_abort_a_whole_build(bundle_dir, rows, tmp_path):
     assert set(skipped) == set(bad)
     assert all("DICOM" in reason for reason in skipped.values()), skipped
     assert report["counts"]["embedded"] == 3 and report["counts"]["skipped"] == 3
+
+
+# -- issue 21, finding 3's neighbours: RLE and deflate expand without bound inside pydicom -----------
+
+PEAK_RSS_SCRIPT = """
+import resource, sys
+from convirt.imageio import ImageTooLargeError, load_image
+honest, bomb = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read()
+load_image(honest)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_image(bomb)
+    outcome = "decoded"
+except ImageTooLargeError as err:
+    outcome = "too large: " + str(err)
+except Exception as err:
+    outcome = type(err).__name__ + ": " + str(err)
+print(outcome)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def meta_and_dataset(syntax: str, rows: int = 256) -> tuple[bytes, Dataset]:
+    """A Part-10 file's preamble and file meta (in `syntax`), and a 8-bit greyscale dataset."""
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    head = io.BytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        SecondaryCaptureImageStorage,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Rows = ds.Columns = rows
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    return head.getvalue(), ds
+
+
+def rle_bomb(decoded_mb: int) -> bytes:
+    """A 256x256 RLE DICOM whose one segment decodes to `decoded_mb` MB: a run of 128 zeros per
+    two input bytes, where 65,536 bytes are all the header allows."""
+    from pydicom.uid import RLELossless
+
+    ds = meta_and_dataset(RLELossless)[1]
+    runs = decoded_mb * 1_000_000 // 128
+    frame = struct.pack("<16I", 1, 64, *[0] * 14) + b"\x81\x00" * runs
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def deflate_bomb(inflated_mb: int) -> bytes:
+    """A deflated DICOM whose dataset inflates to `inflated_mb` MB: a 256x256 header, then a
+    PixelData element that long, all zeros (about 1 KB of deflate per MB)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    head = meta_and_dataset(DeflatedExplicitVRLittleEndian)[0]
+
+    def element(group: int, number: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", group, number, vr, len(value)) + value
+
+    size = inflated_mb * 1_000_000
+    dataset = b"".join(
+        [
+            element(0x0028, 0x0002, b"US", struct.pack("<H", 1)),
+            element(0x0028, 0x0004, b"CS", b"MONOCHROME2 "),
+            element(0x0028, 0x0010, b"US", struct.pack("<H", 256)),
+            element(0x0028, 0x0011, b"US", struct.pack("<H", 256)),
+            element(0x0028, 0x0100, b"US", struct.pack("<H", 8)),
+            element(0x0028, 0x0101, b"US", struct.pack("<H", 8)),
+            element(0x0028, 0x0102, b"US", struct.pack("<H", 7)),
+            element(0x0028, 0x0103, b"US", struct.pack("<H", 0)),
+            struct.pack("<HH2s2xI", 0x7FE0, 0x0010, b"OB", size),
+        ]
+    )
+    packer = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [packer.compress(dataset)]
+    zeros = b"\x00" * 10_000_000
+    for _ in range(inflated_mb // 10):
+        parts.append(packer.compress(zeros))
+    parts.append(packer.flush())
+    return head + b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    "name, bomb", [("rle", lambda: rle_bomb(256)), ("deflate", lambda: deflate_bomb(300))]
+)
+def test_rle_and_deflate_bombs_are_refused_before_they_expand(tmp_path, name, bomb):
+    """Two bytes of RLE make 128, 1 KB of deflate 1 MB: a few-MB DICOM held 256-300 MB (and
+    pydicom's decoders a copy more) before anything said no."""
+    data = bomb()
+    assert len(data) < 5 * MB
+    honest = tmp_path / "honest.dcm"
+    honest.write_bytes(j2k_dicom(64, 1, 8))
+    (tmp_path / "bomb.dcm").write_bytes(data)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(honest), str(tmp_path / "bomb.dcm")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    outcome, grown_mb = done.stdout.strip().splitlines()
+    assert outcome.startswith("too large:") and "refused before" in outcome, outcome
+    assert int(grown_mb) < 60, f"{name}: peak RSS grew by {grown_mb} MB ({outcome})"
