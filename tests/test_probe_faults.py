@@ -21,14 +21,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import test_auth
 from conftest import index_of_rows, server_settings, serving
-from test_auth import add_key, convirt
 
 from convirt.bundle import load_bundle
 from service.access import Access
 from service.process import LOOPBACK
 from service.settings import Settings
 
+# test_auth's module fixtures, registered here too: a key database of this module's own
+state, keys, convirt = test_auth.state, test_auth.keys, test_auth.convirt
 UID_ROOT = "1.2.826.0.1.3680043.8.498.21"
 FIELDS = [
     "image", "text", "modality", "case_id", "patient_id",
@@ -65,17 +67,6 @@ def rows(datasets) -> list[dict[str, str]]:
 def index_root(tmp_path_factory, bundle_dir, rows) -> Path:
     folder = tmp_path_factory.mktemp("probe")
     return index_of_rows(folder, load_bundle(bundle_dir), rows, FIELDS)
-
-
-@pytest.fixture(scope="module")
-def state(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("probe-state")
-
-
-@pytest.fixture(scope="module")
-def keys(state) -> dict[str, str]:
-    db = state / "keys.sqlite"
-    return {"reader": add_key(db, "reader", "reader"), "admin": add_key(db, "ops", "admin")}
 
 
 @pytest.fixture(scope="module")
