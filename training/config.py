@@ -15,6 +15,30 @@ from .pretrain_text import PretrainTextConfig
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
+class HeadsStage(BaseModel):
+    """Stage 1 (training/heads.py): both towers locked at their pretrained weights, only the two
+    projection heads train, on cached features (seconds per epoch on two cores)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    # Cached views per training image: 1 = eval view, 2 = + its mirror, more = + t_v draws.
+    image_views: int = Field(2, ge=1)
+
+
+class HoldOut(BaseModel):
+    """Validate (select the epoch, score configs) on one fold of the train split, grouped by case,
+    instead of dev: dev stays untouched until the confirmation (training/folds.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    seed: int = 0
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,7 +54,8 @@ class TrainConfig(BaseModel):
     # Learn tau with the weights (CLIP's way), starting from `temperature`, kept in [0.01, 1].
     learn_temperature: bool = False
     image_weight: float = Field(0.75, ge=0, le=1, description="lambda: weight of l(v->u)")
-    epochs: int = Field(200, ge=1)
+    # 0 = stage 1 only (needs stage1): the heads-only bundle is the run's bundle.
+    epochs: int = Field(200, ge=0)
     max_steps: int | None = Field(None, ge=1)
     # "plateau": the paper's halving of the LR when the validation loss stalls; "cosine": linear
     # warm-up over warmup_steps, then a cosine decay to zero at the last step of the last epoch.
@@ -47,6 +72,19 @@ class TrainConfig(BaseModel):
     # "frozen" keeps the image encoder's BatchNorm statistics fixed (affine weights still learn):
     # train and eval then normalise alike, which matters with small batches.
     image_batchnorm: Literal["train", "frozen"] = "train"
+    # Locked towers and the two-stage recipe (issue 22). stage1 first trains the heads on cached
+    # features of both locked towers into OUT/stage1; the epochs above then continue from it.
+    stage1: HeadsStage | None = None
+    # The text tower never trains: its sentence features come from the feature cache.
+    lock_text: bool = False
+    # Only the top N blocks of the image trunk (and its final conv) train; None = all of it.
+    image_trainable_blocks: int | None = Field(None, ge=0)
+    feature_cache_dir: str | None = Field(
+        None, description="feature cache of locked towers (default: $CONVIRT_CACHE_DIR/features)"
+    )
+    # "mask": pairs of a batch sharing a report or a case (CASE_COLUMNS) are not negatives.
+    false_negatives: Literal["keep", "mask"] = "keep"
+    holdout: HoldOut | None = None
     # Data.
     sentence_filter: Literal["none", "imaging"] = "none"
     # Reports of at most this many words are used whole instead of one sampled sentence (0: never).
@@ -89,9 +127,12 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> T
         if value is not None:
             _set_dotted(raw, dotted, value)
     try:
-        return TrainConfig.model_validate(raw)
+        config = TrainConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"invalid config {path}:\n{err}") from err
+    if config.epochs == 0 and config.stage1 is None:
+        raise ConfigError(f"invalid config {path}: epochs 0 trains nothing without stage1")
+    return config
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:

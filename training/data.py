@@ -47,6 +47,9 @@ class PairTable:
     text_ids: np.ndarray  # int32, into texts
     texts: list[str]
     positions: np.ndarray  # int64: each row's place among the items it was read from
+    # int64: the row's case (CASE_COLUMNS), -1 when the manifest names none; rows of one case
+    # are not negatives of each other under `false_negatives: mask`
+    case_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -58,14 +61,27 @@ class PairTable:
         return self.texts[self.text_ids[row]]
 
 
+# Manifest columns that name a case: medpix case_id, covid-cxr/covid-ct patient_id (with the
+# covid-ct paper, whose patient numbers restart per paper). Rows sharing all present values are
+# one case; a row with none of them is a case of its own.
+CASE_COLUMNS = ("case_id", "patient_id", "paper")
+
+
+def case_key(item: ManifestItem) -> tuple[str, ...] | None:
+    values = tuple(f"{c}={item.meta[c]}" for c in CASE_COLUMNS if item.meta.get(c))
+    return (str(item.path.parent), *values) if values else None
+
+
 def pair_table(
     resolved: Iterable[tuple[ManifestItem, Entry] | Skip],
 ) -> tuple[PairTable, list[Skip]]:
     """Collect resolved rows (see convirt.cachebuild.Resolver) into a table, and the skips."""
     columns = {
-        name: array("q") for name in ("offsets", "heights", "widths", "text_ids", "positions")
+        name: array("q")
+        for name in ("offsets", "heights", "widths", "text_ids", "positions", "case_ids")
     }
     text_ids: dict[str, int] = {}
+    case_ids: dict[tuple[str, ...], int] = {}
     skipped: list[Skip] = []
     for position, row in enumerate(resolved):
         if isinstance(row, Skip):
@@ -77,6 +93,8 @@ def pair_table(
         columns["widths"].append(entry.width)
         columns["text_ids"].append(text_ids.setdefault(item.text, len(text_ids)))
         columns["positions"].append(position)
+        key = case_key(item)
+        columns["case_ids"].append(-1 if key is None else case_ids.setdefault(key, len(case_ids)))
     arrays = {name: np.frombuffer(values, np.int64) for name, values in columns.items()}
     for name in ("heights", "widths", "text_ids"):
         arrays[name] = arrays[name].astype(np.int32)
@@ -211,18 +229,47 @@ class EpochSampler(Sampler):
 class Collator:
     """Stacks images and tokenises the sampled sentences (runs inside the loader workers)."""
 
-    def __init__(self, tokenizer, max_tokens: int):
+    def __init__(self, tokenizer, max_tokens: int, text_features=None):
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
+        # With a locked text tower: sentences -> B x D tensor (training/features.SentenceTable).
+        self.text_features = text_features
 
-    def __call__(self, batch: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
-        return {
-            "pixels": torch.stack([b[0] for b in batch]),
-            **self.tokenize([b[1] for b in batch]),
-        }
+    def __call__(self, batch: list[tuple]) -> dict[str, torch.Tensor]:
+        out = {"pixels": torch.stack([b[0] for b in batch])}
+        if self.text_features is not None:  # a locked text tower: its cached sentence features
+            out["text_features"] = self.text_features([b[1] for b in batch])
+        else:
+            out.update(self.tokenize([b[1] for b in batch]))
+        if len(batch[0]) > 2:
+            out["index"] = torch.tensor([b[2] for b in batch])
+        return out
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+def batch_groups(table: PairTable, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """2 x B ids for convirt_loss(groups=...): the report (text id) and the case of each row; a
+    row without a case gets an id of its own, so it shares a group only by its report."""
+    rows = np.asarray(rows, dtype=np.int64)
+    cases = table.case_ids[rows] if table.case_ids is not None else np.full(len(rows), -1)
+    cases = np.where(cases >= 0, cases, -2 - rows)
+    return torch.from_numpy(np.stack([table.text_ids[rows].astype(np.int64), cases]))
+
+
+class IndexedPairs(Dataset):
+    """A PairDataset whose samples also carry their row (the collator passes it on as "index"),
+    so a training step can tell which pairs of a batch share a report or a case."""
+
+    def __init__(self, dataset: PairDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str, int]:
+        return (*self.dataset[key], key[1])

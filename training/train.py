@@ -29,10 +29,18 @@ from convirt.loss import convirt_loss
 from convirt.model import ConVIRT, build_model
 from convirt.paths import default_iu_reports
 
-from . import distributed
+from . import distributed, folds, stages
 from .checkpoint import TrainState, load_checkpoint, read_checkpoint_state, save_checkpoint
 from .config import TrainConfig
-from .data import Collator, EpochSampler, PairDataset, load_pairs, report_skips
+from .data import (
+    Collator,
+    EpochSampler,
+    IndexedPairs,
+    PairDataset,
+    batch_groups,
+    load_pairs,
+    report_skips,
+)
 from .pretrain_text import pretrain_text, read_pretrain_info, report_corpus
 from .validation import DevSplit, Validation, validate
 
@@ -73,6 +81,7 @@ class Run:
     identity: dict  # what a checkpoint must match to be resumed (see run_identity)
     ema: AveragedModel | None = None  # the averaged weights validated and exported (ema_decay)
     log_temperature: torch.nn.Parameter | None = None  # learn_temperature
+    train_collate: Collator | None = None  # lock_text: cached sentence features, not tokens
 
     @property
     def temperature(self) -> torch.Tensor | float:
@@ -91,13 +100,18 @@ class Run:
         return nullcontext()
 
     def train_loader(self, sampler: EpochSampler) -> DataLoader:
-        return self.loader(self.train_set, sampler=sampler, batch_size=self.config.batch_size)
+        dataset = self.train_set
+        if self.config.false_negatives == "mask":
+            dataset = IndexedPairs(dataset)
+        collate = self.train_collate or self.collate
+        return self.loader(dataset, sampler=sampler, batch_size=self.config.batch_size,
+                           collate_fn=collate)  # fmt: skip
 
-    def loader(self, dataset: PairDataset, **batching) -> DataLoader:
+    def loader(self, dataset: PairDataset, collate_fn=None, **batching) -> DataLoader:
         return DataLoader(
             dataset,
             num_workers=self.config.num_workers,
-            collate_fn=self.collate,
+            collate_fn=collate_fn or self.collate,
             pin_memory=self.device.type == "cuda",
             # Its own generator: the global RNG (dropout) must not depend on how often loaders start.
             generator=torch.Generator().manual_seed(self.config.seed),
@@ -219,9 +233,12 @@ def build_datasets(
             sentence_filter=config.sentence_filter, full_text_words=config.full_text_words,
         )  # fmt: skip
 
-    train_set = pairs(manifests, config.train_split, train=True)
     names = split_names(manifests)
-    dev = [DevSplit(name, pairs([m], config.val_split, False)) for name, m in zip(names, manifests, strict=True)]  # fmt: skip
+    if config.holdout is not None:  # validate on a fold of train, never on dev
+        train_set, dev = folds.holdout_datasets(config, manifests, names, pairs)
+    else:
+        train_set = pairs(manifests, config.train_split, train=True)
+        dev = [DevSplit(name, pairs([m], config.val_split, False)) for name, m in zip(names, manifests, strict=True)]  # fmt: skip
     cache.close()
     if len(train_set) < config.batch_size:
         raise ValueError(
@@ -277,7 +294,13 @@ def train(
     started = time.perf_counter()
     identity = run_identity(config, manifest_hashes(manifests))
     config = text_stage(config, manifests, out_dir, dist_info, progress)
+    stage1_bundle = stages.run_stage1(config, manifests, out_dir, identity, progress)
+    if config.epochs == 0:  # stage 1 alone
+        distributed.teardown(dist_info)
+        stage1_state, _ = read_checkpoint_state(stage1_bundle.parent / CHECKPOINT_NAME)
+        return TrainResult(out_dir, out_dir / BUNDLE_DIR, stage1_state)
     run = start_run(config, manifests, out_dir, dist_info, device, progress, identity)
+    stages.start_from_stage1(run.model, stage1_bundle)
     log.info(
         "ready to train in %.1f s: %d training pairs, %d validation pairs",
         time.perf_counter() - started, len(run.train_set), run.provenance["val_pairs"],
@@ -309,7 +332,7 @@ def train(
 # (Under lr_schedule: cosine, changing epochs re-times the decay from where the run stands.)
 RESUMABLE_CHANGES = {
     "epochs", "max_steps", "device", "num_workers", "threads", "preload", "cache_dir",
-    "cache_workers",
+    "cache_workers", "feature_cache_dir",
 }  # fmt: skip
 
 
@@ -381,6 +404,7 @@ def start_run(config, manifests, out_dir, dist_info, device, progress, identity=
     tokenizer = load_tokenizer(config.model)
     train_set, dev_splits = build_datasets(config, manifests, progress and dist_info.is_main)
     model = build_model(config.model, seed=config.seed).to(device)
+    stages.lock_towers(model, config)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -394,10 +418,14 @@ def start_run(config, manifests, out_dir, dist_info, device, progress, identity=
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(train_set) // dist_info.world_size // config.batch_size
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    ddp_model = model
+    ddp_model, train_collate = model, None
+    if config.lock_text:
+        table = stages.locked_text_table(model, tokenizer, config, train_set, progress)
+        train_collate = Collator(tokenizer, config.model.max_text_tokens, text_features=table)
+        ddp_model = stages.LockedTextForward(model)
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
+        ddp_model = DistributedDataParallel(ddp_model, device_ids=device_ids)
     ema = None
     if config.ema_decay is not None:
         ema = AveragedModel(
@@ -411,7 +439,7 @@ def start_run(config, manifests, out_dir, dist_info, device, progress, identity=
         dist=dist_info, device=device, out_dir=out_dir,
         metrics=MetricsLog(out_dir, dist_info.is_main, [d.name for d in dev_splits]),
         provenance=_provenance(config, manifests, len(train_set), n_dev), progress=progress,
-        ema=ema, log_temperature=log_temperature,
+        ema=ema, log_temperature=log_temperature, train_collate=train_collate,
         identity=identity or run_identity(config, manifest_hashes(manifests)),
     )  # fmt: skip
 
@@ -472,6 +500,7 @@ def set_train_mode(run: Run) -> None:
         for module in run.model.image_encoder.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
+    stages.freeze_locked_batchnorm(run.model, run.config)
 
 
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
@@ -479,12 +508,18 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     pixels = batch["pixels"].to(run.device, non_blocking=True)
     if run.config.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-    input_ids = batch["input_ids"].to(run.device, non_blocking=True)
-    attention_mask = batch["attention_mask"].to(run.device, non_blocking=True)
+    if "text_features" in batch:  # lock_text: the text tower is not run
+        text = (batch["text_features"].to(run.device, non_blocking=True),)
+    else:
+        text = (batch["input_ids"].to(run.device, non_blocking=True),
+                batch["attention_mask"].to(run.device, non_blocking=True))  # fmt: skip
     with run.autocast():
-        v, u = run.ddp_model(pixels, input_ids, attention_mask)
+        v, u = run.ddp_model(pixels, *text)
     v, u = distributed.gather_with_grad(v, run.dist), distributed.gather_with_grad(u, run.dist)
-    loss = convirt_loss(v, u, run.temperature, run.config.image_weight)
+    groups = None
+    if "index" in batch:  # false_negatives: mask (a gathered batch is masked per rank's share)
+        groups = batch_groups(run.train_set.table, batch["index"]) if not run.dist.enabled else None
+    loss = convirt_loss(v, u, run.temperature, run.config.image_weight, groups)
     run.optimizer.zero_grad(set_to_none=True)
     (loss * run.dist.world_size).backward()
     run.optimizer.step()
