@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from convirt.bundle import load_tokenizer, save_bundle
 from convirt.config import ModelConfig
 from convirt.model import build_model
@@ -55,3 +57,11 @@ def add_build_arguments(parser: argparse.ArgumentParser, limit: int, limit_help:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--device", default="cpu")
+
+
+def percentiles_ms(latencies: list[float], digits: int = 1) -> dict[str, float | None]:
+    """p50_ms and p99_ms of latencies in seconds (None for both when there are none)."""
+    if not latencies:
+        return {"p50_ms": None, "p99_ms": None}
+    ms = np.array(latencies) * 1000
+    return {f"p{q}_ms": round(float(np.percentile(ms, q)), digits) for q in (50, 99)}

@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-from common import untrained_bundle
+from common import percentiles_ms, untrained_bundle
 
 from convirt.bundle import load_bundle
 from convirt.paths import data_root
@@ -64,14 +63,11 @@ class Tally:
     refused: int = 0
 
     def summary(self) -> dict:
-        ms = np.array(self.latencies) * 1000
-        done = len(self.latencies)
         return {
-            "answered": done,
+            "answered": len(self.latencies),
             "refused": self.refused,
             "errors": self.errors,
-            "p50_ms": round(float(np.percentile(ms, 50)), 1) if done else None,
-            "p99_ms": round(float(np.percentile(ms, 99)), 1) if done else None,
+            **percentiles_ms(self.latencies),
         }
 
 

@@ -58,7 +58,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from common import untrained_bundle
+from common import percentiles_ms, untrained_bundle
 
 from convirt.bundle import load_bundle
 from convirt.imageio import load_image
@@ -92,14 +92,12 @@ class Level:
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        ms = np.array(self.latencies) * 1000
         done = len(self.latencies)
         return {
             "requests": done,
             "errors": self.errors,
             "rps": round(done / self.seconds, 1) if self.seconds else 0.0,
-            "p50_ms": round(float(np.percentile(ms, 50)), 2) if done else None,
-            "p99_ms": round(float(np.percentile(ms, 99)), 2) if done else None,
+            **percentiles_ms(self.latencies, digits=2),
         }
 
 

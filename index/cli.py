@@ -334,31 +334,24 @@ def add_dicomweb_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="instances fetched at once (default: %(default)s)",
     )
-    group.add_argument(
-        "--pacs-deadline",
-        type=float,
-        default=dicomweb.setting("CONVIRT_PACS_DEADLINE_S", dicomweb.DEFAULT_DEADLINE_S, float),
-        metavar="S",
-        help="seconds one request may take in all, however slowly the PACS sends; an instance "
-        "not fetched by then is skipped (default: %(default)s; env CONVIRT_PACS_DEADLINE_S)",
-    )
-    group.add_argument(
-        "--max-instance-mb",
-        type=float,
-        default=dicomweb.setting(
-            "CONVIRT_PACS_MAX_INSTANCE_MB", dicomweb.DEFAULT_MAX_INSTANCE_BYTES / 2**20, float
-        ),
-        metavar="MB",
-        help="an instance larger than this is skipped, not fetched whole (default: %(default)g; env CONVIRT_PACS_MAX_INSTANCE_MB)",
-    )
-    group.add_argument(
-        "--max-listed",
-        type=int,
-        default=dicomweb.setting("CONVIRT_PACS_MAX_LISTED", dicomweb.DEFAULT_MAX_LISTED, int),
-        metavar="N",
-        help="instances one listing may return before it is taken as endless and the command "
-        "stops (default: %(default)s; env CONVIRT_PACS_MAX_LISTED)",
-    )
+    limits = (  # flag, environment variable, type, default, metavar, what it bounds
+        ("--pacs-deadline", "CONVIRT_PACS_DEADLINE_S", float, dicomweb.DEFAULT_DEADLINE_S, "S",
+         "seconds one request may take in all, however slowly the PACS sends; an instance not "
+         "fetched by then is skipped"),
+        ("--max-instance-mb", "CONVIRT_PACS_MAX_INSTANCE_MB", float,
+         dicomweb.DEFAULT_MAX_INSTANCE_BYTES / 2**20, "MB",
+         "an instance larger than this is skipped, not fetched whole"),
+        ("--max-listed", "CONVIRT_PACS_MAX_LISTED", int, dicomweb.DEFAULT_MAX_LISTED, "N",
+         "instances one listing may return before it is taken as endless and the command stops"),
+    )  # fmt: skip
+    for flag, env, kind, default, metavar, text in limits:
+        group.add_argument(
+            flag,
+            type=kind,
+            default=dicomweb.setting(env, default, kind),
+            metavar=metavar,
+            help=f"{text} (default: %(default)s; env {env})",
+        )
     group.add_argument(
         "--retry-skipped",
         action="store_true",

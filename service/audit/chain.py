@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from index.layout import fsync_dir
+
 GENESIS = "0" * 64  # `prev` of the first entry
 ANCHOR_BYTES = 256  # the anchor is one fixed-width record, overwritten in place
 
@@ -156,14 +158,6 @@ def create_key(path: Path, keyed_from: int) -> ChainKey:
 # -- LOG.head and the anchor ---------------------------------------------------------------------
 
 
-def fsync_directory(folder: Path) -> None:
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def write_head(path: Path, seq: int, hash_: str, key: ChainKey | None = None) -> None:
     """LOG.head: the last seq and hash (with a MAC under the key), replaced atomically."""
     head = head_path(path)
@@ -177,7 +171,7 @@ def write_head(path: Path, seq: int, hash_: str, key: ChainKey | None = None) ->
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, head)
-    fsync_directory(head.parent)  # the rename itself
+    fsync_dir(head.parent)  # the rename itself
 
 
 def write_anchor(anchor: Path, seq: int, hash_: str, time: str) -> None:

@@ -26,13 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from index.layout import fsync_dir
+
 from .chain import (
     GENESIS,
     AuditError,
     ChainKey,
     canonical,
     create_key,
-    fsync_directory,
     key_path,
     load_key,
     query_hash,
@@ -327,7 +328,7 @@ class AuditLog:
             os.fsync(fd)
             os.replace(fresh, self.path)
             replaced = True
-            fsync_directory(self.path.parent)
+            fsync_dir(self.path.parent)
             self._written(fd, entry)
         except BaseException:
             if not replaced:  # undone: LOG is still the whole old file
@@ -358,15 +359,7 @@ def torn_fragment(fd: int, size: int) -> bytes:
 
 def last_line(fd: int, size: int) -> bytes:
     """The last line of the first `size` bytes, which end with a newline, without it."""
-    start, chunk = size - 1, b""  # chunk: bytes [start, size - 1)
-    while start > 0:
-        step = min(TAIL_STEP, start)
-        start -= step
-        chunk = os.pread(fd, step, start) + chunk
-        cut = chunk.rfind(b"\n")
-        if cut >= 0:
-            return chunk[cut + 1 :]
-    return chunk
+    return torn_fragment(fd, size - 1)
 
 
 def last_entry(fd: int, size: int, path: Path) -> tuple[int, str] | None:
