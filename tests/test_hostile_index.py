@@ -278,7 +278,9 @@ def test_verify_reports_damaged_files_as_findings_not_a_traceback(
 
 def test_a_garbled_faiss_file_answers_503_and_counts_a_failed_reload(manual_client, manual_root):
     # refused before FAISS parses it: its bytes are not those published (version.json's SHA-256)
-    refused_reload(manual_client, garble_faiss, manual_root, "joint.faiss is not the file published")
+    refused_reload(
+        manual_client, garble_faiss, manual_root, "joint.faiss is not the file published"
+    )
 
 
 def test_the_poller_survives_an_unreadable_faiss_and_picks_up_the_next_good_version(
