@@ -3,11 +3,16 @@
 It holds a few instances, each with its own WADO behaviour: "good" (a real little DICOM image in a
 multipart/related body), "wrong_boundary", "non_dicom_part", "text_html", "no_content_type",
 "empty_multipart", "huge" (a 1 GB body, generated as it is sent, with no Content-Length) and
-"trickle" (a byte every TRICKLE_S seconds, for ever). QIDO can answer normally, with records whose
-tags are not objects ("tags_not_objects"), or with pages that never end ("endless"); Orthanc's
-/changes can answer normally, "stuck" (Done: false, Last never advancing), "garbage" or
-"garbage_pages" (only its pages, not ?last). Every
-request is counted by kind, so a test can tell what was fetched again.
+"trickle" (a byte every `trickle_s` seconds, for ever). QIDO can answer normally, with records
+whose tags are not objects ("tags_not_objects"), or with pages that never end ("endless");
+Orthanc's /changes can answer normally, "stuck" (Done: false, Last never advancing), "garbage" or
+"garbage_pages" (only its pages, not ?last). Every request is counted by kind, so a test can tell
+what was fetched again.
+
+A test can bound the faults that never end, so that a client without bounds of its own (the
+previous code) fails it instead of hanging the test run or filling the machine's memory: a
+trickle hangs up after `trickle_for_s`, an endless listing answers 500 after `endless_pages`
+pages, a stuck feed answers as it should after `stuck_pages` stuck pages.
 """
 
 from __future__ import annotations
@@ -89,6 +94,10 @@ class FakePacs:
     qido: str = "normal"  # normal, tags_not_objects, endless
     changes: str = "normal"  # normal, stuck, garbage
     orthanc: bool = False
+    trickle_s: float = TRICKLE_S  # between two bytes of a "trickle" answer
+    trickle_for_s: float | None = None  # None: a "trickle" answer never ends
+    stuck_pages: int | None = None  # None: a "stuck" feed never moves on
+    endless_pages: int | None = None  # None: an "endless" listing never errs
     seq: int = 5
     counts: Counter = field(default_factory=Counter)
     server: ThreadingHTTPServer | None = None
@@ -168,6 +177,8 @@ class FakePacs:
         self.counts["qido"] += 1
         offset, limit = int(query.get("offset", ["0"])[0]), int(query.get("limit", ["100"])[0])
         if self.qido == "endless":
+            if self.endless_pages is not None and self.counts["qido"] > self.endless_pages:
+                return send(h, 500, "text/plain", b"enough")
             records = [
                 record(f"{UID_ROOT}9.{n}", f"{UID_ROOT}9.{n}.1", f"{UID_ROOT}9.{n}.1.1")
                 for n in range(offset, offset + limit)
@@ -193,7 +204,10 @@ class FakePacs:
         if asks_last:
             return send(h, 200, "application/json", {"Changes": [], "Done": True, "Last": self.seq})
         since = int(query.get("since", ["0"])[0])
-        if self.changes == "stuck":
+        if self.changes == "stuck" and (
+            self.stuck_pages is None or self.counts["stuck pages"] < self.stuck_pages
+        ):
+            self.counts["stuck pages"] += 1
             change = {
                 "ChangeType": "NewInstance",
                 "ID": self.instances[-1].orthanc_id,
@@ -238,10 +252,14 @@ class FakePacs:
                 h.send_header("Content-Type", related)
                 h.send_header("Content-Length", str(len(multipart(good))))
                 h.end_headers()
+                started = time.monotonic()
                 for byte in multipart(good):
                     h.wfile.write(bytes([byte]))
                     h.wfile.flush()
-                    time.sleep(TRICKLE_S)
+                    time.sleep(self.trickle_s)
+                    if self.trickle_for_s and time.monotonic() - started > self.trickle_for_s:
+                        h.close_connection = True  # hang up, the body short of its length
+                        return
 
 
 def send(h: BaseHTTPRequestHandler, status: int, kind: str | None, body: object) -> None:

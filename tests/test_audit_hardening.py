@@ -1,17 +1,22 @@
 """The audit log under a full disk and against a forger (issue 21, findings 2, 9 and the CSV part
-of 10), against real `convirt serve` processes, the real `convirt audit` command and a real small
-filesystem (a 256 KiB tmpfs, mounted here: this needs root, or the tests skip saying so, unless
-CONVIRT_REQUIRE_TOOLS=1).
+of 10), against real `convirt serve` processes, the real `convirt audit` command and real small
+filesystems (256 KiB tmpfs, mounted here: this needs root, or the tests that need them skip saying
+so, unless CONVIRT_REQUIRE_TOOLS=1).
 
-- A full disk: while it is full audited requests get 503 audit_unavailable; the line the full disk
-  cut short is sealed once space is freed, requests succeed again without a restart, a restart
-  while it is still full no longer exits 2, and `convirt audit verify` calls it a recovered torn
-  write, not tampering. A disk under CONVIRT_AUDIT_MIN_FREE_MB is refused before it fills.
+- A full disk: a line the full disk cut short (a real short write of the service's AuditLog, in
+  this process); a server started while the disk is still full no longer exits 2, answers 503
+  audit_unavailable, seals the torn line once space is freed without a restart, and `convirt
+  audit verify` calls it a recovered torn write, not tampering. A disk under
+  CONVIRT_AUDIT_MIN_FREE_MB is refused before it fills.
 - Forgeries by someone who can write the log's disk but not the key file or the anchor (kept
   elsewhere): the last line deleted and LOG.head rewritten, the log and head emptied, a line
   removed and the plain SHA-256 chain recomputed. Each is found.
 - `convirt audit --csv` never writes a cell a spreadsheet would run as a formula.
 - A large answer's audit line stays small.
+
+Two servers, started side by side at the module's start (a server's start is seconds of imports):
+one requiring keys whose log is on a small disk with a reserve, shared by every test but the full
+disk's, and the one started on the full disk.
 """
 
 from __future__ import annotations
@@ -20,19 +25,24 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
-import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout, suppress
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import error_of, index_of_rows, server_settings, serving
+from conftest import error_of, index_of_rows, server_settings
 
+from convirt import cli
 from convirt.bundle import load_bundle
-from service.audit import AuditLog, AuditRecord
+from service.audit import AuditError, AuditLog, AuditRecord
+from service.process import ServerProcess
 
 FIELDS = ["image", "text", "modality", "case_id", "StudyInstanceUID"]
 UID_ROOT = "1.2.826.0.1.3680043.8.498"
@@ -44,20 +54,57 @@ FORMULAS = [
     "@SUM(1+1)*cmd|' /C calc'!A0",
     "\tpadded formula",
 ]
+RESERVE_MB = 0.1  # the guarded server's reserve: about 100 KiB of its 256 KiB disk
 
 
 # -- fixtures --------------------------------------------------------------------------------------
 
 
 def convirt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The real `convirt` command, in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "convirt.cli", *args],
+    """The real `convirt` command (convirt.cli.main), run in this process with `env` added to
+    the environment: `convirt audit` and `convirt keys` import no model, so a process of their
+    own would only add its start. Exit status, standard output and error as a subprocess's."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {name: os.environ.get(name) for name in env or {}}
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)  # cli.main may call logging.basicConfig
+    try:
+        os.environ.update(env or {})
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exit:  # argparse: an unknown action or option
+                code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        root.setLevel(level)
+        root.handlers[:] = handlers
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def mount_small_disk(mount: Path) -> str | None:
+    """A real 256 KiB tmpfs at `mount`; None when mounted, else why not."""
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
         capture_output=True,
         text=True,
-        timeout=120,
-        env=None if env is None else {**os.environ, **env},
     )
+    if done.returncode == 0:
+        return None
+    return f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}"
+
+
+def need_disk(reason: str | None) -> None:
+    if reason is None:
+        return
+    if os.environ.get("CONVIRT_REQUIRE_TOOLS") == "1":
+        pytest.fail(reason + " (CONVIRT_REQUIRE_TOOLS=1)")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -79,30 +126,136 @@ def index_root(tmp_path_factory, bundle_dir, datasets) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vault(tmp_path_factory) -> Path:
-    """Where the chain key and the anchor live: not the log's disk (here: not its folder)."""
-    return tmp_path_factory.mktemp("vault")
+def disks(tmp_path_factory) -> Iterator[dict[str, tuple[Path, str | None]]]:
+    """Two small disks: `guarded` (the keyed server's log) and `full` (filled before its server
+    starts). Each (folder, why it is not a tmpfs or None); unmounted at the module's end."""
+    folder = tmp_path_factory.mktemp("disks")
+    found = {name: (folder / name, mount_small_disk(folder / name)) for name in ("guarded", "full")}
+    try:
+        yield found
+    finally:
+        for mount, reason in found.values():
+            if reason is None:
+                subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture(scope="module")
-def guarded(bundle_dir, index_root, vault, tmp_path_factory) -> Iterator[tuple]:
-    """A server requiring keys, its audit log keeping query texts, key and anchor elsewhere."""
+def vault(tmp_path_factory) -> Path:
+    """Where the chain key and the anchor live: not the log's disk."""
+    return tmp_path_factory.mktemp("vault")
+
+
+def fill(disk: Path) -> Path:
+    """Fill the disk to the last byte with a file; deleting it frees the space."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass  # no space left
+    finally:
+        os.close(fd)
+    return filler
+
+
+def search_record(text: str) -> AuditRecord:
+    """What the service records of a k=12 text search (AuditLog.write's input)."""
+    record = AuditRecord("anonymous", None, None, "127.0.0.1", "POST", "/v1/search/text")
+    record.query, record.results = text, [str(10**15 + n) for n in range(12)]
+    return record
+
+
+def tear_on_full_disk(disk: Path) -> tuple[Path, Path]:
+    """The service's own AuditLog (in this process) writing a log on `disk`, the disk filled
+    until one line is cut short, as a request's line was in finding 2: (log, filler)."""
+    log = disk / "audit.jsonl"
+    writer = AuditLog(log, "text")
+    writer.write(search_record(QUERY))
+    filler = fill(disk)
+    for n in range(40):  # until a line is cut short (~10 lines fill the last page)
+        with suppress(AuditError, OSError):  # refused: its request would get a 503
+            writer.write(search_record(f"full disk {n}"))
+        if not log.read_bytes().endswith(b"\n"):
+            break
+    assert not log.read_bytes().endswith(b"\n"), "no short write: the disk never filled"
+    return log, filler
+
+
+def start(pool: ThreadPoolExecutor, settings: dict) -> tuple[ServerProcess, Future]:
+    """A `convirt serve` starting in `pool` (its start waits for /readyz)."""
+    process = ServerProcess(settings)
+    return process, pool.submit(process.start)
+
+
+def finish(process: ServerProcess, started: Future) -> None:
+    """Stop a server; one that started must stop cleanly and have logged no traceback."""
+    try:
+        if started.exception() is None:
+            # uvicorn shuts down gracefully on SIGTERM, then exits by re-raising it
+            assert process.stop() in (0, -signal.SIGTERM), process.output()
+            assert "Traceback" not in process.output(), process.output()
+    finally:
+        process.__exit__()
+
+
+@pytest.fixture(scope="module")
+def servers(bundle_dir, index_root, vault, disks, tmp_path_factory) -> Iterator[dict]:
+    """Both servers, started at once: `guarded` requires keys, its log keeps query texts on a
+    small disk with a reserve, key and anchor elsewhere; `full` is started on a full disk whose
+    log ends with a torn line (no server yet: only when there is a small disk)."""
     state = tmp_path_factory.mktemp("audit-state")
     db = state / "keys.sqlite"
     added = convirt("keys", "add", "--db", str(db), "--name", FORMULAS[0], "--role", "admin")
     assert added.returncode == 0, added.stderr
-    settings = server_settings(
+    guarded_disk, _ = disks["guarded"]
+    guarded = server_settings(
         bundle_dir,
         index_root,
         CONVIRT_AUTH_DB=db,
-        CONVIRT_AUDIT_LOG=state / "audit.jsonl",
+        CONVIRT_AUDIT_LOG=guarded_disk / "audit.jsonl",
         CONVIRT_AUDIT_QUERIES="text",
         CONVIRT_AUDIT_KEY_FILE=vault / "audit.key",
         CONVIRT_AUDIT_ANCHOR=vault / "audit.anchor",
+        CONVIRT_AUDIT_MIN_FREE_MB=str(RESERVE_MB),
     )
-    with serving(settings) as process, httpx.Client(base_url=process.url, timeout=60) as client:
-        client.headers["X-API-Key"] = added.stdout.strip()
-        yield client, state / "audit.jsonl"
+    found: dict = {"key": added.stdout.strip(), "log": guarded_disk / "audit.jsonl"}
+    with ThreadPoolExecutor(2) as pool:
+        found["guarded"] = start(pool, guarded)
+        full_disk, no_tmpfs = disks["full"]
+        log = filler = None
+        if no_tmpfs is None:
+            try:
+                log, filler = tear_on_full_disk(full_disk)
+            except AssertionError as err:  # the full disk's test fails with it, not every test
+                found["torn"] = err
+        if log is not None:
+            full_vault = tmp_path_factory.mktemp("full-vault")
+            settings = server_settings(
+                bundle_dir,
+                index_root,
+                CONVIRT_AUDIT_LOG=log,  # its key: LOG.key, made by the writer above
+                CONVIRT_AUDIT_ANCHOR=full_vault / "audit.anchor",
+                CONVIRT_AUDIT_MIN_FREE_MB="0",
+            )
+            found.update(full=start(pool, settings), full_log=log, filler=filler)
+            found["full_env"] = {"CONVIRT_AUDIT_ANCHOR": str(full_vault / "audit.anchor")}
+        try:
+            yield found
+        finally:
+            for name in ("guarded", "full"):
+                if name in found:
+                    finish(*found[name])
+
+
+@pytest.fixture(scope="module")
+def guarded(servers) -> Iterator[tuple[httpx.Client, Path]]:
+    """The server requiring keys, as (a client sending an admin key, its audit log)."""
+    process, started = servers["guarded"]
+    started.result()
+    with httpx.Client(base_url=process.url, timeout=60) as client:
+        client.headers["X-API-Key"] = servers["key"]
+        yield client, servers["log"]
 
 
 def keyed_env(vault: Path) -> dict[str, str]:
@@ -258,94 +411,41 @@ def test_large_answer_audit_line_is_bounded(tmp_path):
     assert convirt("audit", "verify", "--log", str(log.path)).returncode == 0
 
 
-@pytest.fixture
-def small_disk(tmp_path) -> Iterator[Path]:
-    """A real 256 KiB tmpfs, unmounted afterwards."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        reason = f"cannot mount a small tmpfs (needs root): {done.stderr.strip()}"
-        if os.environ.get("CONVIRT_REQUIRE_TOOLS") == "1":
-            pytest.fail(reason + " (CONVIRT_REQUIRE_TOOLS=1)")
-        pytest.skip(reason)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Fill the disk to the last byte with a file; deleting it frees the space."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass  # no space left
-    finally:
-        os.close(fd)
-    return filler
-
-
-def disk_server(bundle_dir, index_root, disk: Path, vault: Path, **extra) -> dict:
-    return server_settings(
-        bundle_dir,
-        index_root,
-        CONVIRT_AUDIT_LOG=disk / "audit.jsonl",
-        CONVIRT_AUDIT_KEY_FILE=vault / "audit.key",
-        CONVIRT_AUDIT_ANCHOR=vault / "audit.anchor",
-        **extra,
-    )
-
-
-def test_full_audit_disk_recovers_after_space_is_freed(
-    bundle_dir, index_root, small_disk, tmp_path
-):
-    log = small_disk / "audit.jsonl"
-    settings = disk_server(
-        bundle_dir, index_root, small_disk, tmp_path, CONVIRT_AUDIT_MIN_FREE_MB="0"
-    )
-    with serving(settings) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-        assert search(client, k=12, group_by="none").status_code == 200
-        filler = fill(small_disk)
-        for n in range(40):  # until a line is cut short (~10 lines fill the last page)
-            refused = search(client, f"full disk {n}", k=12, group_by="none")
-            error_of(refused, 503, "audit_unavailable")
-            if not log.read_bytes().endswith(b"\n"):
-                break
-        assert not log.read_bytes().endswith(b"\n"), "no short write: the disk never filled"
-
-    # a restart while the disk is still full starts (requests refused until space is freed)
-    with serving(settings) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+def test_full_audit_disk_recovers_after_space_is_freed(servers, disks):
+    """Before: the torn line made every audited request a 503 after space was freed, and a
+    restart exit 2 (the server here is that restart, started while the disk was full)."""
+    need_disk(disks["full"][1])
+    if "torn" in servers:
+        raise servers["torn"]
+    process, started = servers["full"]
+    started.result()  # started while the disk is still full
+    log, filler = servers["full_log"], servers["filler"]
+    with httpx.Client(base_url=process.url, timeout=60) as client:
         error = error_of(search(client), 503, "audit_unavailable")
         assert "nearly full" in error["message"]
+        assert not log.read_bytes().endswith(b"\n")  # the seal of a full disk was undone
         filler.unlink()
         assert search(client).status_code == 200  # no restart needed
         assert search(client, k=12, group_by="none").status_code == 200
         metrics = client.get("/metrics").text
     assert 'convirt_audit_refused_total{reason="disk_full"}' in metrics
     assert "convirt_audit_torn_writes_sealed_total 1.0" in metrics
-    verdict = convirt("audit", "verify", "--log", str(log), env=keyed_env(tmp_path))
+    verdict = convirt("audit", "verify", "--log", str(log), env=servers["full_env"])
     assert verdict.returncode == 0, verdict.stderr
     assert "recovered torn write" in verdict.stderr and "tamper" not in verdict.stderr
 
 
-def test_audit_disk_nearing_full_is_refused_early(bundle_dir, index_root, small_disk, tmp_path):
-    log = small_disk / "audit.jsonl"
-    reserve = "0.1"  # MB: about 100 KiB of the 256 KiB disk
-    settings = disk_server(
-        bundle_dir, index_root, small_disk, tmp_path, CONVIRT_AUDIT_MIN_FREE_MB=reserve
-    )
-    with serving(settings) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-        assert search(client).status_code == 200
-        ballast = small_disk / "ballast"
-        ballast.write_bytes(b"\0" * 200 * 1024)  # under the reserve, far from full
+def test_audit_disk_nearing_full_is_refused_early(guarded, servers, disks):
+    need_disk(disks["guarded"][1])
+    client, log = guarded
+    process, _ = servers["guarded"]
+    assert search(client).status_code == 200
+    disk = log.parent
+    stats = os.statvfs(disk)
+    ballast = disk / "ballast"
+    # under the reserve, far from full: half the reserve left free
+    ballast.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - int(RESERVE_MB * 2**20 / 2)))
+    try:
         size = log.stat().st_size
         error = error_of(search(client), 503, "audit_unavailable")
         assert "nearly full" in error["message"] and "operator" in error["message"]
@@ -355,7 +455,8 @@ def test_audit_disk_nearing_full_is_refused_early(bundle_dir, index_root, small_
         free = next(
             x for x in metrics.splitlines() if x.startswith("convirt_audit_disk_free_bytes")
         )
-        assert float(free.split()[-1]) < 0.1 * 1024 * 1024
-        assert "under the reserve" in server.output()  # the operator's log says why
+        assert float(free.split()[-1]) < RESERVE_MB * 2**20
+        assert "under the reserve" in process.output()  # the operator's log says why
+    finally:
         ballast.unlink()
-        assert search(client).status_code == 200
+    assert search(client).status_code == 200

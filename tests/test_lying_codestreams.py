@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import pydicom
 import pytest
 import test_service
 from conftest import INDEX_OPTIONS, error_of, server_settings, serving
+from indexer_rss import IndexerRuns
 from lying_files import (
     black_jpeg,
     encapsulated_dicom,
@@ -50,12 +50,12 @@ from service.process import ServerProcess
 # build) and server (the default settings: uploads up to 20 MB, as the probe's) are defined below
 bundle, rows, client = test_service.bundle, test_service.rows, test_service.client
 
-REPO = Path(__file__).resolve().parents[1]
 MB = 1_000_000
 # What the issue allows the server's (or the indexer's) memory to move by, before, during (peak)
 # and after refusing the lying files (before the fix: +700 MB and +1.9 GB at the peak).
 RSS_SLACK = 150 * MB
-BUILD_ARGS = ["--batch-size", "4", "--chunk-batches", "1", "--workers", "2", "--no-progress"]
+# --workers 1: images decoded in the indexer process, where its peak RSS is read
+BUILD_ARGS = ["--batch-size", "4", "--chunk-batches", "1", "--workers", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,38 @@ def test_a_real_jpeg_ls_dicom_is_budgeted_by_its_sof55():
     assert (size.width, size.height, size.bits) == (ds.Columns, ds.Rows, ds.BitsStored)
 
 
+# -- a real `convirt index build`, started first: it runs beside the server's start below ---------
+
+
+@dataclass
+class IndexerBuilds:
+    honest: Path  # the index of two real images
+    mixed: Path  # of the same two and the lying files
+    indexer: IndexerRuns
+
+
+@pytest.fixture(scope="module")
+def indexer_builds(bundle_dir, rows, lying_files, tmp_path_factory) -> Iterator[IndexerBuilds]:
+    """`convirt index build` of two honest images, then of the same two and the lying files,
+    in one process of its own (its peak RSS read for each build), started at once: it imports
+    torch while this module's server starts. --workers 1: decoded in that process."""
+    folder = tmp_path_factory.mktemp("indexer")
+    honest, mixed = folder / "honest", folder / "mixed"
+    for images in (honest, mixed):
+        images.mkdir()
+        for row in rows[:2]:
+            (images / Path(row["image"]).name).write_bytes(Path(row["image"]).read_bytes())
+    for name, data in servable(lying_files).items():
+        (mixed / name).write_bytes(data)
+    command = ["build", "--model", str(bundle_dir), *BUILD_ARGS]
+    runs = [[*command, "--images", str(d), "--out", str(d) + "_root"] for d in (honest, mixed)]
+    indexer = IndexerRuns(runs, folder, timeout=300)
+    try:
+        yield IndexerBuilds(folder / "honest_root", folder / "mixed_root", indexer)
+    finally:
+        indexer.close()
+
+
 # -- a real `convirt serve`: 413s, and memory within 150 MB before, during and after ---------------
 
 
@@ -170,13 +202,14 @@ def test_a_real_jpeg_ls_dicom_is_budgeted_by_its_sof55():
 def index_root(tmp_path_factory, bundle, rows) -> Path:
     folder = tmp_path_factory.mktemp("index")
     manifest = read_manifest(test_service.write_manifest(folder / "m.csv", rows[:6]))
-    build(folder / "root", bundle, manifest, INDEX_OPTIONS)
+    build(folder / "root", bundle, manifest, replace(INDEX_OPTIONS, workers=1))  # no process pool
     return folder / "root"
 
 
 @pytest.fixture(scope="module")
-def server(bundle_dir, index_root) -> Iterator[ServerProcess]:
+def server(indexer_builds, bundle_dir, index_root) -> Iterator[ServerProcess]:
     with serving(server_settings(bundle_dir, index_root)) as process:
+        indexer_builds.indexer.results()  # ended: the server's test runs alone
         yield process
 
 
@@ -208,51 +241,19 @@ def test_lying_dicoms_are_refused_by_the_server_with_its_memory_unmoved(
     assert client.get("/healthz").status_code == 200
 
 
-# -- a real `convirt index build`: the lying files are listed skips, memory bounded ----------------
-
-# Runs the CLI, then writes the process's peak RSS to stderr as its last line.
-PEAK_REPORTING_CLI = (
-    "import atexit, runpy, sys\n"
-    "def peak():\n"
-    "    status = open('/proc/self/status').read().splitlines()\n"
-    "    print(next(l for l in status if l.startswith('VmHWM')), file=sys.stderr)\n"
-    "atexit.register(peak)\n"
-    "sys.argv[0] = 'convirt'\n"
-    "runpy.run_module('convirt.cli', run_name='__main__')\n"
-)
-
-
-def build_peak_rss(bundle_dir: Path, images: Path, root: Path) -> tuple[int, dict]:
-    """Peak RSS of a `convirt index build` over `images`, and its build report."""
-    command = ["index", "build", "--model", str(bundle_dir), "--images", str(images)]
-    command += ["--out", str(root), *BUILD_ARGS]
-    done = subprocess.run(
-        [sys.executable, "-c", PEAK_REPORTING_CLI, *command],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    peak_kb = int(done.stderr.strip().splitlines()[-1].split()[1])
-    report = json.loads((layout.current_version_dir(root) / "build_report.json").read_text())
-    return peak_kb * 1024, report
+# -- the indexer's builds (started above): the lying files are listed skips, memory bounded -------
 
 
 def test_lying_files_are_skipped_by_the_indexer_with_its_memory_bounded(
-    bundle_dir, rows, lying_files, tmp_path
+    indexer_builds, lying_files
 ):
-    honest, mixed = tmp_path / "honest", tmp_path / "mixed"
-    for folder in (honest, mixed):
-        folder.mkdir()
-        for row in rows[:2]:
-            (folder / Path(row["image"]).name).write_bytes(Path(row["image"]).read_bytes())
-    for name, data in servable(lying_files).items():
-        (mixed / name).write_bytes(data)
-    with ThreadPoolExecutor(2) as pool:  # two processes at once: each measures its own peak
-        honest_run = pool.submit(build_peak_rss, bundle_dir, honest, tmp_path / "honest_root")
-        mixed_run = pool.submit(build_peak_rss, bundle_dir, mixed, tmp_path / "mixed_root")
-        (honest_peak, _), (mixed_peak, report) = honest_run.result(), mixed_run.result()
+    # the honest build first, in the same process: the mixed one's peak is measured against it
+    runs = indexer_builds.indexer.results()
+    assert [code for code, _, _ in runs] == [0, 0], (runs, indexer_builds.indexer.why())
+    honest_peak, mixed_peak = (kib * 1024 for _, kib, _ in runs)
+    report = json.loads(
+        (layout.current_version_dir(indexer_builds.mixed) / "build_report.json").read_text()
+    )
     skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert set(skipped) == set(servable(lying_files)), skipped
     assert all("codestream" in reason for reason in skipped.values()), skipped

@@ -16,6 +16,7 @@ import shutil
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -43,7 +44,8 @@ def pristine_root(tmp_path_factory, bundle_dir, datasets) -> Path:
     folder = tmp_path_factory.mktemp("slow-pacs")
     images = 1 + OTHER_PACS_IMAGES + LOCAL_IMAGES
     manifest = write_manifest(folder / "m.csv", medpix_rows(datasets, "train", images))
-    build(folder / "root", bundle_dir, read_manifest(manifest), INDEX_OPTIONS)
+    options = replace(INDEX_OPTIONS, workers=1)  # decoded here: no process pool to start
+    build(folder / "root", bundle_dir, read_manifest(manifest), options)
     return folder / "root"
 
 
