@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.audit import AuditLog
+from service.guard.audit import AuditLog
 
 
 def timed_appends(folder: Path, entries: int) -> dict:

@@ -5,6 +5,8 @@ speed) and the shared archive's images. Imported by the bench scripts run as
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,12 @@ from convirt.bundle import load_tokenizer, save_bundle
 from convirt.config import ModelConfig
 from convirt.model import build_model
 from convirt.paths import data_root
-from index.embedding import DEFAULT_WORKERS
+from index.write.embedding import DEFAULT_WORKERS
 
 ARCHIVE_DATASETS = ("medpix", "covid-cxr")
+# tests/ holds what the server benches share with the tests: the `convirt serve` harness
+# (serving.py) and the fake PACS; importing this module puts it on sys.path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def untrained_bundle(out: Path, config: ModelConfig | None = None) -> Path:
@@ -65,3 +70,12 @@ def percentiles_ms(latencies: list[float], digits: int = 1) -> dict[str, float |
         return {"p50_ms": None, "p99_ms": None}
     ms = np.array(latencies) * 1000
     return {f"p{q}_ms": round(float(np.percentile(ms, q)), digits) for q in (50, 99)}
+
+
+@dataclass
+class Latencies:
+    """What a load test's requests took (seconds) and how many failed; the benches add their own
+    counts and summaries."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0

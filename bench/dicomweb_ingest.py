@@ -28,16 +28,18 @@ from pathlib import Path
 import httpx
 import torch
 from common import add_build_arguments, archive_images, link_archive, untrained_bundle
+from pacs_fake import secondary_capture
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
+from pydicom.uid import JPEGBaseline8Bit
+from serving import free_port
 
 from convirt.bundle import load_bundle
-from index.builder import Options, build
-from index.dicomweb import Pacs, list_source
-from index.sources import scan_folder
-from service.process import free_port
+from index.sources.dicomweb.pacs import Pacs
+from index.sources.dicomweb.source import list_source
+from index.sources.folder import scan_folder
+from index.write.build import Options, build
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1137.7."
 STOW_BATCH = 50
@@ -49,21 +51,8 @@ def wrap_jpeg(jpeg: Path, n: int) -> Dataset:
     study, series, sop = f"{UID_ROOT}{n // 5}", f"{UID_ROOT}{n // 5}.1", f"{UID_ROOT}{n // 5}.1.{n}"
     with Image.open(jpeg) as image:
         width, height, mode = image.width, image.height, image.mode
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (
-        SecondaryCaptureImageStorage,
-        sop,
-    )
-    meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds = Dataset()
-    ds.file_meta, ds.preamble = meta, b"\0" * 128
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, sop
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = (
-        study,
-        series,
-        1,
-        n,
-    )
+    ds = secondary_capture(study, series, sop, JPEGBaseline8Bit)
+    ds.SeriesNumber, ds.InstanceNumber = 1, n
     ds.PatientID, ds.PatientName, ds.StudyDate = f"P{n // 5}", f"Bench^{n // 5}", "20240101"
     ds.Modality = "CR" if "covid" in str(jpeg) else "OT"
     ds.ViewPosition, ds.BodyPartExamined, ds.ConversionType = "PA", "CHEST", "WSD"

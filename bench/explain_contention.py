@@ -4,7 +4,7 @@ A heat-map embeds 50 occluded copies of an image: half a second to a second of a
 (finding 4) measured, on the 2-core box, 4 text clients at p50 21 ms alone, 3.6 s beside 4
 explain clients and 7.1 s beside 8, when heat-maps ran on the model thread that text queries
 wait for. They now run in their own worker (CONVIRT_EXPLAIN_WORKER: a niced process by default),
-one at a time, behind a bounded queue (service.explainer).
+one at a time, behind a bounded queue (service.model.explainer).
 
 One run: start a real `convirt serve` (the demo model and index when runs/ has them, else an
 untrained bundle of the default config and an index of --images medpix images), then per level
@@ -35,18 +35,18 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from common import percentiles_ms, untrained_bundle
+from common import Latencies, percentiles_ms, untrained_bundle
+from serving import ServerProcess
 
 from convirt.bundle import load_bundle
 from convirt.paths import data_root
 from convirt.sentences import report_sentences
-from index.builder import Options, build
-from index.sources import read_manifest
-from service.process import ServerProcess
+from index.sources.manifest import read_manifest
+from index.write.build import Options, build
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "runs" / "demo-cpu" / "bundle"
@@ -57,10 +57,8 @@ REFUSED = (429, 503)
 
 
 @dataclass
-class Tally:
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    refused: int = 0
+class Tally(Latencies):
+    refused: int = 0  # 429 or 503: turned away, not failed
 
     def summary(self) -> dict:
         return {

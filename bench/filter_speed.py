@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 from index import metadata
+from index.read.filters import FILTER_COLUMNS, FieldTables, filtered_ids
+from index.read.lookup import meta_fields
+from index.write import rows as written
 
 MODALITIES = ("XR", "CT", "MR", "US", "NM", "PT")
 BODY_PARTS = ("CHEST", "HEAD", "ABDOMEN", "SPINE", "PELVIS", "KNEE", "HAND", "NECK")
@@ -40,7 +43,7 @@ FILTERS = {
 
 def write_database(path: Path, rows: int, seed: int = 0) -> None:
     rng = random.Random(seed)
-    conn = metadata.create(path)
+    conn = written.create(path)
 
     def row(n: int) -> tuple:
         meta = {
@@ -66,7 +69,7 @@ def write_database(path: Path, rows: int, seed: int = 0) -> None:
         }
         return (*(values[column] for column in metadata.COLUMNS), b"")
 
-    metadata.insert_rows(conn, (row(n) for n in range(rows)))
+    written.insert_rows(conn, (row(n) for n in range(rows)))
     conn.commit()
     conn.close()
 
@@ -82,7 +85,7 @@ def timed(run, repeats: int) -> tuple[float, list[int]]:
 
 def prefix_lookups(conn, repeats: int) -> dict:
     """The images under a path prefix, as `convirt index sync` asks once per study: the scan it
-    ran before (substr on every row) against metadata.paths_under (a range on the path index)."""
+    ran before (substr on every row) against written.paths_under (a range on the path index)."""
     prefixes = [f"/archive/{n}" for n in range(1000, 1050)]  # 111 images each at 200k rows
 
     def scan() -> list[int]:
@@ -90,7 +93,7 @@ def prefix_lookups(conn, repeats: int) -> dict:
         return [i for p in prefixes for (i,) in conn.execute(sql, (len(p), p))]
 
     def indexed() -> list[int]:
-        return [i for p in prefixes for i in metadata.paths_under(conn, p)[0].values()]
+        return [i for p in prefixes for i in written.paths_under(conn, p)[0].values()]
 
     scan_ms, scanned = timed(scan, repeats)
     index_ms, found = timed(indexed, repeats)
@@ -113,20 +116,18 @@ def main() -> None:
         path = Path(tmp) / "metadata.sqlite"
         write_database(path, args.rows)
         conn = metadata.open_readonly(path)
-        fields = metadata.meta_fields(conn)
-        tables = metadata.FieldTables(conn)
+        fields = meta_fields(conn)
+        tables = FieldTables(conn)
         builds = {}
-        for key in sorted({key for f in FILTERS.values() for key in f} - metadata.FILTER_COLUMNS):
+        for key in sorted({key for f in FILTERS.values() for key in f} - FILTER_COLUMNS):
             started = time.perf_counter()
             tables.table_of(key)
             builds[key] = round((time.perf_counter() - started) * 1000, 1)
         results = {}
         for name, filters in FILTERS.items():
-            scan_ms, scanned = timed(
-                lambda f=filters: metadata.filtered_ids(conn, f, fields), args.repeats
-            )
+            scan_ms, scanned = timed(lambda f=filters: filtered_ids(conn, f, fields), args.repeats)
             table_ms, indexed = timed(
-                lambda f=filters: metadata.filtered_ids(conn, f, fields, tables), args.repeats
+                lambda f=filters: filtered_ids(conn, f, fields, tables), args.repeats
             )
             if sorted(scanned) != sorted(indexed):
                 raise SystemExit(f"{name}: the two ways found different ids")

@@ -41,9 +41,9 @@ import numpy as np
 from convirt.bundle import load_bundle
 from convirt.findings import mentions
 from convirt.inference import Embedder
-from index import hybrid
-from index.store import open_current
-from index.suggest import suggest
+from index.read import hybrid
+from index.read.store import open_current
+from index.read.suggest import suggest
 
 HERE = Path(__file__).parent
 MODES = {
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--split", default="dev", help="archive split to search (default dev)")
     parser.add_argument("--tune", action="store_true", help="grid-search the hybrid weights")
     parser.add_argument(
-        "--weights", help="image,sentence,lexical for hybrid (default: index.hybrid)"
+        "--weights", help="image,sentence,lexical for hybrid (default: index.read.hybrid)"
     )
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--suggest-images", type=int, default=0, help="0: every image of the split")

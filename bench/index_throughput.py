@@ -1,7 +1,7 @@
 """Index build throughput: `build` (decode threads + model) against the model's forward pass alone.
 
 Both are measured in the same process on the same bundle and batch size:
-- build: images/s of the embedding job of a real `index.builder.build` over the shared archive
+- build: images/s of the embedding job of a real `index.write.build.build` over the shared archive
   (medpix + covid-cxr JPEGs): read, hash, decode, thumbnail, preprocess in threads, model, staging;
   build_total also counts writing the version (SQLite, .npy, FAISS);
 - model: images/s of Embedder.embed_pixels on one preprocessed batch already in memory, measured
@@ -28,8 +28,9 @@ from common import add_build_arguments, archive_images, link_archive, untrained_
 from convirt.bundle import load_bundle
 from convirt.imageio import load_image
 from convirt.inference import Embedder
-from index.builder import Options, build
-from index.sources import scan_folder
+from index.sources.folder import scan_folder
+from index.version import read_version
+from index.write.build import Options, build
 
 
 def measure_model(embedder: Embedder, batch: torch.Tensor, images: int) -> float:
@@ -61,9 +62,9 @@ def main() -> None:
         )
         total_seconds = time.perf_counter() - started
         model.append(measure_model(embedder, batch, min(len(images), 4 * args.batch_size)))
-        report = json.loads((summary.directory / "version.json").read_text())
+        info = read_version(summary.directory).info
     model_rate = sum(model) / len(model)
-    build_rate = summary.changes["embedded"] / report["embed_seconds"]
+    build_rate = summary.changes["embedded"] / info["embed_seconds"]
     print(
         json.dumps(
             {

@@ -2,7 +2,7 @@
 
 Protocol (docs/results.md, "Refine by example (simulated user)"):
 
-- Per dataset, an index of its dev split is built in place (index.builder.build over the
+- Per dataset, an index of its dev split is built in place (index.write.build.build over the
   manifest's rows; nothing is copied) from the rows that have a report and a value in the label
   column `convirt eval` scores that dataset with (medpix `location_category`, covid-cxr
   `finding`, roco `modality_keyword`). Rows without a label are left out.
@@ -11,7 +11,7 @@ Protocol (docs/results.md, "Refine by example (simulated user)"):
   Image queries: each indexed image, searched by its stored encoder vector (itself excluded);
   relevant = the other images with its label.
 - A simulated user looks at the top 10 once: every result with the query's label is liked, every
-  other one disliked. The query moves by service.feedback.rocchio (default weights a=1, b=0.75,
+  other one disliked. The query moves by service.search.feedback.rocchio (default weights a=1, b=0.75,
   c=0.15) in the query's space and is searched again:
     (1) all feedback, disliked images excluded from the new results (the service default);
     (2) all feedback, nothing excluded: the vector's movement alone (pure Rocchio);
@@ -42,10 +42,11 @@ from pathlib import Path
 import numpy as np
 
 from convirt.paths import data_root
-from index.builder import Options, build
-from index.sources import Source, read_manifest
-from index.store import IndexStore, open_current
-from service.feedback import Weights, rocchio
+from index.read.store import IndexStore, open_current
+from index.sources.base import Source
+from index.sources.manifest import read_manifest
+from index.write.build import Options, build
+from service.search.feedback import Weights, rocchio
 
 # the label column `convirt eval` scores each dataset's class-based metrics with (docs/results.md)
 LABEL_COLUMNS = {"medpix": "location_category", "covid-cxr": "finding", "roco": "modality_keyword"}

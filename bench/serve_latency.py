@@ -3,9 +3,11 @@
 One run: build an index of shared archive images (medpix, with their captions), time the same
 queries in this process (encode + search + metadata, no HTTP), then start `convirt serve` as a
 child process and drive it with N concurrent clients for a fixed time per level: text queries
-(POST /v1/search/text: a sentence of each archive caption in turn, as a user would type) and image queries (POST /v1/search/image,
-JPEG uploads in turn). The load generator is `wrk` (a C program: Debian's `wrk` package) when it
-is installed, else httpx.AsyncClient, which on a small machine takes much of the CPU it measures.
+(POST /v1/search/text: a sentence of each archive caption in turn, as a user would type) and
+image queries (POST /v1/search/image, JPEG uploads in turn). The load generator (http_load.py)
+is `wrk` (a C program: Debian's `wrk` package) when it is installed, else httpx.AsyncClient,
+which on a small machine takes much of the CPU it measures; the targets and tables are
+serve_tables.py's.
 Per level: requests, errors, requests/s, p50/p99 latency, the mean micro-batch size and the
 server's RSS after the level; then its peak RSS (VmHWM). The in-process times are measured before
 and after the HTTP load, with the server stopped, and averaged. Prints JSON.
@@ -19,7 +21,7 @@ in-process time; requests/s at 32 clients >= 3x requests/s at 1; zero errors.
 The load generator runs on the same machine as the server: on few cores it competes for CPU.
 
 --text-modes image,hybrid sends the text queries once per ranking mode (the `mode` of POST
-/v1/search/text: image, report or hybrid, index.hybrid) to the same server, level by level, and
+/v1/search/text: image, report or hybrid, index.read.hybrid) to the same server, level by level, and
 prints the p50/p99 of each beside the first's: the cost of ranking with the reports. --index ROOT
 serves an index already built (the demo's) instead of building one of --images medpix images.
 
@@ -41,83 +43,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
-from common import percentiles_ms, untrained_bundle
+from common import untrained_bundle
+from http_load import (
+    TEXT_MODES,
+    Archive,
+    K,
+    batch_stats,
+    drive,
+    drive_httpx,
+    drive_wrk,
+    write_archive,
+)
+from serve_tables import comparison, mode_table, print_table, targets
+from serving import ServerProcess
 
 from convirt.bundle import load_bundle
 from convirt.imageio import load_image
 from convirt.inference import Embedder
-from convirt.paths import data_root
 from convirt.quantize import load_int8
-from convirt.sentences import report_sentences
-from index.builder import Options, build
-from index.sources import read_manifest
-from index.store import IndexStore, open_current
-from service.process import ServerProcess
+from index.read.store import IndexStore, open_current
+from index.sources.manifest import read_manifest
+from index.write.build import Options, build
 
-K = 10
 IN_PROCESS_RUNS = 40
 IDLE_GAP_S = 0.5
 PATHS = {"fp32": "none", "int8": "int8"}  # query path -> CONVIRT_QUANTIZE
-TEXT_MODES: dict[str, str | None] = {"text": None}  # level kind -> the text queries' `mode`
-
-
-@dataclass
-class Archive:
-    manifest: Path
-    texts: list[str]  # query sentences: the first imaging sentence of each caption
-    images: list[Path]
-
-
-@dataclass
-class Level:
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    seconds: float = 0.0
-
-    def summary(self) -> dict:
-        done = len(self.latencies)
-        return {
-            "requests": done,
-            "errors": self.errors,
-            "rps": round(done / self.seconds, 1) if self.seconds else 0.0,
-            **percentiles_ms(self.latencies, digits=2),
-        }
-
-
-def write_archive(folder: Path, count: int) -> Archive:
-    """A manifest of the first `count` medpix images with captions (absolute paths, no copies)."""
-    source = data_root() / "medpix" / "manifest.csv"
-    if not source.is_file():
-        raise SystemExit(f"no medpix manifest under {data_root()}: set CONVIRT_DATA_ROOT")
-    with open(source, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["text"].strip()][:count]
-    manifest = folder / "manifest.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "text", "modality"])
-        writer.writeheader()
-        for row in rows:
-            image = str(source.parent / row["image"])
-            writer.writerow({"image": image, "text": row["text"], "modality": row["modality"]})
-    images = [source.parent / r["image"] for r in rows]
-    sentences = [report_sentences(r["text"], "imaging")[:1] for r in rows]
-    return Archive(manifest, [s[0] for s in sentences if s], images)
 
 
 def time_in_process(embedder: Embedder, store: IndexStore, archive: Archive) -> dict:
@@ -158,152 +120,6 @@ def timed(run, inputs: list) -> dict:
         "p50_ms": round(statistics.median(times), 2),
         "p99_ms": round(float(np.percentile(times, 99)), 2),
     }
-
-
-async def drive(
-    url: str, kind: str, clients: int, seconds: float, archive: Archive, gap_s: float = 0.0
-) -> Level:
-    """`clients` concurrent clients sending one query after another for `seconds` (gap_s after
-    each answer)."""
-    uploads = [(path.name, path.read_bytes()) for path in archive.images[:16]]
-    level = Level()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as session:
-
-        async def query(n: int) -> httpx.Response:
-            if kind in TEXT_MODES:
-                text = archive.texts[n % len(archive.texts)]
-                return await session.post("/v1/search/text", json=text_body(kind, text))
-            name, data = uploads[n % len(uploads)]
-            files = {"file": (name, data, "image/jpeg")}
-            return await session.post("/v1/search/image", files=files, data={"k": str(K)})
-
-        for n in range(3):
-            await query(n)  # warm-up: connections and the model's first calls
-
-        async def client(offset: int, deadline: float) -> None:
-            n = offset
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                try:
-                    response = await query(n)
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    level.latencies.append(time.perf_counter() - started)
-                else:
-                    level.errors += 1
-                n += clients
-                if gap_s:
-                    await asyncio.sleep(gap_s)
-
-        started = time.perf_counter()
-        deadline = started + seconds
-        await asyncio.gather(*(client(i, deadline) for i in range(clients)))
-        level.seconds = time.perf_counter() - started
-    return level
-
-
-WRK_SCRIPT = """
-local bodies, n = {}, 0
-local path, content_type = "%(path)s", "%(content_type)s"
-for i = 0, %(count)d - 1 do
-  local f = assert(io.open(string.format("%(folder)s/body-%%d", i), "rb"))
-  bodies[#bodies + 1] = f:read("*all")
-  f:close()
-end
-%(delay)s
-request = function()
-  n = n + 1
-  local body = bodies[(n %% #bodies) + 1]
-  return wrk.format("POST", path, {["Content-Type"] = content_type}, body)
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{"requests": %%d, "errors": %%d, "us": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
-    summary.requests, e.connect + e.read + e.write + e.status + e.timeout, summary.duration,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
-BOUNDARY = "convirt-bench-boundary"
-
-
-def request_bodies(kind: str, archive: Archive) -> tuple[str, str, list[bytes]]:
-    """(path, content type, bodies) of the queries one level sends in turn."""
-    if kind in TEXT_MODES:
-        bodies = [json.dumps(text_body(kind, text)).encode() for text in archive.texts]
-        return "/v1/search/text", "application/json", bodies
-    bodies = []
-    for path in archive.images[:16]:
-        head = (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{K}\r\n'
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
-            f'filename="{path.name}"\r\nContent-Type: image/jpeg\r\n\r\n'
-        ).encode()
-        bodies.append(head + path.read_bytes() + f"\r\n--{BOUNDARY}--\r\n".encode())
-    return "/v1/search/image", f"multipart/form-data; boundary={BOUNDARY}", bodies
-
-
-def text_body(kind: str, text: str) -> dict:
-    mode = TEXT_MODES[kind]
-    return {"text": text, "k": K, **({"mode": mode} if mode else {})}
-
-
-def drive_wrk(
-    url: str, kind: str, clients: int, seconds: float, archive: Archive, gap_s: float = 0.0
-) -> dict:
-    """One level under wrk: `clients` connections, each sending one query after another (gap_s
-    after each answer: wrk's delay())."""
-    path, content_type, bodies = request_bodies(kind, archive)
-    with tempfile.TemporaryDirectory() as tmp:
-        for n, body in enumerate(bodies):
-            (Path(tmp) / f"body-{n}").write_bytes(body)
-        script = Path(tmp) / "queries.lua"
-        script.write_text(
-            WRK_SCRIPT
-            % {
-                "path": path,
-                "content_type": content_type,
-                "count": len(bodies),
-                "folder": tmp,
-                "delay": f"delay = function() return {round(gap_s * 1000)} end" if gap_s else "",
-            }
-        )
-        threads = str(min(clients, 2))
-        command = ["wrk", "-t", threads, "-c", str(clients), "-s", str(script), "--timeout", "60s"]
-        subprocess.run([*command, "-d", "2s", url], check=True, capture_output=True)  # warm-up
-        out = subprocess.run(
-            [*command, "-d", f"{max(1, round(seconds))}s", url],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    figures = json.loads(out.strip().splitlines()[-1])
-    done = figures["requests"] - figures["errors"]
-    return {
-        "requests": done,
-        "errors": figures["errors"],
-        "rps": round(done / (figures["us"] / 1e6), 1),
-        "p50_ms": round(figures["p50_us"] / 1000, 2),
-        "p99_ms": round(figures["p99_us"] / 1000, 2),
-    }
-
-
-def drive_httpx(url: str, kind: str, clients: int, seconds: float, archive: Archive) -> dict:
-    level = asyncio.run(drive(url, kind, clients, seconds, archive))
-    return level.summary()
-
-
-def batch_stats(url: str, kind: str) -> tuple[float, float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-
-    def sample(name: str) -> float:
-        match = re.search(rf'^{name}{{kind="{kind}"}} (\S+)$', text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
-
-    return sample("convirt_batch_size_sum"), sample("convirt_batch_size_count")
 
 
 def load_test(
@@ -360,111 +176,6 @@ def serve(settings: dict, archive: Archive, args: argparse.Namespace) -> dict:
         "http": http,
         "lone_query": idle,
         "server_peak_rss_mb": round(peak_rss / 2**20, 1) if peak_rss else None,
-    }
-
-
-def comparison(rounds: list[dict[str, dict]], levels: list[int]) -> dict:
-    """Per figure: fp32's and int8's medians over the rounds, and the median per-round ratio."""
-    high, low = str(max(levels)), str(min(levels))
-    image_level = "8" if "8" in rounds[0]["fp32"]["http"]["image"] else high
-    figures = {
-        f"text requests/s, {high} clients": ("http", "text", high, "rps", 2.0, "min"),
-        f"text p50 ms, {low} client": ("http", "text", low, "p50_ms", 0.6, "max"),
-        f"text p99 ms, {low} client": ("http", "text", low, "p99_ms", None, None),
-        f"image requests/s, {image_level} clients": (
-            "http",
-            "image",
-            image_level,
-            "rps",
-            None,
-            None,
-        ),
-        "lone text query p50 ms (0.5 s apart)": ("lone_query", "idle", None, "p50_ms", None, None),
-    }
-    out = {}
-    for name, (section, kind, level, key, target, sense) in figures.items():
-
-        def value(run: dict, section=section, kind=kind, level=level, key=key) -> float | None:
-            part = run[section]
-            if part is None:
-                return None
-            part = part[kind]
-            return (part[level] if level else part)[key]
-
-        fp32 = [value(r["fp32"]) for r in rounds]
-        int8 = [value(r["int8"]) for r in rounds]
-        if None in fp32 or None in int8:
-            continue
-        row = {
-            "fp32": round(statistics.median(fp32), 2),
-            "int8": round(statistics.median(int8), 2),
-            "int8_over_fp32": round(
-                statistics.median(b / a for a, b in zip(fp32, int8, strict=True)), 2
-            ),
-        }
-        if target is not None:
-            row["target"] = f"{'>=' if sense == 'min' else '<='} {target}"
-        out[name] = row
-    for path in PATHS:
-        ratios = [
-            r[path]["lone_query"]["idle_over_back_to_back"] for r in rounds if r[path]["lone_query"]
-        ]
-        if ratios:
-            out[f"{path}: lone over back-to-back"] = {
-                "ratio": round(statistics.median(ratios), 2),
-                "target": "<= 1.3",
-            }
-    return out
-
-
-def print_table(table: dict) -> None:
-    lines = ["| figure | fp32 | int8 | int8 / fp32 | target |", "|---|---|---|---|---|"]
-    for name, row in table.items():
-        if "ratio" in row:
-            lines.append(f"| {name} | | | {row['ratio']} | {row['target']} |")
-        else:
-            lines.append(
-                f"| {name} | {row['fp32']} | {row['int8']} | {row['int8_over_fp32']} | "
-                f"{row.get('target', '')} |"
-            )
-    print("\n".join(lines), file=sys.stderr)
-
-
-def mode_table(http: dict, levels: list[int]) -> dict:
-    """Per text mode and level: p50/p99 and their ratio to the first mode's (printed too)."""
-    out, lines = {}, ["| mode | clients | p50 ms | p99 ms | p50 / first's | p99 / first's |"]
-    lines.append("|---|---|---|---|---|---|")
-    for kind, mode in TEXT_MODES.items():
-        for level in map(str, levels):
-            row, base = http[kind][level], http["text"][level]
-            out.setdefault(mode, {})[level] = {
-                "p50_ms": row["p50_ms"],
-                "p99_ms": row["p99_ms"],
-                "p50_ratio": round(row["p50_ms"] / base["p50_ms"], 2),
-                "p99_ratio": round(row["p99_ms"] / base["p99_ms"], 2),
-            }
-            figures = out[mode][level]
-            lines.append(
-                f"| {mode} | {level} | {row['p50_ms']} | {row['p99_ms']} | "
-                f"{figures['p50_ratio']} | {figures['p99_ratio']} |"
-            )
-    print("\n".join(lines), file=sys.stderr)
-    return out
-
-
-def targets(in_process: dict, http: dict, levels: list[int]) -> dict:
-    low, high = str(min(levels)), str(max(levels))
-    text = http["text"]
-    return {
-        "text_p50_c1_over_in_process": round(text[low]["p50_ms"] / in_process["text"]["p50_ms"], 2),
-        "text_p50_c1_over_in_process_target": 1.3,
-        f"text_rps_{high}_over_{low}": round(text[high]["rps"] / max(text[low]["rps"], 1e-9), 2),
-        f"image_rps_{high}_over_{low}": round(
-            http["image"][high]["rps"] / max(http["image"][low]["rps"], 1e-9), 2
-        ),
-        "rps_ratio_target": 3.0,
-        "errors": sum(v["errors"] for kind in http.values() for v in kind.values()),
-        "errors_target": 0,
     }
 
 

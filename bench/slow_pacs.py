@@ -34,13 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from serve_latency import write_archive
+from http_load import write_archive
+from serving import ServerProcess
 
 from convirt.bundle import load_bundle
-from index.builder import Options, build
-from index.sources import read_manifest
-from index.store import open_current
-from service.process import ServerProcess
+from index.read.store import open_current
+from index.sources.manifest import read_manifest
+from index.write.build import Options, build
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from trickling_pacs import FakePacs, point_rows_at

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from convirt.manifest import read_manifest
+from convirt.manifest import read_manifest_items
 from convirt.paths import default_manifests
 
 CONVIRT = [sys.executable, "-m", "convirt.cli"]
@@ -45,7 +45,7 @@ def real_pairs() -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     train, dev = [], []
     for manifest in default_manifests():
         for split, out in (("train", train), ("dev", dev)):
-            items, _ = read_manifest(manifest, split, require_text=True)
+            items, _ = read_manifest_items(manifest, split, require_text=True)
             out += [(item.path, item.text) for item in items]
     return train, dev
 
@@ -158,7 +158,8 @@ def loader_vs_model(manifest: Path, cache: Path, batches: int) -> dict:
     from training import distributed
     from training.config import load_config
     from training.data import EpochSampler
-    from training.train import start_run, train_step
+    from training.run import start_run
+    from training.train import train_step
 
     config = load_config("cpu", {"num_workers": 1, "cache_dir": str(cache), "epochs": 1000})
     with tempfile.TemporaryDirectory() as out:

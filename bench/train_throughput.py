@@ -24,7 +24,8 @@ from torch.utils.data import Sampler
 from convirt.paths import default_manifests
 from training.config import load_config, parse_assignments
 from training.data import EpochSampler
-from training.train import start_run, train_step
+from training.run import start_run
+from training.train import train_step
 
 
 class ChainedEpochs(Sampler):
@@ -78,12 +79,12 @@ def main() -> None:
     overrides = {"device": args.device, "num_workers": args.num_workers, "epochs": 1000}
     config = load_config(args.config, overrides | parse_assignments(args.set))
     with tempfile.TemporaryDirectory() as out:
+        from convirt.cli_options import resolve_device
         from training import distributed
-        from training.train import resolve_device
 
         run = start_run(
             config, args.manifests or default_manifests(), Path(out), distributed.DistInfo(),
-            resolve_device(config.device), progress=False,
+            torch.device(resolve_device(config.device)), progress=False,
         )  # fmt: skip
         run.ddp_model.train()
         sampler = EpochSampler(len(run.train_set), config.batch_size, 999, config.seed)

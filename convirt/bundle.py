@@ -1,6 +1,6 @@
 """The model bundle: one directory that fully describes a trained model.
 
-    bundle.json          format version, fingerprint, ModelConfig, training provenance
+    bundle.json          format (BUNDLE_FORMAT), fingerprint, ModelConfig, training provenance
     weights.safetensors  both encoders and both heads
     text_config/         the BERT architecture (config.json), so loading needs no original folder
     tokenizer/           the tokenizer files
@@ -112,7 +112,7 @@ def read_bundle_info(path: str | Path) -> dict:
     info = json.loads(info_path.read_text())
     if info.get("format") != BUNDLE_FORMAT:
         raise BundleError(
-            f"{path}: bundle format {info.get('format')!r}, this version reads {BUNDLE_FORMAT}"
+            f"{path}: bundle format {info.get('format')!r}, this code reads {BUNDLE_FORMAT}"
         )
     return info
 

@@ -10,22 +10,22 @@ from itertools import chain
 from pathlib import Path
 
 from .cachebuild import Resolver, default_workers
+from .cli_options import add_no_progress_option
 from .imagecache import CacheError, ImageCache, default_root
 from .manifest import ManifestError, iter_manifest
 
 SIDES = "219 for the cpu config (192 px crops), 256 for gpu and paper (224 px crops)"
 
 
+DESCRIPTION = """\
+Decode every image of one or more manifests once (DICOM rules applied), shrink it so its shorter \
+side is --size, and store it in the image cache that training, evaluation and resumes read. Safe \
+to stop at any moment: run it again to go on. `convirt train` fills the cache by itself when \
+images are missing from it."""
+
+
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convirt cache",
-        description=(
-            "Decode every image of one or more manifests once (DICOM rules applied), shrink it "
-            "so its shorter side is --size, and store it in the image cache that training, "
-            "evaluation and resumes read. Safe to stop at any moment: run it again to go on. "
-            "`convirt train` fills the cache by itself when images are missing from it."
-        ),
-    )
+    parser = argparse.ArgumentParser(prog="convirt cache", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="fill the cache from manifests")
     build.add_argument(
@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
             "--cache", type=Path,
             help=f"cache folder (default: $CONVIRT_CACHE_DIR/images, now {default_root()})",
         )  # fmt: skip
-    build.add_argument("--no-progress", action="store_true")
+    add_no_progress_option(build)
     return parser
 
 

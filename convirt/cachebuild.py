@@ -1,7 +1,8 @@
 """Filling the image cache: hash and decode on every core, in processes, in a fixed order.
 
 `resolve` turns manifest items into cache entries, hashing files it has not seen (or that have
-changed) and decoding content the cache lacks. Work goes to a process pool (decoding is CPU
+changed) and decoding content the cache lacks. A file is read twice at most: once hashed, once
+decoded; the decode also makes the image's record (convirt.imagerecord), kept with its pixels. Work goes to a process pool (decoding is CPU
 bound; threads would share one interpreter lock) and results are consumed in input order, so
 entries are appended in the same order whether a build runs once or is killed and run again:
 the resumed cache ends byte-identical to an uninterrupted one.
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .hashing import sha256_file
 from .imagecache import CacheError, CacheWriter, Entry, FileStat, ImageCache
 from .imageio import (
     DICOM_PREAMBLE,
@@ -34,13 +36,13 @@ from .imageio import (
     looks_like_dicom,
     resize_shorter,
 )
+from .imagerecord import ImageRecord, shrink_to_thumbnail
 from .manifest import ManifestItem, Skip
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_CHUNK = 1024  # manifest rows looked up (and their misses filled) at a time
 COMMIT_EVERY = 256  # decoded images per commit: the most a kill loses
-HASH_BLOCK = 1 << 20
 PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent ends
 
 
@@ -53,32 +55,23 @@ class BuildCounts:
     rows: int = 0
     hashed: int = 0
     decoded: int = 0
-    failed: int = 0
+    undecodable: int = 0
     skipped: list[Skip] = field(default_factory=list)
 
 
 def hash_file(path: str) -> str | Skip:
     """sha256 of a file's bytes (runs in a worker process)."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while block := f.read(HASH_BLOCK):
-                digest.update(block)
+        return sha256_file(path)
     except OSError as err:
         return Skip(path, f"cannot read the file: {err.strerror or err}")
-    return digest.hexdigest()
 
 
-@dataclass
-class Decoded:
-    pixels: np.ndarray  # height x width uint8, shorter side = the cache side
-    source_size: tuple[int, int]  # width, height as decoded
-
-
-def decode_file(path: str, side: int, sha256: str) -> Decoded | str | Skip:
-    """Decode (DICOM rules included) and shrink to `side`. A reason string when the content
-    cannot be decoded (remembered); a Skip when the file could not be read as it was hashed
-    (a read error, a file changing under us: this run only, never remembered)."""
+def decode_file(path: str, side: int, sha256: str) -> tuple[np.ndarray, ImageRecord] | str | Skip:
+    """Decode (DICOM rules included) and shrink to `side`: the pixels (height x width uint8,
+    shorter side = `side`) and the image's record, from the one read of the file. A reason string
+    when the content cannot be decoded (remembered); a Skip when the file could not be read as it
+    was hashed (a read error, a file changing under us: this run only, never remembered)."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -87,18 +80,22 @@ def decode_file(path: str, side: int, sha256: str) -> Decoded | str | Skip:
         return Skip(path, "the file changed while it was read: run again to take the new content")
     if not data:
         return "empty file (0 bytes)"
+    size = len(data)  # the file's, before any preamble is put in front
     if Path(path).suffix.lower() in DICOM_SUFFIXES and not looks_like_dicom(data[:132]):
         data = DICOM_PREAMBLE + data  # a data set saved without the file preamble
     try:
         image = load_image(data)  # from memory: every error now is the content's
     except (ImageDecodeError, OSError) as err:
         return str(err)
-    small = resize_shorter(image, side)
+    pixels = np.asarray(resize_shorter(image, side), dtype=np.uint8)
     # a very large JPEG is decoded at reduced scale: its size is then the file's own, in info
-    return Decoded(np.asarray(small, dtype=np.uint8), image.info.get("source_size", image.size))
+    width, height = image.info.get("source_size", image.size)
+    header = image.info.get("header", {})
+    record = ImageRecord(sha256, size, width, height, header, shrink_to_thumbnail(image))
+    return pixels, record
 
 
-def _decode_task(task: tuple[str, int, str]) -> Decoded | str | Skip:
+def _decode_task(task: tuple[str, int, str]) -> tuple[np.ndarray, ImageRecord] | str | Skip:
     return decode_file(*task)
 
 
@@ -203,33 +200,32 @@ class Resolver:
     ) -> dict[int, Entry | str]:
         """Each row's entry, decoding the content the cache lacks; a reason where it cannot."""
         entries = self.cache.entries(self.side, hashes.values())
-        failures = self.cache.failures(set(hashes.values()) - set(entries))
+        reasons = self.cache.undecodable(set(hashes.values()) - set(entries))
         for sha in self.have.intersection(hashes.values()) - set(entries):
             entries[sha] = Entry(-1, 0, 0, sha)  # no pixels: the caller has what it needs
-        missing = [i for i, sha in hashes.items() if sha not in entries and sha not in failures]
-        if missing and self._writer is None:
+        to_decode = [i for i, sha in hashes.items() if sha not in entries and sha not in reasons]
+        if to_decode and self._writer is None:
             self._open_writer()
             return self._entries(hashes, stats)
         first: dict[str, int] = {}
-        for i in missing:
+        for i in to_decode:
             first.setdefault(hashes[i], i)
         if first:
-            self._decode(first, stats, entries, failures)
-        return {i: entries.get(sha) or failures[sha] for i, sha in hashes.items()}
+            self._decode(first, stats, entries, reasons)
+        return {i: entries.get(sha) or reasons[sha] for i, sha in hashes.items()}
 
-    def _decode(self, first: dict[str, int], stats, entries: dict, failures: dict) -> None:
+    def _decode(self, first: dict[str, int], stats, entries: dict, reasons: dict) -> None:
         tasks = [(stats[i].path, self.side, sha) for sha, i in first.items()]
         for sha, result in zip(first, self._map(_decode_task, tasks), strict=True):
             if isinstance(result, Skip):  # unread this time: the row is skipped, nothing stored
-                failures[sha] = result.reason
+                reasons[sha] = result.reason
             elif isinstance(result, str):
-                self._writer.fail(sha, result)
-                failures[sha] = result
-                self.counts.failed += 1
+                self._writer.remember_undecodable(sha, result)
+                reasons[sha] = result
+                self.counts.undecodable += 1
             else:
-                entries[sha] = self._writer.append(
-                    self.side, sha, result.pixels, result.source_size
-                )
+                pixels, record = result
+                entries[sha] = self._writer.append(self.side, pixels, record)
                 self.counts.decoded += 1
             if self._writer.pending >= COMMIT_EVERY:
                 self._writer.commit()

@@ -13,16 +13,19 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli:train_main", "train a ConVIRT model on image/report pairs"),
     "pretrain-text": (
-        "training.pretrain_text:main",
+        "training.pretrain_text_cli:main",
         "adapt the text encoder to report language (masked-LM) before training",
     ),
-    "eval": ("training.cli:eval_main", "retrieval metrics of a model bundle on a split"),
+    "eval": ("training.cli:eval_main", "retrieval scores of a model bundle on a split"),
     "cache": ("convirt.cache_cli:main", "decode a manifest's images once into the image cache"),
     "index": ("index.cli:main", "build, update and inspect a FAISS index of an image archive"),
     "serve": ("service.cli:main", "serve text and image search over HTTP"),
     "export": ("convirt.quantize:main", "derive the int8 query encoder of a bundle for serving"),
-    "keys": ("service.keys_cli:main", "create, list and revoke the service's API keys"),
-    "audit": ("service.audit_cli:main", "list, export (CSV) and verify the service's audit log"),
+    "keys": ("service.guard.keys_cli:main", "create, list and revoke the service's API keys"),
+    "audit": (
+        "service.guard.audit_cli:main",
+        "list, export (CSV) and verify the service's audit log",
+    ),
 }
 
 

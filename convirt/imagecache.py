@@ -2,11 +2,13 @@
 every training run, resume, evaluation and rank.
 
 Layout of a cache folder (default: $CONVIRT_CACHE_DIR/images, else ~/.cache/convirt/images), in a
-subfolder per decoder version (`decoder-2/`: images decoded by other rules are another cache):
+subfolder per decoder revision (`decoder-3/`: images decoded by other rules are another cache):
 
     cache.sqlite   files:    path, size, mtime_ns -> sha256 (what the file held when hashed)
-                   entries:  side, sha256 -> offset, height, width, source width and height
-                   failures: sha256 -> why it cannot be decoded
+                   entries:  side, sha256 -> offset, height, width
+                   records:  sha256 -> the image's record from its decode (convirt.imagerecord:
+                             file size, size as decoded, DICOM header fields, thumbnail)
+                   failures: sha256 -> why it cannot be decoded (ImageCache.undecodable)
     side-256.u8    the pixels of every entry of side 256: uint8 greyscale rows, back to back
     .lock          held by the one process that writes
 
@@ -25,6 +27,7 @@ most an uncommitted tail, cut off when the cache is next opened for writing.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -36,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .imageio import DECODER_VERSION
+from .imageio import DECODER_REVISION
+from .imagerecord import ImageRecord
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -53,8 +57,11 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE TABLE IF NOT EXISTS entries (
     side INTEGER NOT NULL, sha256 TEXT NOT NULL, offset INTEGER NOT NULL,
     height INTEGER NOT NULL, width INTEGER NOT NULL,
-    source_width INTEGER NOT NULL, source_height INTEGER NOT NULL,
     PRIMARY KEY (side, sha256)
+);
+CREATE TABLE IF NOT EXISTS records (
+    sha256 TEXT PRIMARY KEY, size_bytes INTEGER NOT NULL, width INTEGER NOT NULL,
+    height INTEGER NOT NULL, header TEXT NOT NULL, thumbnail BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS failures (sha256 TEXT PRIMARY KEY, reason TEXT NOT NULL);
 """
@@ -72,8 +79,6 @@ class Entry:
     height: int
     width: int
     sha256: str = ""
-    source_width: int = 0  # as decoded, before shrinking
-    source_height: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,9 +93,9 @@ def default_root() -> Path:
 
 
 def cache_root(root: str | Path | None) -> Path:
-    """Where a cache's files are: `root` (else the default folder), for this decoder version."""
+    """Where a cache's files are: `root` (else the default folder), for this decoder revision."""
     folder = Path(root).expanduser() if root else default_root()
-    return folder / f"decoder-{DECODER_VERSION}"
+    return folder / f"decoder-{DECODER_REVISION}"
 
 
 def pixel_file(root: Path, side: int) -> Path:
@@ -140,16 +145,26 @@ class ImageCache:
         for chunk in _chunks(sorted(set(hashes))):
             marks = ",".join("?" * len(chunk))
             query = (
-                "SELECT sha256, offset, height, width, source_width, source_height FROM entries "
+                "SELECT sha256, offset, height, width FROM entries "
                 f"WHERE side = ? AND sha256 IN ({marks})"
             )
-            for sha, offset, height, width, source_width, source_height in self.conn.execute(
-                query, [side, *chunk]
-            ):
-                found[sha] = Entry(offset, height, width, sha, source_width, source_height)
+            for sha, offset, height, width in self.conn.execute(query, [side, *chunk]):
+                found[sha] = Entry(offset, height, width, sha)
         return found
 
-    def failures(self, hashes: Iterable[str]) -> dict[str, str]:
+    def record(self, sha256: str) -> ImageRecord | None:
+        """The record its decode left of a content, or None where it was not decoded."""
+        row = self.conn.execute(
+            "SELECT size_bytes, width, height, header, thumbnail FROM records WHERE sha256 = ?",
+            (sha256,),
+        ).fetchone()
+        if row is None:
+            return None
+        size, width, height, header, thumbnail = row
+        return ImageRecord(sha256, size, width, height, json.loads(header), bytes(thumbnail))
+
+    def undecodable(self, hashes: Iterable[str]) -> dict[str, str]:
+        """{sha256: why} of the contents among `hashes` that cannot be decoded (remembered)."""
         found = {}
         for chunk in _chunks(sorted(set(hashes))):
             marks = ",".join("?" * len(chunk))
@@ -176,8 +191,8 @@ class ImageCache:
                 "committed_bytes": pixels,
             }
         (files,) = self.conn.execute("SELECT COUNT(*) FROM files").fetchone()
-        (failures,) = self.conn.execute("SELECT COUNT(*) FROM failures").fetchone()
-        return {"root": str(self.root), "files": files, "failures": failures, "sides": sides}
+        (undecodable,) = self.conn.execute("SELECT COUNT(*) FROM failures").fetchone()
+        return {"root": str(self.root), "files": files, "failures": undecodable, "sides": sides}
 
 
 class CacheReader:
@@ -231,7 +246,8 @@ class CacheWriter:
         self._files: dict[int, object] = {}
         self._ends: dict[int, int] = {}
         self._pending_entries: list[tuple] = []
-        self._pending_failures: list[tuple[str, str]] = []
+        self._pending_records: list[tuple] = []
+        self._pending_undecodable: list[tuple[str, str]] = []
         self._cut_uncommitted_tails()
 
     def _acquire_lock(self) -> None:
@@ -264,22 +280,32 @@ class CacheWriter:
                 [(s.path, s.size, s.mtime_ns, sha) for s, sha in rows],
             )
 
-    def append(self, side: int, sha256: str, pixels: np.ndarray, source_size: tuple[int, int]):
-        """Write one image's pixels at the end of its side's file; returns its Entry (visible to
-        others once committed)."""
+    def append(self, side: int, pixels: np.ndarray, record: ImageRecord) -> Entry:
+        """Write one image's pixels at the end of its side's file, and its record; returns its
+        Entry (both visible to others once committed)."""
         if side not in self._files:
             path = pixel_file(self.cache.root, side)
             self._files[side] = open(path, "ab")  # noqa: SIM115 (closed in close())
             self._ends[side] = self._committed_end(side)
         height, width = pixels.shape
-        entry = Entry(self._ends[side], height, width, sha256, *source_size)
+        entry = Entry(self._ends[side], height, width, record.sha256)
         self._files[side].write(np.ascontiguousarray(pixels, np.uint8).tobytes())
         self._ends[side] += pixels.nbytes
-        self._pending_entries.append((side, sha256, entry.offset, height, width, *source_size))
+        self._pending_entries.append((side, record.sha256, entry.offset, height, width))
+        self._pending_records.append(
+            (
+                record.sha256,
+                record.size_bytes,
+                record.width,
+                record.height,
+                json.dumps(record.header, sort_keys=True),
+                record.thumbnail,
+            )
+        )
         return entry
 
-    def fail(self, sha256: str, reason: str) -> None:
-        self._pending_failures.append((sha256, reason))
+    def remember_undecodable(self, sha256: str, reason: str) -> None:
+        self._pending_undecodable.append((sha256, reason))
 
     def commit(self) -> None:
         """Make every appended image durable, then visible: pixels fsynced before their rows."""
@@ -288,16 +314,19 @@ class CacheWriter:
             os.fsync(f.fileno())
         with self.conn:
             self.conn.executemany(
-                "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending_entries
+                "INSERT INTO entries VALUES (?, ?, ?, ?, ?)", self._pending_entries
             )
             self.conn.executemany(
-                "INSERT OR REPLACE INTO failures VALUES (?, ?)", self._pending_failures
+                "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?)", self._pending_records
             )
-        self._pending_entries, self._pending_failures = [], []
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO failures VALUES (?, ?)", self._pending_undecodable
+            )
+        self._pending_entries, self._pending_records, self._pending_undecodable = [], [], []
 
     @property
     def pending(self) -> int:
-        return len(self._pending_entries) + len(self._pending_failures)
+        return len(self._pending_entries) + len(self._pending_undecodable)
 
     def close(self) -> None:
         """Commit what is pending, then always release the files and the lock (a failed commit,

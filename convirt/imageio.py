@@ -35,9 +35,10 @@ from .decode_budget import (
     draft_scale,
     trim_heap,
 )
+from .imagerecord import header_fields
 
 __all__ = [  # with the budget names convirt.decode_budget defines, imported from here
-    "DECODER_VERSION",
+    "DECODER_REVISION",
     "DICOM_PREAMBLE",
     "DICOM_SUFFIXES",
     "DRAFT_MIN_SIDE",
@@ -70,8 +71,9 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 # What a DICOM file starts with; a data set saved without it can be read with it put in front.
 DICOM_PREAMBLE = b"\x00" * 128 + b"DICM"
 # What the image cache's entries were decoded by: bump it whenever decoding gives other pixels for
-# the same file (a new rule, a fixed bug), so caches made before are not read as current.
-DECODER_VERSION = 2
+# the same file (a new rule, a fixed bug) or the cache keeps other things of a decode (3: the
+# image's record), so caches made before are not read as current.
+DECODER_REVISION = 3
 # Bytes per pixel of each PIL mode as decoded ("1" is unpacked to a byte per pixel).
 MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3}
 MODE_BYTES |= {"HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
@@ -86,7 +88,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     """Open a file path or raw bytes as an 8-bit greyscale ('L') image, fully decoded.
 
     Raises ImageDecodeError for anything that cannot be decoded (ImageTooLargeError for images
-    too large to decode), never another exception type for bad input.
+    too large to decode), never another exception type for bad input. A DICOM image's header
+    fields (convirt.imagerecord's naming table) are in its info["header"].
     """
     data = source if isinstance(source, bytes) else None
     path = None if data is not None else Path(source)
@@ -266,13 +269,15 @@ def _load_dicom(fp) -> Image.Image:
     except Exception as err:  # pydicom raises many types for malformed files
         raise ImageDecodeError(f"unreadable DICOM file: {err}") from err
     try:
-        return _decode_dicom(ds)
+        image = _decode_dicom(ds)
     except ImageDecodeError:
         raise
     except MemoryError:
         raise
     except Exception as err:  # a bad header value, LUT or window: this file, not the caller
         raise ImageDecodeError(f"cannot decode DICOM pixel data: {err}") from err
+    image.info["header"] = header_fields(ds)  # the data set is parsed once: its record's fields
+    return image
 
 
 def _header_int(ds, keyword: str, default: int) -> int:

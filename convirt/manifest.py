@@ -123,10 +123,11 @@ def _item(
     return ManifestItem(path, relpath, text, meta)
 
 
-def read_manifest(
+def read_manifest_items(
     manifest: str | Path, split: str | None = None, **columns
 ) -> tuple[list[ManifestItem], list[Skip]]:
-    """iter_manifest collected: the items and the skips, for callers that want lists."""
+    """iter_manifest collected: the items and the skips, for callers that want lists (training,
+    evaluation; the index's read_manifest turns them into a Source)."""
     items: list[ManifestItem] = []
     skips: list[Skip] = []
     for entry in iter_manifest(manifest, split, **columns):

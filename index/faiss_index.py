@@ -50,8 +50,11 @@ def pq_codes(dim: int) -> int:
     return max(m for m in range(1, target + 1) if dim % m == 0)
 
 
-def check_factory(factory: str, dim: int) -> None:
-    """Fail early (before any embedding) on a factory string FAISS cannot parse."""
+def check_index_type(factory: str, dim: int) -> None:
+    """Fail early (before any embedding) on an --index-type that is neither a named type nor a
+    factory string FAISS can parse."""
+    if factory in NAMED_TYPES:
+        return
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:

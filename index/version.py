@@ -1,4 +1,4 @@
-"""One index version: what a directory under ROOT/versions/ holds, how it is written and read.
+"""One index version: what a directory under ROOT/versions/ holds, and how it is read.
 
     version.json        fingerprint, counts, index type, dims, source, timings, parent version
     build_report.json   skipped files (with the reason), duplicates, what this operation changed
@@ -8,6 +8,7 @@
     joint.faiss         IndexIDMap2 over joint.npy (absent in a shard)
     encoder.faiss       IndexIDMap2 over encoder.npy (absent in a shard)
     meta.sqlite         one row per id: path, hash, size, metadata, report, thumbnail
+    sentences.npy       float32 u/|u| of the reports' sentences (index.write.sentences)
 
 The .npy files are the source of truth: add/remove/merge copy them instead of re-embedding, and
 the FAISS files can be rebuilt from them with another --index-type (`convirt index reindex`).
@@ -15,46 +16,32 @@ version.json records the SHA-256 of each of these data files (meta.sqlite aside:
 its field indexes to it): a server checks the FAISS files and ids.npy against them at every start
 and reload, `convirt index verify` all of them.
 
-Every write operation (build, add, remove, reindex, merge, sync) goes through one template:
-
-    with writing(root, "add", from_current=True, keep=3) as w:
-        w.current                      # the version being served (from_current=True)
-        w.needs(lambda: bytes_needed)  # the estimate a disk-full error reports
-        staging = w.staging(Staging(...))   # closed on exit, removed once the version is out
-        w.meta                         # the new version's meta.sqlite (its tmp dir made on first use)
-        w.publish(vectors, ids, info, report, index_type)   # or nothing: CURRENT stays
-    w.summary                          # what the operation did (Summary.line() for the CLI)
-
-It holds ROOT/.lock, removes versions left half-written by a crashed writer, turns running out of
-disk into DiskFullError, publishes atomically (the version directory is renamed into place, then
-CURRENT switched), prunes old versions and removes the staging area. On any error the tmp version
-is discarded and CURRENT still names the old version; the staging area stays for a rerun.
+How a version is written (the one template of every write) is index/write/template.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from . import faiss_index, layout, metadata, sentences
-from .errors import IndexStoreError
-from .staging import Staging
+from convirt.hashing import sha256_file
 
-VERSION_FORMAT = 1
+from . import faiss_index
+from .errors import IndexStoreError, reason
+from .metadata import META_DB
+
+INFO_FORMAT = 1
 INFO_NAME = "version.json"
-REPORT_NAME = "build_report.json"
+OUTCOME_NAME = "build_report.json"  # the outcome of the write that made the version
 SPACES = ("joint", "encoder")
+# the report sentences' vectors (index.read.sentences, index.write.sentences)
+SENTENCE_VECTORS = "sentences.npy"
 
 
 @dataclass
@@ -74,7 +61,7 @@ class VersionFiles:
 
     @property
     def meta_path(self) -> Path:
-        return self.directory / metadata.META_DB
+        return self.directory / META_DB
 
     def ids(self) -> np.ndarray:
         return np.load(self.directory / "ids.npy")
@@ -96,7 +83,7 @@ class VersionFiles:
         recorded = (self.info.get("checksums") or {}).get(name)
         if recorded is None:
             return None
-        if sha256_of(self.directory / name) != recorded:
+        if sha256_file(self.directory / name) != recorded:
             return (
                 f"{name} is not the file published with this version (its SHA-256 differs from "
                 "version.json's): it was changed or damaged since; rebuild it with "
@@ -104,8 +91,8 @@ class VersionFiles:
             )
         return None
 
-    def report(self) -> dict[str, Any]:
-        path = self.directory / REPORT_NAME
+    def outcome(self) -> dict[str, Any]:
+        path = self.directory / OUTCOME_NAME
         return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -115,19 +102,14 @@ DATA_FILES = (
     "encoder.npy",
     "joint.faiss",
     "encoder.faiss",
-    sentences.VECTORS,
+    SENTENCE_VECTORS,
 )
-
-
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def checksums(directory: Path) -> dict[str, str]:
     """The SHA-256 of each data file a version directory holds."""
     return {
-        name: sha256_of(directory / name) for name in DATA_FILES if (directory / name).is_file()
+        name: sha256_file(directory / name) for name in DATA_FILES if (directory / name).is_file()
     }
 
 
@@ -144,270 +126,18 @@ def read_version(directory: Path) -> VersionFiles:
         ) from None
     if not isinstance(info, dict):
         raise IndexStoreError(f"{path} is not a version description: {directory} is damaged")
-    if info.get("format") != VERSION_FORMAT:
+    if info.get("format") != INFO_FORMAT:
         raise IndexStoreError(
             f"{directory}: index format {info.get('format')!r}, this version reads "
-            f"{VERSION_FORMAT}; rebuild the index with this version of convirt"
+            f"{INFO_FORMAT}; rebuild the index with this version of convirt"
         )
     return VersionFiles(Path(directory), info)
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-class VersionWriter:
-    """A new version assembled in a tmp dir, published with `publish`, discarded on error."""
-
-    def __init__(self, root: Path, started: float | None = None):
-        self.root = Path(root)
-        self.name = layout.next_version_name(self.root)
-        self.directory = layout.new_tmp_dir(self.root, self.name)
-        try:
-            self.meta = metadata.create(self.directory / metadata.META_DB)
-        except BaseException:
-            shutil.rmtree(self.directory, ignore_errors=True)  # e.g. the disk is full
-            raise
-        self.started = time.perf_counter() if started is None else started
-
-    def __enter__(self) -> VersionWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.discard()
-
-    def discard(self) -> None:
-        self.meta.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def publish(
-        self,
-        vectors: dict[str, np.ndarray],
-        ids: np.ndarray,
-        info: dict[str, Any],
-        report: dict[str, Any],
-        index_type: str | None,
-        previous: Sequence[Path] = (),
-        embed_texts: sentences.EmbedTexts | None = None,
-    ) -> Path:
-        """Write vectors, FAISS indexes (unless index_type is None: a shard), the report
-        sentences (reusing the vectors of `previous` versions of the same model, embedding the
-        rest with `embed_texts`), info and report."""
-        order = np.argsort(ids, kind="stable")
-        ids = np.ascontiguousarray(ids[order], dtype=np.int64)
-        if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
-            raise IndexStoreError("two different images share one content id (a hash collision)")
-        self._check_meta(ids)
-        np.save(self.directory / "ids.npy", ids)
-        factories, recall = {}, {}
-        for space in SPACES:
-            data = np.ascontiguousarray(vectors[space][order], dtype=np.float32)
-            np.save(self.directory / f"{space}.npy", data)
-            if index_type is not None:
-                factories[space] = faiss_index.resolve_factory(index_type, len(ids), data.shape[1])
-                index = faiss_index.build_index(factories[space], data, ids)
-                faiss.write_index(index, str(self.directory / f"{space}.faiss"))
-                recall[space] = faiss_index.measure_recall(index, data, ids)
-        same_model = [p for p in previous if same_fingerprint(p, info.get("fingerprint"))]
-        dim = int(vectors["joint"].shape[1])
-        written = sentences.write(self.meta, self.directory, dim, same_model, embed_texts)
-        info = {
-            **info,
-            "format": VERSION_FORMAT,
-            "version": self.name,
-            "count": len(ids),
-            "dims": {space: int(vectors[space].shape[1]) for space in SPACES},
-            "index_type": index_type,
-            "factory": factories or None,
-            "recall_at_10": recall if any(v is not None for v in recall.values()) else None,
-            "created_at": now_iso(),
-            "seconds": round(time.perf_counter() - self.started, 3),
-            "sentences": written.as_info() if written else None,
-            "checksums": checksums(self.directory),
-        }
-        (self.directory / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        report = {"version": self.name, **report}
-        (self.directory / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        self.meta.close()
-        return layout.publish_version(self.root, self.directory, self.name)
-
-    def _check_meta(self, ids: np.ndarray) -> None:
-        self.meta.commit()
-        if metadata.sorted_ids(self.meta) != ids.tolist():
-            raise IndexStoreError("internal error: metadata rows and vectors disagree")
-
-
-def same_fingerprint(directory: Path, fingerprint: str | None) -> bool:
-    """Whether the version in `directory` was embedded by the model `fingerprint` names."""
+def load_array(load: Callable[[], np.ndarray], name: str, problems: list[str]) -> np.ndarray | None:
+    """An .npy file, or None with the reason appended to problems (truncated, garbled, missing)."""
     try:
-        return read_version(directory).fingerprint == fingerprint
-    except (IndexStoreError, KeyError):
-        return False
-
-
-# -- the one template of every write ---------------------------------------------------------------
-
-
-@dataclass
-class Summary:
-    """What an operation did; `line()` is the one-line account the CLI prints."""
-
-    operation: str
-    version: str
-    directory: Path
-    count: int
-    changes: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    published: bool = True  # False: nothing changed, CURRENT still names `version`
-
-    def line(self) -> str:
-        done = ", ".join(f"{n} {what}" for what, n in self.changes.items() if n)
-        if not self.published:
-            return (
-                f"{self.operation}: nothing changed{f' ({done})' if done else ''}; version "
-                f"{self.version} with {self.count} images stays current ({self.seconds:.1f}s)"
-            )
-        return (
-            f"{self.operation}: version {self.version} with {self.count} images"
-            f"{f' ({done})' if done else ''} in {self.seconds:.1f}s; "
-            f"report: {self.directory / REPORT_NAME}"
-        )
-
-
-def open_writable_current(root: Path) -> VersionFiles:
-    """The version being served, refused when it is a shard (shards are only merged)."""
-    current = read_version(layout.current_version_dir(root))
-    if current.info.get("shard"):
-        shard = current.info["shard"]
-        raise IndexStoreError(
-            f"{root} holds shard {shard['index']}/{shard['count']} of a sharded build: "
-            "merge the shards into an index first (`convirt index merge --out ROOT SHARD...`)"
-        )
-    return current
-
-
-class Write:
-    """One write operation on an index root, from its lock to its summary (see `writing`)."""
-
-    def __init__(self, root: Path, operation: str, keep: int, started: float):
-        self.root, self.operation, self.keep, self.started = root, operation, keep, started
-        self.parent = layout.read_current(root)  # the version this one follows, if any
-        self.current: VersionFiles | None = None
-        self.summary: Summary | None = None
-        self._needed: Callable[[], int] = lambda: 0
-        self._writer: VersionWriter | None = None
-        self._stagings: list[Staging] = []
-        self._directory: Path | None = None
-        self._changes: dict[str, int] = {}
-        # report sentences: texts -> joint vectors for those no earlier version holds (set by
-        # the operations that load a model), and where earlier vectors may be found
-        self.embed_texts: sentences.EmbedTexts | None = None
-        self.reuse_from: list[Path] = []
-        if self.parent is not None:
-            self.reuse_from.append(layout.versions_dir(root) / self.parent)
-
-    def needs(self, estimate: Callable[[], int]) -> None:
-        """About the bytes this write takes (asked only when a write fails for want of space)."""
-        self._needed = estimate
-
-    def needed(self) -> int:
-        return self._needed()
-
-    def staging(self, staging: Staging) -> Staging:
-        """Embeddings of this job: closed when the write ends, removed once it is published."""
-        self._stagings.append(staging)
-        return staging
-
-    def writer(self) -> VersionWriter:
-        """The new version, assembled in a tmp dir (made on first use)."""
-        if self._writer is None:
-            self._writer = VersionWriter(self.root, self.started)
-        return self._writer
-
-    @property
-    def meta(self):
-        """The new version's metadata connection (meta.sqlite)."""
-        return self.writer().meta
-
-    @property
-    def published(self) -> bool:
-        return self._directory is not None
-
-    def publish(
-        self,
-        vectors: dict[str, np.ndarray],
-        ids: np.ndarray,
-        info: dict[str, Any],
-        report: dict[str, Any],
-        index_type: str | None,
-        changes: dict[str, int] | None = None,
-    ) -> Path:
-        """Write the new version and switch CURRENT to it. `info` and `report` get this
-        operation's name and parent; `changes` (default: the report's counts) go to the summary."""
-        info = {**info, "operation": self.operation, "parent": self.parent}
-        report = {"operation": self.operation, **report}
-        self._directory = self.writer().publish(
-            vectors, ids, info, report, index_type, self.reuse_from, self.embed_texts
-        )
-        self._changes = dict(report.get("counts", {}) if changes is None else changes)
-        return self._directory
-
-    def unchanged(self, changes: dict[str, int] | None = None) -> None:
-        """Publish nothing: the summary names the current version (what was checked: changes)."""
-        self._changes = dict(changes or {})
-
-    def _finish(self) -> None:
-        if self.published:
-            for staging in self._stagings:
-                staging.remove()
-            layout.prune_versions(self.root, self.keep)
-            directory = self._directory
-        else:
-            directory = layout.current_version_dir(self.root)
-        info = read_version(directory).info
-        self.summary = Summary(
-            self.operation,
-            info["version"],
-            directory,
-            info["count"],
-            self._changes,
-            time.perf_counter() - self.started,
-            self.published,
-        )
-
-    def _close(self) -> None:
-        if self._writer is not None and not self.published:
-            self._writer.discard()
-        for staging in self._stagings:
-            staging.close()
-
-
-@contextmanager
-def writing(
-    root: str | Path,
-    operation: str,
-    *,
-    from_current: bool = False,
-    keep: int = layout.KEEP_VERSIONS,
-    started: float | None = None,
-) -> Iterator[Write]:
-    """Lock ROOT, run the body, publish what it wrote atomically, prune, summarise.
-
-    from_current: the body derives the new version from the one being served (`w.current`;
-    an error when there is none or it is a shard). On any error nothing is published, the tmp
-    version is removed and the staging area kept (a rerun resumes); a write that failed for want
-    of space raises DiskFullError naming the disk, the space free and `w.needs`' estimate."""
-    root = Path(root)
-    started = time.perf_counter() if started is None else started
-    with layout.write_lock(root):
-        layout.remove_tmp_dirs(root)
-        write = Write(root, operation, keep, started)
-        if from_current:
-            write.current = open_writable_current(root)
-        with layout.disk_full_as_error(root, operation, write.needed):
-            try:
-                yield write
-                write._finish()
-            finally:
-                write._close()
+        return load()
+    except Exception as err:
+        problems.append(f"{name} cannot be read: {reason(err)}")
+        return None

@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from convirt.cli_options import add_device_option, add_model_option, command_parser
+
 from .settings import Settings, env_name
 
 log = logging.getLogger("service")
@@ -46,18 +48,19 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convirt serve",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """A flag per setting, none defaulted: what is not given comes from the environment, else
+    the setting's default (which the help names)."""
+    parser = command_parser("convirt serve", DESCRIPTION, EPILOG)
     for name, field in Settings.model_fields.items():
         if name in ENV_ONLY:
             continue
         help_text = f"{field.description} [{env_name(name)}; default: {field.default}]"
         flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
+        if name == "model":  # --model and --device: declared as every `convirt` command does
+            add_model_option(parser, required=False, help=help_text)
+        elif name == "device":
+            add_device_option(parser, default=None, help=help_text)
+        elif field.annotation is bool:
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
             )
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as err:
         print(f"convirt serve: {describe_invalid(err)}", file=sys.stderr)
         return 2
-    from .access import startup_problem, startup_warnings
+    from service.guard.startup import startup_problem, startup_warnings
 
     problem = startup_problem(settings)  # before the model loads: a refusal costs nothing
     if problem:
@@ -100,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings: Settings) -> int:
     import uvicorn
 
-    from .access import with_peer_and_proxy_headers
-    from .app import create_app
-    from .audit import AuditError
-    from .limits import guarded_protocol
-    from .loading import StartupError, load_resources
+    from service.api.app import create_app
+    from service.guard.audit import AuditError
+    from service.guard.limits import guarded_protocol
+    from service.guard.peers import with_peer_and_proxy_headers
+    from service.model.loading import StartupError, load_resources
+
     from .logs import log_config
 
     try:

@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, latencies, batch sizes, reloads and the index being served.
+"""Prometheus metrics: requests, latencies, search stages, batch sizes, reloads and the index.
 
 Each app owns its registry, so several apps in one process (tests, benchmarks) never collide.
 """
@@ -6,6 +6,8 @@ Each app owns its registry, so several apps in one process (tests, benchmarks) n
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,8 +22,11 @@ from prometheus_client import (
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, *LATENCY_BUCKETS)  # a stage may take well under 5 ms
 
 
 class Metrics:
@@ -31,70 +36,80 @@ class Metrics:
         disable_created_metrics()  # no *_created series: they double the output for no use
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
-        self.requests = Counter(
+        self.requests = self._metric(
+            Counter,
             "convirt_http_requests",
             "HTTP requests answered, by route template, method and status",
             ["route", "method", "status"],
-            registry=self.registry,
         )
-        self.latency = Histogram(
+        self.latency = self._metric(
+            Histogram,
             "convirt_http_request_seconds",
             "Time from request to the end of the response, by route template",
             ["route", "method"],
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.batch_size = Histogram(
+        self.batch_size = self._metric(
+            Histogram,
             "convirt_batch_size",
             "Queries embedded per encoder call (micro-batching), by modality",
             ["kind"],
             buckets=BATCH_BUCKETS,
-            registry=self.registry,
         )
-        self.inference = Histogram(
+        self.inference = self._metric(
+            Histogram,
             "convirt_inference_seconds",
             "Time of one encoder call, by modality",
             ["kind"],
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.index_images = Gauge(
-            "convirt_index_images",
-            "Images in the index version being served",
-            registry=self.registry,
+        self.stages = self._metric(
+            Histogram,
+            "convirt_search_stage_seconds",
+            "Time of one stage of a search, by stage (index.read.timings: decode, queue, "
+            "encode, filter, faiss, reports, grouping, describe, audit)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
         )
-        self.index_info = Gauge(
+        self.index_images = self._metric(
+            Gauge, "convirt_index_images", "Images in the index version being served"
+        )
+        self.index_info = self._metric(
+            Gauge,
             "convirt_index_info",
             "1 for the index version and model fingerprint being served",
             ["version", "fingerprint"],
-            registry=self.registry,
         )
-        self.reloads = Counter(
+        self.reloads = self._metric(
+            Counter,
             "convirt_index_reloads",
             "Index reload attempts, by outcome (switched, unchanged, failed)",
             ["outcome"],
-            registry=self.registry,
         )
-        self.audit_refused = Counter(
+        self.audit_refused = self._metric(
+            Counter,
             "convirt_audit_refused",
             "Requests refused (503) because their audit entry could not be written, by reason "
             "(disk_reserve: under CONVIRT_AUDIT_MIN_FREE_MB, disk_full, write_failed)",
             ["reason"],
-            registry=self.registry,
         )
-        self.audit_torn_sealed = Counter(
+        self.audit_torn_sealed = self._metric(
+            Counter,
             "convirt_audit_torn_writes_sealed",
             "Audit lines cut short (a full disk) and sealed by a recovery entry",
-            registry=self.registry,
         )
-        self.audit_free_bytes = Gauge(
+        self.audit_free_bytes = self._metric(
+            Gauge,
             "convirt_audit_disk_free_bytes",
             "Free bytes on the audit log's disk (requests are refused under the reserve)",
-            registry=self.registry,
         )
 
+    def _metric(self, kind: type[M], name: str, documentation: str, labels=(), **options) -> M:
+        """One metric of this app's registry (Counter, Gauge or Histogram; buckets as options)."""
+        return kind(name, documentation, labels, registry=self.registry, **options)
+
     def audit_event(self, event: str) -> None:
-        """What the audit log reports (service.audit.store): a refusal's reason, or a seal."""
+        """What the audit log reports (service.guard.audit.store): a refusal's reason, or a seal."""
         if event == "torn_write_sealed":
             self.audit_torn_sealed.inc()
         else:
@@ -108,6 +123,11 @@ class Metrics:
     def observe_batch(self, kind: str, size: int, seconds: float) -> None:
         self.batch_size.labels(kind).observe(size)
         self.inference.labels(kind).observe(seconds)
+
+    def observe_stages(self, ms: Mapping[str, float]) -> None:
+        """A search's Timings (stage: milliseconds), each stage into its histogram."""
+        for stage, taken in ms.items():
+            self.stages.labels(stage).observe(taken / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

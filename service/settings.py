@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         description="comma-separated metadata fields /v1/facets never lists, besides patient "
         "and accession numbers and DICOM UIDs (they stay filterable by name)",
     )
-    # -- access control, audit trail, viewer links (service/access.py, audit.py, viewer.py) -------
+    # -- access control, audit trail, viewer links (service/guard/, service/search/viewer.py) ------
     auth: Literal["auto", "keys", "proxy"] = Field(
         "auto",
         description="who may search and view: keys (an X-API-Key of CONVIRT_AUTH_DB, or "
@@ -159,7 +159,7 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(
         200, ge=1, description="requests a key or proxy user may make at once, past the rate"
     )
-    # -- heat-maps, GET /v1/explain (service/explainer.py) ------------------------------------------
+    # -- heat-maps, GET /v1/explain (service/model/explainer.py) -----------------------------------
     explain_worker: Literal["process", "thread"] = Field(
         "process",
         description="where heat-maps are computed, never on the model thread text and image "
@@ -233,7 +233,7 @@ class Settings(BaseSettings):
         description="PACS viewer link of a result, with {study}, {series} and {instance} for "
         "its DICOM UIDs, e.g. http://pacs:8042/ohif/viewer?StudyInstanceUIDs={study}",
     )
-    # -- images a PACS holds, fetched when viewed (service/pacs.py) ------------------------------
+    # -- images a PACS holds, fetched when viewed (service/search/pacs.py) -------------------------
     pacs_threads: int = Field(
         4, ge=1, description="threads fetching PACS images for viewing (their own pool)"
     )

@@ -11,15 +11,15 @@ from starlette.concurrency import run_in_threadpool
 
 from index import layout
 from index.errors import IndexStoreError
-from index.store import IndexStore, open_current
+from index.read.store import IndexStore, open_current
+from service.model.engine import Engine
+from service.model.loading import Resources
+from service.search.pacs import PacsFetcher
+from service.search.searcher import Searcher
+from service.search.stores import StoreSlot
 
-from .engine import Engine
-from .loading import Resources
 from .metrics import Metrics
-from .pacs import PacsFetcher
-from .searcher import Searcher
 from .settings import Settings
-from .stores import StoreSlot
 
 log = logging.getLogger("service")
 
@@ -40,7 +40,7 @@ class ServiceState:
         self.engine: Engine | None = None
         self.stores: StoreSlot | None = None
         self.searcher: Searcher | None = None
-        # PACS images viewed are fetched in their own pool, never the shared one (service.pacs)
+        # PACS images viewed are fetched in their own pool, never the shared one (service.search.pacs)
         self.pacs = PacsFetcher(settings, metrics.registry)
         self.reload_lock = asyncio.Lock()
         self.poller: asyncio.Task | None = None
@@ -54,7 +54,7 @@ class ServiceState:
         engine = Engine(resources.bundle, resources.model_thread, self.settings, self.metrics)
         engine.warm_up()
         self.engine, self.stores = engine, StoreSlot(resources.store)
-        self.searcher = Searcher(engine, self.stores, self.settings, self.pacs)
+        self.searcher = Searcher(engine, self.stores, self.settings, self.pacs, self.metrics)
         self._publish(resources.store)
         log.info(
             "model %s, index version %s with %d images",

@@ -88,9 +88,9 @@ def cli_parsers() -> dict:
     """The real argparse parser of every `convirt` subcommand."""
     from convirt.cache_cli import parser as cache_parser
     from index.cli import make_parser
-    from service.audit_cli import build_parser as audit_parser
     from service.cli import build_parser
-    from service.keys_cli import build_parser as keys_parser
+    from service.guard.audit_cli import build_parser as audit_parser
+    from service.guard.keys_cli import build_parser as keys_parser
     from training.cli import eval_parser, train_parser
 
     return {
@@ -191,7 +191,7 @@ def container_variables() -> set[str]:
 def _client():
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     # no lifespan: nothing loaded, /readyz says 503; a Host the default allow-list serves

@@ -11,16 +11,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
+from serving import ServerProcess
 
 from convirt.bundle import load_tokenizer, save_bundle
 from convirt.config import ModelConfig
 from convirt.model import build_model
 from convirt.paths import data_root
-from index.builder import Options
-from index.builder import build as build_index
-from index.sources import read_manifest
-from service.process import ServerProcess
+from index.sources.manifest import read_manifest
+from index.write.build import Options
+from index.write.build import build as build_index
 from training.config import TrainConfig
 
 INDEX_OPTIONS = Options(batch_size=8, chunk_batches=1, workers=2, progress=False)
@@ -119,15 +120,25 @@ def epoch_rows(out_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def index_of_rows(folder: Path, bundle, rows: list[dict[str, str]], fields: list[str]) -> Path:
-    """A real index (folder/root) of rows with absolute image paths: nothing is copied."""
-    manifest = folder / "manifest.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
+def write_csv(path: Path, rows: list[dict[str, str]], fields: list[str]) -> Path:
+    """Rows as a CSV manifest, image paths as they are (a field a row lacks is left empty)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    build_index(folder / "root", bundle, read_manifest(manifest), INDEX_OPTIONS)
+    return path
+
+
+def built_root(folder: Path, bundle, source, options: Options = INDEX_OPTIONS) -> Path:
+    """folder/root: a real index of `source` (a Source), built by `bundle` (a folder or Bundle)."""
+    build_index(folder / "root", bundle, source, options)
     return folder / "root"
+
+
+def index_of_rows(folder: Path, bundle, rows: list[dict[str, str]], fields: list[str]) -> Path:
+    """A real index (folder/root) of rows with absolute image paths: nothing is copied."""
+    manifest = write_csv(folder / "manifest.csv", rows, fields)
+    return built_root(folder, bundle, read_manifest(manifest))
 
 
 def server_settings(model: Path, root: Path, **extra: object) -> dict[str, object]:
@@ -149,6 +160,13 @@ def serving(settings: dict) -> Iterator[ServerProcess]:
         # uvicorn shuts down gracefully on SIGTERM, then exits by re-raising it
         assert process.stop() in (0, -signal.SIGTERM), process.output()
         assert "Traceback" not in process.output(), process.output()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[httpx.Client]:
+    """An HTTP session with the module's `server` fixture (a ServerProcess)."""
+    with httpx.Client(base_url=server.url, timeout=60) as session:
+        yield session
 
 
 def error_of(response, status: int, code: str | None = None) -> dict:

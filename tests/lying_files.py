@@ -1,5 +1,5 @@
 """Crafted image files that lie about their size (issue 21, item 3), made in memory in a moment:
-for tests/test_lying_codestreams.py and bench/lying_decode.py.
+for tests/test_lying_codestreams.py, tests/test_hostile_decode.py and bench/lying_decode.py.
 
 A valid all-black baseline JPEG of any size is a few bits per 8x8 block (20000x20000: 4.7 MB,
 400 MB decoded); the lying JPEG 2000 is a real 256x256 codestream with its SIZ image size patched.
@@ -85,9 +85,11 @@ def jp2_file(codestream: bytes, width: int, height: int) -> bytes:
     )
 
 
-def encapsulated_dicom(frame: bytes, syntax: str, side: int = 256) -> bytes:
-    """A single-frame 8-bit greyscale DICOM whose header says side x side, with `frame` as its
-    one encapsulated frame."""
+def encapsulated_dicom(
+    frame: bytes | list[bytes], syntax: str, side: int = 256, bits: int = 8
+) -> bytes:
+    """A greyscale DICOM of `bits` bits whose header says side x side, with `frame` as its one
+    encapsulated frame (a list: a multi-frame DICOM of those frames, NumberOfFrames set)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
@@ -97,12 +99,14 @@ def encapsulated_dicom(frame: bytes, syntax: str, side: int = 256) -> bytes:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.Modality = "OT"
     ds.Rows = ds.Columns = side
+    if isinstance(frame, list):
+        ds.NumberOfFrames = len(frame)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
     ds.PixelRepresentation = 0
-    ds.PixelData = encapsulate([frame])
+    ds.PixelData = encapsulate(frame if isinstance(frame, list) else [frame])
     ds["PixelData"].VR = "OB"
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)

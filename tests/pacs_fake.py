@@ -38,18 +38,25 @@ HUGE_BYTES = 1 << 30
 TRICKLE_S = 2.0
 
 
-def dicom_bytes(study: str, series: str, sop: str, seed: int) -> bytes:
-    """A real 32x32 8-bit Secondary Capture image, its pixels drawn from `seed`."""
+def secondary_capture(study: str, series: str, sop: str, syntax: str) -> Dataset:
+    """A Secondary Capture instance with its file meta (in `syntax`) and UIDs, no pixels yet (also
+    bench/dicomweb_ingest.py's)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (
         SecondaryCaptureImageStorage,
         sop,
     )
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax
     ds = Dataset()
     ds.file_meta, ds.preamble = meta, b"\0" * 128
     ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, sop
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    return ds
+
+
+def dicom_bytes(study: str, series: str, sop: str, seed: int) -> bytes:
+    """A real 32x32 8-bit Secondary Capture image, its pixels drawn from `seed`."""
+    ds = secondary_capture(study, series, sop, ExplicitVRLittleEndian)
     ds.Modality, ds.PatientID, ds.StudyDate = "CR", "P-FAKE", "20240101"
     ds.Rows = ds.Columns = 32
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

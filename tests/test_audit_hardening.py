@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,11 +37,11 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import error_of, index_of_rows, server_settings
+from serving import ServerProcess, finish
 
 from convirt import cli
 from convirt.bundle import load_bundle
-from service.audit import AuditError, AuditLog, AuditRecord
-from service.process import ServerProcess
+from service.guard.audit import AuditError, AuditLog, AuditRecord
 
 FIELDS = ["image", "text", "modality", "case_id", "StudyInstanceUID"]
 UID_ROOT = "1.2.826.0.1.3680043.8.498"
@@ -186,17 +185,6 @@ def start(pool: ThreadPoolExecutor, settings: dict) -> tuple[ServerProcess, Futu
     """A `convirt serve` starting in `pool` (its start waits for /readyz)."""
     process = ServerProcess(settings)
     return process, pool.submit(process.start)
-
-
-def finish(process: ServerProcess, started: Future) -> None:
-    """Stop a server; one that started must stop cleanly and have logged no traceback."""
-    try:
-        if started.exception() is None:
-            # uvicorn shuts down gracefully on SIGTERM, then exits by re-raising it
-            assert process.stop() in (0, -signal.SIGTERM), process.output()
-            assert "Traceback" not in process.output(), process.output()
-    finally:
-        process.__exit__()
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,13 @@ from conftest import browser_page, error_of, index_of_rows, server_settings, ser
 from fastapi.testclient import TestClient
 
 from convirt.bundle import load_bundle
-from service.access import AddressList, RateLimiter, is_loopback
-from service.app import create_app
-from service.audit import AuditLog, head_path, verify
+from service.api.app import create_app
+from service.guard.audit import AuditLog, head_path, verify
+from service.guard.peers import AddressList, is_loopback
+from service.guard.rate_limit import RateLimiter
 from service.logs import DropQueryString
+from service.search.viewer import dicom_uids, viewer_url
 from service.settings import Settings
-from service.viewer import dicom_uids, viewer_url
 
 FIELDS = [
     "image", "text", "modality", "case_id",
@@ -118,14 +119,24 @@ def keys(state) -> dict[str, str]:
     }
 
 
+def guarded_settings(model: Path, root: Path, state: Path, **extra: object) -> dict[str, object]:
+    """A server's settings with the key database and the audit log of `state`, then `extra`."""
+    return server_settings(
+        model,
+        root,
+        CONVIRT_AUTH_DB=state / "keys.sqlite",
+        CONVIRT_AUDIT_LOG=state / "audit.jsonl",
+        **extra,
+    )
+
+
 @pytest.fixture(scope="module")
 def server(bundle_dir, index_root, state, keys) -> Iterator:
-    settings = server_settings(
+    settings = guarded_settings(
         bundle_dir,
         index_root,
-        CONVIRT_AUTH_DB=state / "keys.sqlite",
+        state,
         CONVIRT_API_KEY=LEGACY_KEY,
-        CONVIRT_AUDIT_LOG=state / "audit.jsonl",
         CONVIRT_VIEWER_URL=VIEWER,
         CONVIRT_LOG_LEVEL="info",
         CONVIRT_ACCESS_LOG="1",
@@ -133,12 +144,6 @@ def server(bundle_dir, index_root, state, keys) -> Iterator:
     )
     with serving(settings) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def client(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as session:
-        yield session
 
 
 def as_(key: str) -> dict[str, str]:
@@ -339,6 +344,13 @@ def test_audit_records_searches_and_views_with_the_query_hashed(client, keys, st
     error_of(client.post("/v1/admin/reload", headers=as_(keys["reader"])), 403)
     last = audit_entries(state)[-1]
     assert (last["endpoint"], last["status"], last["user"]) == ("/v1/admin/reload", 403, who)
+
+
+def test_the_audit_write_is_timed_in_the_stage_histograms(client, keys):
+    search(client, keys["reader"], "Small left pleural effusion.", k=2)
+    metrics = client.get("/metrics").text
+    count = re.search(r'^convirt_search_stage_seconds_count\{stage="audit"\} (\S+)$', metrics, re.M)
+    assert count and float(count.group(1)) > 0
 
 
 def test_each_audit_line_is_on_disk_before_its_head(tmp_path, monkeypatch):

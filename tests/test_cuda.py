@@ -15,7 +15,7 @@ from convirt.bundle import load_bundle
 from convirt.config import ModelConfig
 from convirt.imageio import load_image
 from convirt.inference import Embedder
-from convirt.manifest import read_manifest
+from convirt.manifest import read_manifest_items
 from training.config import TrainConfig
 from training.train import train
 
@@ -50,7 +50,7 @@ def test_bf16_channels_last_training_runs_and_learns(cuda_run):
 
 
 def test_a_cuda_trained_bundle_embeds_alike_on_gpu_and_cpu(cuda_run, medpix_subset):
-    items, _ = read_manifest(medpix_subset, "dev")
+    items, _ = read_manifest_items(medpix_subset, "dev")
     images = [load_image(item.path) for item in items[:8]]
     texts = [item.text for item in items[:8]]
     vectors = {}

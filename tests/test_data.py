@@ -9,8 +9,8 @@ from convirt.bundle import load_bundle
 from convirt.imagecache import ImageCache
 from convirt.imageio import load_image, resize_shorter
 from convirt.inference import Embedder
-from convirt.manifest import EMPTY_TEXT, FILE_NOT_FOUND, ManifestError, read_manifest
-from index.sources import read_manifest as index_manifest
+from convirt.manifest import EMPTY_TEXT, FILE_NOT_FOUND, ManifestError, read_manifest_items
+from index.sources.manifest import read_manifest
 from training.data import EpochSampler, PairDataset, load_pairs
 
 
@@ -20,7 +20,7 @@ def pairs(manifest, config, split=None, cache=None):
 
 
 def test_manifest_rows_resolve_relative_to_the_manifest(medpix_subset):
-    items, skipped = read_manifest(medpix_subset, "train", require_text=True)
+    items, skipped = read_manifest_items(medpix_subset, "train", require_text=True)
     assert len(items) == 24 and not skipped
     assert all(i.path.is_absolute() and i.path.is_file() for i in items)
     assert items[0].meta["location_category"] and "image" not in items[0].meta
@@ -31,11 +31,11 @@ def test_missing_files_and_empty_text_are_counted_skips(datasets, tmp_path):
     rows[1] = {**rows[1], "image": "images/does-not-exist.jpg"}
     rows[2] = {**rows[2], "text": "   "}
     manifest = write_manifest(tmp_path / "m.csv", rows, datasets / "medpix")
-    items, skipped = read_manifest(manifest, require_text=True)
+    items, skipped = read_manifest_items(manifest, require_text=True)
     assert len(items) == 4
     assert sorted(s.reason for s in skipped) == [EMPTY_TEXT, FILE_NOT_FOUND]
     # without require_text the image-only row stays (an archive image still worth indexing)
-    items, _ = read_manifest(manifest)
+    items, _ = read_manifest_items(manifest)
     assert len(items) == 5
 
 
@@ -43,13 +43,13 @@ def test_training_and_indexing_read_a_manifest_alike(medpix_subset):
     def key(item):
         return item.relpath, item.path, item.text, sorted(item.meta.items())
 
-    items, _ = read_manifest(medpix_subset)
-    assert sorted(map(key, items)) == sorted(map(key, index_manifest(medpix_subset).items))
+    items, _ = read_manifest_items(medpix_subset)
+    assert sorted(map(key, items)) == sorted(map(key, read_manifest(medpix_subset).items))
 
 
 def test_wrong_column_name_names_the_columns(medpix_subset):
     with pytest.raises(ManifestError, match=r"no column 'report'.*columns are: image, text"):
-        read_manifest(medpix_subset, text_column="report", require_text=True)
+        read_manifest_items(medpix_subset, text_column="report", require_text=True)
 
 
 def test_jsonl_manifest(datasets, tmp_path):
@@ -60,11 +60,11 @@ def test_jsonl_manifest(datasets, tmp_path):
         for r in rows
     ]
     path.write_text("\n".join(lines) + "\n\n")
-    items, _ = read_manifest(path, require_text=True)
+    items, _ = read_manifest_items(path, require_text=True)
     assert [i.text for i in items] == [r["text"] for r in rows] and items[0].meta["n"] == "1"
     path.write_text("{broken\n")
     with pytest.raises(ManifestError, match=":1: not valid JSON"):
-        read_manifest(path)
+        read_manifest_items(path)
 
 
 def test_unreadable_images_are_skipped_with_their_reason(datasets, tmp_path, small_model_config):
@@ -101,7 +101,7 @@ def test_cached_image_is_the_decoded_image_shrunk(medpix_subset, small_model_con
     cache = ImageCache()
     table, _ = pairs(medpix_subset, small_model_config, "train", cache)
     dataset = PairDataset(table, cache.reader(small_model_config.resize), small_model_config, False)
-    items, _ = read_manifest(medpix_subset, "train", require_text=True)
+    items, _ = read_manifest_items(medpix_subset, "train", require_text=True)
     direct = resize_shorter(load_image(items[5].path), small_model_config.resize)
     assert torch.equal(dataset.image_tensor(5)[0], torch.from_numpy(np.array(direct)))
 
@@ -120,19 +120,19 @@ def test_sampler_partitions_an_epoch_across_ranks_and_resumes():
 def test_unknown_split_selects_nothing_and_missing_split_column_is_an_error(
     medpix_subset, tmp_path
 ):
-    items, skipped = read_manifest(medpix_subset, "test")
+    items, skipped = read_manifest_items(medpix_subset, "test")
     assert items == [] and skipped == []
     no_split = tmp_path / "m.csv"
     no_split.write_text("image,text\na.png,b\n")
     with pytest.raises(ManifestError, match="no 'split' column"):
-        read_manifest(no_split, "train")
+        read_manifest_items(no_split, "train")
 
 
 def test_an_upload_embeds_exactly_as_its_cached_copy(medpix_subset, small_model_config, bundle_dir):
     cache = ImageCache()
     table, _ = pairs(medpix_subset, small_model_config, "train", cache)
     dataset = PairDataset(table, cache.reader(small_model_config.resize), small_model_config, False)
-    items, _ = read_manifest(medpix_subset, "train", require_text=True)
+    items, _ = read_manifest_items(medpix_subset, "train", require_text=True)
     embedder = Embedder(load_bundle(bundle_dir))
     for row in (0, 7):
         direct = embedder.preprocess(load_image(items[row].path))

@@ -18,8 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import read_rows
-
-from service.process import free_port
+from serving import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "scripts" / "demo.sh"

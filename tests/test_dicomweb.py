@@ -35,12 +35,16 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from index import cli, dicomweb, layout
-from index.builder import Options
-from index.dicomweb import Pacs
-from index.store import open_current
-from service.errors import ApiError
-from service.results import indexed_file
+from index import cli, layout
+from index.read.store import open_current
+from index.sources.dicomweb import download
+from index.sources.dicomweb.http import DicomwebError
+from index.sources.dicomweb.pacs import Pacs
+from index.sources.dicomweb.sync import sync_pacs
+from index.write.build import Options
+from service.api.errors import status_of_error
+from service.errors import NotFound
+from service.search.pacs import indexed_file
 
 OPTIONS = Options(batch_size=4, chunk_batches=1, workers=2, progress=False)
 JOB_ARGS = ["--batch-size", "4", "--chunk-batches", "1", "--workers", "2", "--no-progress"]
@@ -366,9 +370,9 @@ def test_the_service_serves_a_pacs_image_from_the_pacs_and_404s_when_it_cannot(b
     assert hashlib.sha256(data).hexdigest() == row["sha256"] and data[128:132] == b"DICM"
     assert indexed_file(row) == path  # fetched once, then served from the local copy
     gone = {**row, "sha256": "0" * 64, "source": f"http://127.0.0.1:{free_port()}/dicom-web"}
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(NotFound) as caught:
         indexed_file(gone)
-    assert caught.value.status_code == 404 and "cannot be reached" in caught.value.detail
+    assert status_of_error(caught.value) == 404 and "cannot be reached" in caught.value.message
 
 
 def test_an_unreachable_pacs_is_a_clear_error_and_nothing_is_published(
@@ -391,7 +395,7 @@ def test_sync_adds_new_studies_removes_deleted_ones_and_a_rerun_changes_nothing(
 ):
     root = copy_root(built, tmp_path / "root")
     settings = pacs(loaded)
-    first = dicomweb.sync(root, bundle_dir, settings, OPTIONS)
+    first = sync_pacs(root, bundle_dir, settings, OPTIONS)
     assert not first.published and layout.list_versions(root) == ["000001"]
 
     covid = sorted((datasets / "covid-cxr" / "images").glob("*.jpg"))
@@ -420,7 +424,7 @@ def test_sync_adds_new_studies_removes_deleted_ones_and_a_rerun_changes_nothing(
             ),
         ]
     )
-    added = dicomweb.sync(root, bundle_dir, settings, OPTIONS)
+    added = sync_pacs(root, bundle_dir, settings, OPTIONS)
     assert added.published and added.version == "000002" and added.count == IMAGES + 1
     assert added.changes["embedded"] == 1 and added.changes["structured_reports"] == 2
     assert added.changes["reports_filled"] == 1
@@ -432,20 +436,20 @@ def test_sync_adds_new_studies_removes_deleted_ones_and_a_rerun_changes_nothing(
     # the report sentences follow: the new study's, and the one filled in later (embedded by sync)
     assert sentence_links(root)["Right basal consolidation."] == {new_row["id"]}
     assert mr["id"] in sentence_links(root)["Normal brain MR."]
-    again = dicomweb.sync(root, bundle_dir, settings, OPTIONS)
+    again = sync_pacs(root, bundle_dir, settings, OPTIONS)
     assert not again.published and layout.read_current(root) == "000002"
 
     loaded.delete_study(CT_SMALL_STUDY)
-    with pytest.raises(dicomweb.DicomwebError, match="no longer lists 1 of the"):
-        dicomweb.sync(root, bundle_dir, replace(settings, max_removal=0.0), OPTIONS)
-    removed = dicomweb.sync(root, bundle_dir, settings, OPTIONS)
+    with pytest.raises(DicomwebError, match="no longer lists 1 of the"):
+        sync_pacs(root, bundle_dir, replace(settings, max_removal=0.0), OPTIONS)
+    removed = sync_pacs(root, bundle_dir, settings, OPTIONS)
     assert removed.published and removed.count == IMAGES and removed.changes["removed"] == 1
     assert all(r["meta"]["StudyInstanceUID"] != CT_SMALL_STUDY for r in rows_by_sop(root).values())
     indexed = {r["id"] for r in rows_by_sop(root).values()}
     assert set().union(*sentence_links(root).values()) <= indexed  # removed with their images
-    assert not dicomweb.sync(root, bundle_dir, settings, OPTIONS).published
+    assert not sync_pacs(root, bundle_dir, settings, OPTIONS).published
     # without the change feed (a QIDO listing, as for any DICOMweb server) the index is current too
-    assert not dicomweb.sync(root, bundle_dir, replace(settings, feed="qido"), OPTIONS).published
+    assert not sync_pacs(root, bundle_dir, replace(settings, feed="qido"), OPTIONS).published
     with open_current(root) as store:
         assert store.info["operation"] == "sync" and store.info["parent"] == "000002"
 
@@ -470,7 +474,7 @@ def test_a_sync_cut_off_mid_way_keeps_the_old_version_and_a_rerun_completes(
             for n in range(1, 4)
         ]
     )
-    real, calls = dicomweb.retrieve, []
+    real, calls = download.retrieve, []
 
     def flaky(client, instance):
         calls.append(instance.sop)
@@ -478,17 +482,17 @@ def test_a_sync_cut_off_mid_way_keeps_the_old_version_and_a_rerun_completes(
             raise requests.ConnectionError("connection reset by peer")
         return real(client, instance)
 
-    monkeypatch.setattr(dicomweb, "retrieve", flaky)
+    monkeypatch.setattr(download, "retrieve", flaky)
     settings = replace(pacs(loaded), threads=1)
-    with pytest.raises(dicomweb.DicomwebError, match="Nothing was published"):
-        dicomweb.sync(root, bundle_dir, settings, OPTIONS)
+    with pytest.raises(DicomwebError, match="Nothing was published"):
+        sync_pacs(root, bundle_dir, settings, OPTIONS)
     assert layout.list_versions(root) == ["000001"] and layout.read_current(root) == "000001"
-    monkeypatch.setattr(dicomweb, "retrieve", real)
-    done = dicomweb.sync(root, bundle_dir, settings, OPTIONS)
+    monkeypatch.setattr(download, "retrieve", real)
+    done = sync_pacs(root, bundle_dir, settings, OPTIONS)
     assert done.published and done.changes["fetch_resumed"] == 2
     late = [r for r in rows_by_sop(root).values() if r["meta"]["StudyInstanceUID"] == LATE_STUDY]
     assert len(late) == 3 and {r["meta"]["BodyPartExamined"] for r in late} == {"HEAD"}
-    assert not dicomweb.sync(root, bundle_dir, settings, OPTIONS).published
+    assert not sync_pacs(root, bundle_dir, settings, OPTIONS).published
 
 
 def test_sync_cli_explains_itself_and_add_fetches_only_what_the_index_lacks(

@@ -356,7 +356,7 @@ def test_every_copied_path_exists_and_is_in_the_build_context():
                 if file.is_dir() or "__pycache__" in relpath or relpath.endswith(".pyc"):
                     continue
                 assert not ignored(relpath), f"{path.name}: {relpath} is left out by .dockerignore"
-    for kept in ("training/configs/gpu.yaml", "service/static/index.html", "pyproject.toml"):
+    for kept in ("training/configs/gpu.yaml", "service/api/static/index.html", "pyproject.toml"):
         assert not ignored(kept), kept
     for left_out in (".venv/bin/python", "runs/cpu/bundle/config.json", ".git/HEAD", "tests/x.py"):
         assert ignored(left_out), f".dockerignore should leave out {left_out}"

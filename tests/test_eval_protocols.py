@@ -12,7 +12,7 @@ from conftest import read_rows, write_manifest
 from convirt.bundle import initial_image_encoder, load_bundle
 from convirt.imageio import load_image
 from convirt.inference import Embedder
-from convirt.manifest import read_manifest
+from convirt.manifest import read_manifest_items
 from training import evaluate as evaluate_module
 from training.cli import eval_main
 from training.evaluate import embed_batch, embed_images, evaluate
@@ -21,7 +21,7 @@ from training.pool import caption_words, sample_pool
 
 @pytest.fixture(scope="module")
 def roco_items(datasets):
-    items, _ = read_manifest(datasets / "roco" / "manifest.csv")
+    items, _ = read_manifest_items(datasets / "roco" / "manifest.csv")
     return items
 
 
@@ -76,7 +76,7 @@ def test_a_pool_larger_than_the_eligible_pairs_is_all_of_them(roco_items):
 
 
 def test_evaluate_scores_the_pool(roco_subset, bundle_dir, monkeypatch):
-    items, _ = read_manifest(roco_subset, "dev")
+    items, _ = read_manifest_items(roco_subset, "dev")
     expected = sample_pool(items, 10, min_words=8, seed=1)
     embedded = []
     original = evaluate_module.embed_images
@@ -116,7 +116,7 @@ def embedder(bundle_dir):
 @pytest.fixture(scope="module")
 def medpix_pixels(datasets, embedder):
     """Eval views of 6 real medpix dev images."""
-    items, _ = read_manifest(datasets / "medpix" / "manifest.csv", "dev")
+    items, _ = read_manifest_items(datasets / "medpix" / "manifest.csv", "dev")
     return items[:6], torch.stack([embedder.preprocess(load_image(i.path)) for i in items[:6]])
 
 

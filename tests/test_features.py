@@ -11,7 +11,8 @@ from training.config import HeadsStage
 from training.data import PairDataset, load_pairs
 from training.features import FeatureStore, image_features, image_views, pixels_key, text_features
 from training.heads import train_heads
-from training.train import build_datasets, run_identity
+from training.run import build_datasets
+from training.run_identity import run_identity
 
 SENTENCES = ["The heart is enlarged.", "No pleural effusion.", "A lytic lesion of the femur."]
 

@@ -15,8 +15,9 @@ from convirt.encoders import build_image_encoder, build_text_encoder
 from training.config import HeadsStage, HoldOut
 from training.evaluate import evaluate
 from training.folds import fold_of_rows
-from training.metrics import random_recall_at_k
-from training.train import build_datasets, train
+from training.retrieval_scores import random_recall_at_k
+from training.run import build_datasets
+from training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import test_service
 from conftest import error_of
+from lying_files import encapsulated_dicom
 from openjpeg.utils import encode_array
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -35,7 +36,7 @@ from index import layout
 
 # test_service's module fixtures, registered here too: this module gets its own index and server
 bundle, rows, index_root = test_service.bundle, test_service.rows, test_service.index_root
-server, client = test_service.server, test_service.client
+server = test_service.server
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1_000_000
@@ -56,26 +57,7 @@ def j2k_dicom(side: int, frames: int, bits: int, broken_frames: bool = False) ->
     frame = encode_array(np.zeros((side, side), dtype), bits_stored=bits)
     garbage = b"\xff\x4f\xff\x51" + b"\x00" * 60  # a codestream start, then nothing valid
     fragments = [frame if not broken_frames or n == frames // 2 else garbage for n in range(frames)]
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows = ds.Columns = side
-    ds.NumberOfFrames = frames
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = encapsulate(fragments)
-    ds["PixelData"].VR = "OB"
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return encapsulated_dicom(fragments, JPEG2000Lossless, side, bits)
 
 
 def constant_png(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:

@@ -28,12 +28,12 @@ import httpx
 import numpy as np
 import pytest
 from conftest import error_of, index_of_rows, make_bundle, server_settings
+from serving import ServerProcess, finish
 
 from convirt.bundle import load_bundle
 from convirt.config import ModelConfig
-from service.access import RateLimiter
-from service.explainer import LruCache, query_key
-from service.process import ServerProcess
+from service.guard.rate_limit import RateLimiter
+from service.model.explainer import LruCache, query_key
 
 SIDE = 192
 IMAGES = 12
@@ -84,17 +84,6 @@ def add_key(db: Path, name: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
-
-
-def finish(process: ServerProcess, started: Future) -> None:
-    """Stop a server; one that started must stop cleanly and have logged no traceback."""
-    try:
-        if started.exception() is None:
-            # uvicorn shuts down gracefully on SIGTERM, then exits by re-raising it
-            assert process.stop() in (0, -signal.SIGTERM), process.output()
-            assert "Traceback" not in process.output(), process.output()
-    finally:
-        process.__exit__()
 
 
 def start_after(first: Future, process: ServerProcess) -> None:

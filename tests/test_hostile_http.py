@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import server_settings
+from serving import LOOPBACK, ServerProcess
 from test_service import bundle, index_root, rows  # noqa: F401 (module fixtures)
 
-from service.process import LOOPBACK, ServerProcess
 from service.settings import Settings
 
 HEADER_TIMEOUT = 2.0

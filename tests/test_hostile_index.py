@@ -21,12 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import INDEX_OPTIONS, error_of, server_settings
+from serving import ServerProcess, ServerStartError
 from test_service import API_KEY, medpix_rows, metric, write_manifest
 
 from index import cli, layout
-from index.builder import build
-from index.sources import read_manifest
-from service.process import ServerProcess, ServerStartError
+from index.sources.manifest import read_manifest
+from index.write.build import build
 
 IMAGES = 6
 POLL_SECONDS = 0.2

@@ -15,7 +15,6 @@ import httpx
 import pytest
 from test_service import (  # noqa: F401 (fixtures)
     bundle,
-    client,
     error_of,
     ids_by_path,
     index_root,
@@ -24,7 +23,7 @@ from test_service import (  # noqa: F401 (fixtures)
     server,
 )
 
-from service.batching import MicroBatcher
+from service.model.batching import MicroBatcher
 
 POISON = b'{"text": "\\ud800 x", "k": 3}'  # a lone surrogate: valid JSON, not valid Unicode
 
@@ -118,7 +117,7 @@ def test_absolute_paths_and_hashes_are_not_a_query_surface(client, rows, ids_by_
 
 @pytest.mark.parametrize("text", ["\ud800", "ok \udc00 then"])
 def test_lone_surrogates_in_the_schema(text):
-    from service.schemas import TextQuery
+    from service.api.queries import TextQuery
 
     with pytest.raises(ValueError, match="surrogate"):
         TextQuery(text=text)

@@ -87,9 +87,9 @@ def test_unreadable_images_are_listed_with_reasons_and_not_retried(small_archive
     assert [s.path.rsplit("/", 1)[-1] for s in skips] == ["broken.png", "gone.png"]
     assert "corrupt or truncated image" in skips[0].reason
     assert "not found" in skips[1].reason
-    assert resolver.counts.decoded == 4 and resolver.counts.failed == 1
+    assert resolver.counts.decoded == 4 and resolver.counts.undecodable == 1
     _, resolver = resolve(cache, small_archive)
-    assert resolver.counts.failed == 0 and len(resolver.counts.skipped) == 2
+    assert resolver.counts.undecodable == 0 and len(resolver.counts.skipped) == 2
 
 
 def test_an_uncommitted_tail_is_cut_and_damage_is_reported(small_archive, tmp_path):
@@ -187,7 +187,7 @@ def test_a_read_error_or_a_file_changing_skips_the_row_for_this_run_only(
     cache = ImageCache(tmp_path / "cache")
     out, _ = resolve(cache, small_archive)
     assert all(isinstance(row, Skip) and "EIO" in row.reason for row in out)
-    assert cache.failures([sha]) == {}  # nothing remembered against the content
+    assert cache.undecodable([sha]) == {}  # nothing remembered against the content
     monkeypatch.setattr(cachebuild, "decode_file", real)
     out, resolver = resolve(cache, small_archive)
     assert resolver.counts.decoded == 4 and not any(isinstance(row, Skip) for row in out)

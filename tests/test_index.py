@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import make_bundle
+from conftest import built_root, make_bundle
 from PIL import Image
 
 from convirt.bundle import load_bundle
@@ -31,13 +31,17 @@ from convirt.imagecache import ImageCache
 from convirt.imageio import load_image
 from convirt.inference import Embedder
 from index import cli, layout
-from index.builder import Options, add, build, merge, reindex, remove
-from index.checks import info, verify
 from index.errors import IndexLockedError, IndexSpecError, IndexStoreError, ModelMismatchError
 from index.faiss_index import AUTO_EXACT_MAX, HNSW_M, resolve_factory
-from index.sources import read_manifest, scan_folder, shard_of
-from index.staging import STAGING_DB
-from index.store import open_current
+from index.read.store import open_current
+from index.sources.base import shard_of
+from index.sources.folder import scan_folder
+from index.sources.manifest import read_manifest
+from index.write.build import Options, add, build
+from index.write.checks import info, verify
+from index.write.merge import merge
+from index.write.rewrite import reindex, remove
+from index.write.staging import STAGING_DB
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = Options(batch_size=4, chunk_batches=1, workers=2, progress=False)
@@ -81,9 +85,7 @@ def archive(tmp_path_factory, datasets, medpix_images) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, archive, bundle_dir) -> Path:
-    root = tmp_path_factory.mktemp("index") / "root"
-    build(root, bundle_dir, scan_folder(archive), OPTIONS)
-    return root
+    return built_root(tmp_path_factory.mktemp("index"), bundle_dir, scan_folder(archive), OPTIONS)
 
 
 def copy(source: Path, target: Path) -> Path:
@@ -180,7 +182,7 @@ def test_metadata_thumbnails_and_filters(built, archive):
         thumbnail = Image.open(io.BytesIO(store.thumbnail(row["id"])))
         assert thumbnail.format == "JPEG" and max(thumbnail.size) == 128
         ct = store.get(id_of(store, archive / "dicom" / "CT_small.dcm"))
-        assert ct["modality"] == "CT" and ct["meta"]["study_uid"]
+        assert ct["modality"] == "CT" and ct["meta"]["StudyInstanceUID"]
         query = np.ones(store.info["dims"]["encoder"], np.float32)
         only_ct = store.search_image_vectors(query, k=10, filters={"modality": "CT"})[0]
         assert [h.id for h in only_ct] == [ct["id"]]

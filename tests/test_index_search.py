@@ -22,10 +22,13 @@ from conftest import index_of_rows
 
 from convirt.findings import split_by_status
 from convirt.sentences import split_sentences
-from index import faiss_index, metadata
+from index import faiss_index
 from index.errors import FilterError
-from index.metadata import MAX_ANY_OF, MAX_KEYWORD_CHARS, MAX_KEYWORDS
-from index.store import Facet, Keywords, open_current
+from index.read.facets import Facet
+from index.read.filters import FILTER_COLUMNS, filtered_ids
+from index.read.keywords import Keywords
+from index.read.limits import MAX_ANY_OF, MAX_KEYWORD_CHARS, MAX_KEYWORDS
+from index.read.store import open_current
 
 FIELDS = ["image", "text", "modality", "view", "age", "sex", "study_date", "acquired", "dose"]
 # A manifest field mixing numbers with text a CAST would read as a number ("12abc" -> 12,
@@ -457,7 +460,7 @@ def test_the_report_index_is_built_once_across_threads_and_the_version_is_untouc
 
 
 def test_field_tables_find_what_the_json_scan_finds_built_once_per_field(index_root, manifest_rows):
-    """Filters on manifest fields read per-field tables (metadata.FieldTables) built on first
+    """Filters on manifest fields read per-field tables (index.read.filters.FieldTables) built on first
     use; they must pass exactly the rows that parsing each row's JSON passes."""
     meta = next((index_root / "versions").glob("*/meta.sqlite"))
     before = hashlib.sha256(meta.read_bytes()).hexdigest()
@@ -475,14 +478,12 @@ def test_field_tables_find_what_the_json_scan_finds_built_once_per_field(index_r
         {"age": {"gte": 30}, "width": {"gte": 1}},  # a manifest field and a column
     ]
     with open_current(index_root) as fresh:
-        scanned = [
-            set(metadata.filtered_ids(fresh.db, filters, fresh.meta_fields)) for filters in cases
-        ]
+        scanned = [set(filtered_ids(fresh.db, filters, fresh.meta_fields)) for filters in cases]
         with ThreadPoolExecutor(4) as pool:  # first uses race: each table is built once
             results = list(pool.map(lambda f: found(fresh, filters=f), cases * 3))
         assert results == scanned * 3
         assert 0 < len(scanned[3]) < fresh.count and scanned[4] and scanned[7] and scanned[8]
-        used = {key for filters in cases for key in filters} - metadata.FILTER_COLUMNS
+        used = {key for filters in cases for key in filters} - FILTER_COLUMNS
         assert set(fresh._field_tables.tables) == used
     assert hashlib.sha256(meta.read_bytes()).hexdigest() == before  # temporary tables only
 
@@ -493,7 +494,7 @@ def test_filters_read_the_json_when_no_field_table_can_be_built(
     with open_current(index_root) as fresh:
         fresh.db.execute("PRAGMA temp.max_page_count = 1")  # SQLite's temporary storage is full
         sex = manifest_rows[0]["sex"]
-        with caplog.at_level("WARNING", logger="index.metadata"):
+        with caplog.at_level("WARNING", logger="index.read.filters"):
             passing = found(fresh, filters={"sex": sex, "age": {"gte": 1}})
         assert passing == ids_where(
             manifest_rows, id_of, lambda r: r["sex"] == sex and (number(r["age"]) or 0) >= 1
@@ -503,7 +504,7 @@ def test_filters_read_the_json_when_no_field_table_can_be_built(
         assert fresh.db.execute("SELECT name FROM sqlite_temp_master").fetchall() == []
         assert set(fresh._field_tables.failed) == {"sex"}  # the first build failed; none after
         caplog.clear()
-        with caplog.at_level("WARNING", logger="index.metadata"):
+        with caplog.at_level("WARNING", logger="index.read.filters"):
             assert found(fresh, filters={"sex": sex, "age": {"gte": 1}}) == passing
         assert caplog.records == []  # not tried (nor logged) again
 

@@ -38,17 +38,18 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
 )
+from serving import ServerProcess
 from test_service import result_ids, search_text, upload
 
 from convirt.imageio import ImageDecodeError, ImageTooLargeError, load_image
 from index import layout
-from index.builder import build
-from index.sources import read_manifest
-from service.process import ServerProcess
+from index.sources.manifest import read_manifest
+from index.write.build import build
 
 # test_service's module fixtures, registered here too; this module's index (a few images, quick to
-# build) and server (the default settings: uploads up to 20 MB, as the probe's) are defined below
-bundle, rows, client = test_service.bundle, test_service.rows, test_service.client
+# build) and server (the default settings: uploads up to 20 MB, as the probe's) are defined below,
+# and conftest's client talks to that server
+bundle, rows = test_service.bundle, test_service.rows
 
 MB = 1_000_000
 # What the issue allows the server's (or the indexer's) memory to move by, before, during (peak)

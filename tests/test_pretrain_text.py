@@ -15,13 +15,8 @@ from convirt.config import ModelConfig
 from convirt.encoders import build_text_encoder
 from convirt.paths import default_iu_reports
 from convirt.sentences import report_sentences
-from training.pretrain_text import (
-    INFO_NAME,
-    PretrainTextConfig,
-    pretrain_text,
-    read_pretrain_info,
-    report_corpus,
-)
+from training.pretrain_text import INFO_NAME, PretrainTextConfig, pretrain_text, read_pretrain_info
+from training.text_corpus import report_corpus
 
 # Small but real: 240 sentences, 40 steps of 8 at 32 tokens; a high LR so the fall is unmistakable.
 TINY = PretrainTextConfig(

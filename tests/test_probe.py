@@ -8,7 +8,7 @@ import pytest
 
 from convirt.bundle import load_bundle
 from convirt.inference import Embedder
-from convirt.manifest import read_manifest
+from convirt.manifest import read_manifest_items
 from training import probe
 from training.cli import eval_main
 from training.evaluate import embed_images, format_table
@@ -23,7 +23,7 @@ def features(datasets, bundle_dir):
     manifest = datasets / "medpix" / "manifest.csv"
     out = {}
     for split, step in (("train", 10), ("dev", 2)):
-        items, _ = read_manifest(manifest, split)
+        items, _ = read_manifest_items(manifest, split)
         embedded = embed_images(items[::step], embedder, progress=False)
         out[split] = probe.labelled(embedded.image_features, embedded.records, LABEL)
     return out
@@ -72,7 +72,7 @@ def test_shuffled_labels_score_chance(features, seed):
 
 
 def test_subsets_are_seeded_stratified_and_sized(datasets):
-    items, _ = read_manifest(datasets / "medpix" / "manifest.csv", "train")
+    items, _ = read_manifest_items(datasets / "medpix" / "manifest.csv", "train")
     labels = np.array([item.meta[LABEL] for item in items])
     classes, counts = np.unique(labels, return_counts=True)
     for fraction in (0.01, 0.1, 0.5):

@@ -22,15 +22,16 @@ from pathlib import Path
 import httpx
 import pytest
 import test_auth
-from conftest import index_of_rows, server_settings, serving
+from conftest import index_of_rows, serving
+from serving import LOOPBACK
 
 from convirt.bundle import load_bundle
-from service.access import Access
-from service.process import LOOPBACK
+from service.guard.access import Access
 from service.settings import Settings
 
 # test_auth's module fixtures, registered here too: a key database of this module's own
 state, keys, convirt = test_auth.state, test_auth.keys, test_auth.convirt
+guarded_settings, audit_entries = test_auth.guarded_settings, test_auth.audit_entries
 UID_ROOT = "1.2.826.0.1.3680043.8.498.21"
 FIELDS = [
     "image", "text", "modality", "case_id", "patient_id",
@@ -72,13 +73,7 @@ def index_root(tmp_path_factory, bundle_dir, rows) -> Path:
 @pytest.fixture(scope="module")
 def server(bundle_dir, index_root, state, keys) -> Iterator:
     """Default host and proxy settings: what the probe met."""
-    settings = server_settings(
-        bundle_dir,
-        index_root,
-        CONVIRT_AUTH_DB=state / "keys.sqlite",
-        CONVIRT_AUDIT_LOG=state / "audit.jsonl",
-        CONVIRT_SENSITIVE_FIELDS="case_id",
-    )
+    settings = guarded_settings(bundle_dir, index_root, state, CONVIRT_SENSITIVE_FIELDS="case_id")
     with serving(settings) as process:
         yield process
 
@@ -88,10 +83,6 @@ def reader(server, keys) -> Iterator[httpx.Client]:
     headers = {"X-API-Key": keys["reader"]}
     with httpx.Client(base_url=server.url, timeout=60, headers=headers) as client:
         yield client
-
-
-def audit_entries(state: Path) -> list[dict]:
-    return [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
 
 
 def raw_get(port: int, path: str, host: str, key: str) -> tuple[int, bytes]:

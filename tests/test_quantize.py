@@ -30,8 +30,8 @@ from convirt.quantize import (
     load_int8,
     release_text_tower,
 )
-from index.store import open_current
-from service.loading import StartupError, load_resources
+from index.read.store import open_current
+from service.model.loading import StartupError, load_resources
 from service.settings import Settings
 
 K = 10
@@ -53,13 +53,13 @@ def bundle(quantized_dir):
 
 
 @pytest.fixture(scope="module")
-def fp32(bundle) -> Embedder:
-    return Embedder(bundle)
+def int8(bundle) -> Embedder:
+    return Embedder(bundle, text_encoder=load_int8(bundle, threads=1))
 
 
 @pytest.fixture(scope="module")
-def int8(bundle) -> Embedder:
-    return Embedder(bundle, text_encoder=load_int8(bundle, threads=1))
+def fp32(bundle) -> Embedder:
+    return Embedder(bundle)
 
 
 def dev_rows(datasets: Path, name: str, count: int) -> list[dict[str, str]]:

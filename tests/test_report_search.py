@@ -19,16 +19,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import INDEX_OPTIONS, error_of, server_settings, serving
+from conftest import INDEX_OPTIONS, built_root, error_of, server_settings, serving, write_csv
 
 from convirt.bundle import load_bundle
 from convirt.findings import term_status
 from convirt.inference import Embedder
 from convirt.sentences import split_sentences
-from index.builder import add, build, merge, remove
-from index.hybrid import WEIGHTS
-from index.sources import read_manifest
-from index.store import open_current
+from index.read.hybrid import WEIGHTS
+from index.read.store import open_current
+from index.sources.manifest import read_manifest
+from index.write.build import add, build
+from index.write.merge import merge
+from index.write.rewrite import remove
 
 FIELDS = ["image", "text", "dataset", "case_id"]
 
@@ -81,19 +83,12 @@ def rows(datasets) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory, rows) -> Path:
-    path = tmp_path_factory.mktemp("reports") / "manifest.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(tmp_path_factory.mktemp("reports") / "manifest.csv", rows, FIELDS)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, bundle_dir, manifest) -> Path:
-    root = tmp_path_factory.mktemp("report-index") / "root"
-    build(root, bundle_dir, read_manifest(manifest), INDEX_OPTIONS)
-    return root
+    return built_root(tmp_path_factory.mktemp("report-index"), bundle_dir, read_manifest(manifest))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from convirt.bundle import load_bundle
 from convirt.config import ModelConfig
 from training.config import TrainConfig
 from training.evaluate import evaluate
-from training.train import build_scheduler, train
+from training.run import build_scheduler
+from training.train import train
 from training.validation import text_to_image_recall
 
 

@@ -39,16 +39,16 @@ from conftest import (
     serving,
 )
 from PIL import Image
+from serving import LOOPBACK, ServerProcess
 
 from convirt.bundle import load_bundle, read_bundle_info
 from convirt.imageio import load_image
 from convirt.inference import Embedder
 from index import layout
-from index.builder import add, build
-from index.sources import read_manifest
-from index.store import open_current
+from index.read.store import open_current
+from index.sources.manifest import read_manifest
+from index.write.build import add, build
 from service import cli
-from service.process import LOOPBACK, ServerProcess
 
 API_KEY = "test-admin-key"
 IMAGE_BATCH = 2
@@ -159,12 +159,6 @@ def server(bundle_dir, index_root) -> Iterator[ServerProcess]:
     )
     with serving(settings) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def client(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as session:
-        yield session
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -582,6 +576,34 @@ def test_metrics_count_requests_latencies_and_index_size(client):
     assert metric(text, "convirt_batch_size_count", kind="text") > 0
     assert metric(text, "process_resident_memory_bytes") > 0
     assert "12345" not in text  # ids never become labels
+
+
+def test_search_responses_time_their_stages_and_metrics_have_the_stage_histograms(
+    client, rows, ids_by_path
+):
+    text = search_text(client, rows[0]["text"], filters={"modality": ["XR", "CT", "MR"]})
+    image = upload(client, "scan.jpg", Path(rows[1]["image"]).read_bytes(), "image/jpeg")
+    image_id = ids_by_path[rows[2]["image"]]
+    similar = client.get(f"/v1/images/{image_id}/similar", params={"k": 3})
+    refine = client.post(
+        "/v1/search/refine", json={"text": rows[0]["text"], "liked": [str(image_id)]}
+    )
+    expected = {
+        "text": (text, {"queue", "encode", "filter", "faiss", "grouping", "describe"}),
+        "image": (image, {"decode", "queue", "encode", "faiss", "grouping", "describe"}),
+        "similar": (similar, {"faiss", "grouping", "describe"}),
+        "refine": (refine, {"queue", "encode", "faiss", "grouping", "describe"}),
+    }
+    for kind, (response, stages) in expected.items():
+        assert response.status_code == 200, (kind, response.text)
+        body = response.json()
+        timings = body["timings"]
+        assert stages <= set(timings), (kind, timings)
+        assert all(ms >= 0 for ms in timings.values())
+        assert sum(timings.values()) <= body["took_ms"] + 1, (kind, timings, body["took_ms"])
+    metrics = client.get("/metrics").text
+    for stage in ("queue", "encode", "decode", "filter", "faiss", "grouping", "describe"):
+        assert metric(metrics, "convirt_search_stage_seconds_count", stage=stage) > 0, stage
 
 
 def test_concurrent_text_queries_are_micro_batched_with_unchanged_results(client, rows):

@@ -25,9 +25,9 @@ from conftest import INDEX_OPTIONS, server_settings, serving
 from test_service import medpix_rows, metric, write_manifest
 from trickling_pacs import FakePacs, point_rows_at
 
-from index.builder import build
-from index.sources import read_manifest
-from index.store import open_current
+from index.read.store import open_current
+from index.sources.manifest import read_manifest
+from index.write.build import build
 
 THREADS, QUEUE, DEADLINE_S, RETRY_S = 4, 8, 3.0, 2.0
 HOT_VIEWS = 45  # of one image

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from conftest import browser_page, error_of, index_of_rows, server_settings, serving
 from PIL import Image
+from serving import ServerProcess
 
 from convirt.bundle import load_bundle
 from convirt.inference import Embedder
-from index.builder import Options
-from index.store import open_current
-from service.feedback import rocchio
-from service.process import ServerProcess
+from index.read.store import open_current
+from index.write.build import Options
+from service.search.feedback import rocchio
 
 FIELDS = ["image", "text", "dataset", "modality", "view", "case_id", "patient_id", "age", "sex"]
 OPTIONS = Options(batch_size=8, chunk_batches=1, workers=2, progress=False)

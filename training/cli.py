@@ -8,28 +8,33 @@ import os
 import sys
 from pathlib import Path
 
+from convirt.cli_options import (
+    add_device_option,
+    add_model_option,
+    add_no_progress_option,
+    command_parser,
+)
 from convirt.imagecache import CacheError
 from convirt.paths import DATA_ROOT_ENV, PAIRED_DATASETS, data_root, default_manifests
 
 from .config import ConfigError, available_configs, load_config, parse_assignments
 
+TRAIN_DESCRIPTION = """\
+Train ConVIRT on (image, report) pairs: one random sentence of each report against a random view \
+of its image. Writes OUT/checkpoint.pt every epoch, OUT/metrics.csv and OUT/steps.csv, and the \
+best epoch (by select_by: lowest validation loss, or best mean text-to-image recall@10 over the \
+dev splits) as the bundle OUT/bundle. Run under torchrun for several GPUs."""
+
 
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convirt train",
-        description=(
-            "Train ConVIRT on (image, report) pairs: one random sentence of each report against a "
-            "random view of its image. Writes OUT/checkpoint.pt every epoch, OUT/metrics.csv and "
-            "OUT/steps.csv, and the best epoch (by select_by: lowest validation loss, or best mean "
-            "text-to-image recall@10 over the dev splits) as the bundle OUT/bundle. "
-            "Run under torchrun for several GPUs."
-        ),
+    parser = command_parser(
+        "convirt train",
+        TRAIN_DESCRIPTION,
         epilog=(
             "example: convirt train --config cpu --out runs/cpu\n"
             f"Manifests default to {', '.join(PAIRED_DATASETS)} under ${DATA_ROOT_ENV} "
             f"(now {data_root()})."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", default="cpu",
@@ -47,7 +52,7 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--image-size", type=int, help="crop size in pixels")
     parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    add_device_option(parser, default=None)
     parser.add_argument("--num-workers", type=int, help="data loader worker processes")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
@@ -64,7 +69,7 @@ def train_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="any other config field, e.g. --set model.text_frozen_layers=3 (YAML value)",
     )  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress_option(parser)
     return parser
 
 
@@ -127,30 +132,32 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
+EVAL_DESCRIPTION = """\
+Retrieval scores of a model bundle on one split of a manifest, printed as one JSON
+object: text_to_image and image_to_text recall@1/5/10, and with --label-column
+image_to_image precision@5/10/50 in the encoder and projection spaces. Keys starting
+with random/ give what chance scores on the same task.
+
+--linear-probe adds the paper's label-efficiency classification: a logistic
+regression (standardised frozen encoder features h_v, C=1.0 fixed, lbfgs) fitted on
+a fraction of the labelled 'train' rows of the same manifest and scored on the split:
+linear_probe/<F>%/accuracy and /macro_auc (one-vs-rest ROC-AUC averaged over the
+classes), the mean over --probe-seeds class-stratified random subsets below 100%
+with _std beside it; random/linear_probe/accuracy is the majority-class rate."""
+
+
 def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convirt eval",
-        description=(
-            "Retrieval metrics of a model bundle on one split of a manifest, printed as one JSON\n"
-            "object: text_to_image and image_to_text recall@1/5/10, and with --label-column\n"
-            "image_to_image precision@5/10/50 in the encoder and projection spaces. Keys starting\n"
-            "with random/ give what chance scores on the same task.\n\n"
-            "--linear-probe adds the paper's label-efficiency classification: a logistic\n"
-            "regression (standardised frozen encoder features h_v, C=1.0 fixed, lbfgs) fitted on\n"
-            "a fraction of the labelled 'train' rows of the same manifest and scored on the split:\n"
-            "linear_probe/<F>%/accuracy and /macro_auc (one-vs-rest ROC-AUC averaged over the\n"
-            "classes), the mean over --probe-seeds class-stratified random subsets below 100%\n"
-            "with _std beside it; random/linear_probe/accuracy is the majority-class rate."
-        ),
+    parser = command_parser(
+        "convirt eval",
+        EVAL_DESCRIPTION,
         epilog=(
             "examples:\n"
             "  convirt eval --model B --manifest M --label-column location_category \\\n"
             "      --linear-probe --baseline imagenet --format table\n"
             "  convirt eval --model B --manifest roco/manifest.csv --pool 2000 --min-words 5"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=Path, required=True, help="bundle directory")
+    add_model_option(parser)
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--split", default="dev", help="split to score (default: dev; 'all': all)")
     parser.add_argument("--label-column", help="manifest column for image-to-image precision")
@@ -201,10 +208,10 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tta", choices=["flip"],
         help="test-time augmentation: every image vector (encoder and joint space, so every "
-        "metric: text-image, image-image, linear probe, baseline) becomes the normalised mean of "
+        "score: text-image, image-image, linear probe, baseline) becomes the normalised mean of "
         "the image's and its left-right mirror's",
     )  # fmt: skip
-    parser.add_argument("--device", default="cpu")
+    add_device_option(parser, default="cpu")
     parser.add_argument(
         "--cache", type=Path, help="image cache folder (default: $CONVIRT_CACHE_DIR/images)"
     )
@@ -213,7 +220,7 @@ def eval_parser() -> argparse.ArgumentParser:
         "--format", choices=["json", "table"], default="json",
         help="print JSON (default) or a table beside the ImageNet baseline and chance",
     )  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true")
+    add_no_progress_option(parser)
     return parser
 
 

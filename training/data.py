@@ -116,7 +116,8 @@ def load_pairs(
     return pair_table(resolver.resolve(items))
 
 
-def report_skips(skipped: Sequence[Skip], what: str) -> None:
+def log_skips(skipped: Sequence[Skip], what: str) -> None:
+    """One warning line for the rows a load skipped: how many, why, the first one's path."""
     if not skipped:
         return
     reasons: dict[str, int] = {}

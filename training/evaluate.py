@@ -34,11 +34,11 @@ from convirt.bundle import Bundle, initial_image_encoder
 from convirt.cachebuild import Resolver
 from convirt.imagecache import ImageCache
 from convirt.inference import Embedder
-from convirt.manifest import ManifestItem, read_manifest
+from convirt.manifest import ManifestItem, read_manifest_items
 from convirt.sentences import report_sentences
 
-from . import metrics, probe
-from .data import PairDataset, pair_table, report_skips
+from . import probe, retrieval_scores
+from .data import PairDataset, log_skips, pair_table
 from .pool import sample_pool
 
 RECALL_KS = (1, 5, 10)
@@ -54,8 +54,8 @@ class SplitEmbeddings:
 
 
 def load_split(manifest: Path, split: str | None, text_column: str = "text") -> list[ManifestItem]:
-    records, skipped = read_manifest(manifest, split, text_column=text_column)
-    report_skips(skipped, f"{manifest} [{split}]")
+    records, skipped = read_manifest_items(manifest, split, text_column=text_column)
+    log_skips(skipped, f"{manifest} [{split}]")
     if not records:
         raise ValueError(f"{manifest}: no images in split {split!r}")
     return records
@@ -69,12 +69,12 @@ def embed_images(
     cache_dir: Path | None = None,
     tta: str | None = None,
 ) -> SplitEmbeddings:
-    """Eval-view embeddings of every readable image (unreadable ones are dropped and reported),
+    """Eval-view embeddings of every readable image (unreadable ones are dropped and logged),
     read through the image cache; `tta` as in embed_batch."""
     cache, side = ImageCache(cache_dir), embedder.bundle.config.resize
     resolver = Resolver(cache, side, progress=progress, desc="images")
     table, skipped = pair_table(resolver.resolve(records))
-    report_skips(skipped, "eval images")
+    log_skips(skipped, "eval images")
     dataset = PairDataset(table, cache.reader(side), embedder.bundle.config, train=False)
     cache.close()
     keys = [(0, i) for i in range(len(dataset))]
@@ -146,7 +146,7 @@ def embed_reports(texts: Sequence[str], embedder: Embedder, text_mode: str) -> n
     return np.stack(out) if out else np.zeros((0, embedder.dim), np.float32)
 
 
-def text_image_metrics(
+def text_image_scores(
     split: SplitEmbeddings, embedder: Embedder, text_mode: str
 ) -> dict[str, float]:
     with_text = [i for i, r in enumerate(split.records) if r.text]
@@ -163,14 +163,18 @@ def text_image_metrics(
     i2t_relevant = image_report[with_text][:, None] == np.arange(len(reports))[None, :]
     out = {"n_reports": len(reports), "n_images_with_report": len(with_text)}
     for k in RECALL_KS:
-        out[f"text_to_image/recall@{k}"] = metrics.recall_at_k(t2i_scores, t2i_relevant, k)
-        out[f"image_to_text/recall@{k}"] = metrics.recall_at_k(i2t_scores, i2t_relevant, k)
-        out[f"random/text_to_image/recall@{k}"] = metrics.random_recall_at_k(t2i_relevant, k)
-        out[f"random/image_to_text/recall@{k}"] = metrics.random_recall_at_k(i2t_relevant, k)
+        out[f"text_to_image/recall@{k}"] = retrieval_scores.recall_at_k(t2i_scores, t2i_relevant, k)
+        out[f"image_to_text/recall@{k}"] = retrieval_scores.recall_at_k(i2t_scores, i2t_relevant, k)
+        out[f"random/text_to_image/recall@{k}"] = retrieval_scores.random_recall_at_k(
+            t2i_relevant, k
+        )
+        out[f"random/image_to_text/recall@{k}"] = retrieval_scores.random_recall_at_k(
+            i2t_relevant, k
+        )
     return out
 
 
-def image_image_metrics(split: SplitEmbeddings, label_column: str) -> dict[str, float]:
+def image_image_scores(split: SplitEmbeddings, label_column: str) -> dict[str, float]:
     labels = np.array([r.meta.get(label_column, "") for r in split.records])
     if label_column and not any(labels):
         raise ValueError(f"no image has a value in label column {label_column!r}")
@@ -181,9 +185,11 @@ def image_image_metrics(split: SplitEmbeddings, label_column: str) -> dict[str, 
     spaces = {"encoder": split.image_features, "projection": split.image_projections}
     for space, vectors in spaces.items():
         vectors = vectors[labelled]
-        scores = metrics.exclude_self(vectors @ vectors.T)
+        scores = retrieval_scores.exclude_self(vectors @ vectors.T)
         for k in PRECISION_KS:
-            out[f"image_to_image/{space}/precision@{k}"] = metrics.precision_at_k(scores, same, k)
+            out[f"image_to_image/{space}/precision@{k}"] = retrieval_scores.precision_at_k(
+                scores, same, k
+            )
     # chance: the diagonal must not count as a candidate
     n = len(labelled)
     for k in PRECISION_KS:
@@ -191,7 +197,7 @@ def image_image_metrics(split: SplitEmbeddings, label_column: str) -> dict[str, 
     return out
 
 
-def label_query_metrics(
+def label_query_scores(
     split: SplitEmbeddings, embedder: Embedder, queries_csv: Path, label_column: str
 ) -> dict[str, float]:
     with open(queries_csv, newline="", encoding="utf-8") as f:
@@ -204,8 +210,10 @@ def label_query_metrics(
     relevant = np.array([label for label, _ in queries])[:, None] == labels[None, :]
     out = {}
     for k in PRECISION_KS:
-        out[f"label_text_to_image/precision@{k}"] = metrics.precision_at_k(scores, relevant, k)
-        out[f"random/label_text_to_image/precision@{k}"] = metrics.random_precision_at_k(
+        out[f"label_text_to_image/precision@{k}"] = retrieval_scores.precision_at_k(
+            scores, relevant, k
+        )
+        out[f"random/label_text_to_image/precision@{k}"] = retrieval_scores.random_precision_at_k(
             relevant, k
         )
     return out
@@ -232,7 +240,7 @@ def evaluate(
     pool_seed: int = 0,
     tta: str | None = None,
 ) -> dict[str, float]:
-    """Every metric the inputs allow, as one flat dict (prefixed keys for baseline and chance).
+    """Every score the inputs allow, as one flat dict (prefixed keys for baseline and chance).
 
     By default only images with a report take part (the pairs, as in DESIGN.md's reference table);
     `all_images` adds the image-only rows as queries and distractors (and, with `linear_probe`,
@@ -252,22 +260,22 @@ def evaluate(
     )
     split_embeddings = embed(records)
     result: dict[str, float] = {"n_images": len(split_embeddings.records), **pool_info}
-    result |= text_image_metrics(split_embeddings, embedder, text_mode)
+    result |= text_image_scores(split_embeddings, embedder, text_mode)
     if not label_column:
         return result
-    result |= image_image_metrics(split_embeddings, label_column)
+    result |= image_image_scores(split_embeddings, label_column)
     if queries_csv:
-        result |= label_query_metrics(split_embeddings, embedder, queries_csv, label_column)
+        result |= label_query_scores(split_embeddings, embedder, queries_csv, label_column)
     encoder, base = None, None
     if baseline == "imagenet":
         encoder = initial_image_encoder(bundle.config).to(device).eval()
         base = embed(split_embeddings.records, image_encoder=encoder)
-        for key, value in image_image_metrics(base, label_column).items():
+        for key, value in image_image_scores(base, label_column).items():
             if key.startswith("image_to_image/encoder/"):
                 result[f"imagenet/{key}"] = value
     if linear_probe:
         train = scored_records(manifest, "train", all_images)
-        result |= linear_probe_metrics(
+        result |= linear_probe_scores(
             embed, train, split_embeddings, base, encoder, label_column, fractions, probe_seeds
         )
     return result
@@ -295,7 +303,7 @@ def pooled(
     return kept, info
 
 
-def linear_probe_metrics(
+def linear_probe_scores(
     embed: Callable[..., SplitEmbeddings],
     train_records: Sequence[ManifestItem],
     test: SplitEmbeddings,
@@ -336,11 +344,11 @@ def _probe(
 
 
 def format_table(result: dict[str, float]) -> str:
-    """The metrics as a text table: model | ImageNet baseline | chance. Counts stay in the JSON;
+    """The scores as a text table: model | ImageNet baseline | chance. Counts stay in the JSON;
     a figure averaged over probe subsets shows its standard deviation beside it."""
     rows = [("metric", "model", "imagenet", "random")]
     for key, value in result.items():
-        if not _table_metric(key):
+        if not _in_table(key):
             continue
         rows.append(
             (
@@ -357,7 +365,7 @@ def format_table(result: dict[str, float]) -> str:
     )
 
 
-def _table_metric(key: str) -> bool:
+def _in_table(key: str) -> bool:
     name = key.rsplit("/", 1)[-1]
     return (
         "/" in key

@@ -120,7 +120,9 @@ def train_heads(
 ) -> TrainState:
     """Stage 1 into out_dir (checkpoint.pt, metrics.csv, bundle/); resumes a checkpoint there,
     and returns at once when that run is complete."""
-    from .train import BUNDLE_DIR, CHECKPOINT_NAME, MetricsLog, refuse_changed_config
+    from .epoch_log import EpochLog
+    from .run import BUNDLE_DIR, CHECKPOINT_NAME
+    from .run_identity import refuse_changed_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = out_dir / CHECKPOINT_NAME
@@ -144,7 +146,7 @@ def train_heads(
     state = TrainState()
     if checkpoint.exists():
         state, _, _ = load_checkpoint(checkpoint, trained, optimizer, scheduler)
-    metrics = MetricsLog(out_dir, True, [d.name for d in data.dev])
+    metrics = EpochLog(out_dir, True, [d.name for d in data.dev])
     while state.epoch < stage.epochs:
         if heads_epoch(config, stage, data, trained, optimizer, state, max_steps):
             save_checkpoint(checkpoint, trained, optimizer, scheduler, state, identity)

@@ -150,11 +150,11 @@ def linear_probe(
             runs.append(fit_and_score(train_x[rows], train_y[rows], test_x, test_y, classes))
         prefix = f"linear_probe/{fraction_name(fraction)}"
         out[f"{prefix}/n_train"] = len(rows)
-        for metric in ("accuracy", "macro_auc"):
-            values = [run[metric] for run in runs]
-            out[f"{prefix}/{metric}"] = float(np.mean(values))
+        for score in ("accuracy", "macro_auc"):
+            values = [run[score] for run in runs]
+            out[f"{prefix}/{score}"] = float(np.mean(values))
             if fraction < 1:
-                out[f"{prefix}/{metric}_std"] = float(np.std(values))
+                out[f"{prefix}/{score}_std"] = float(np.std(values))
     return out
 
 

@@ -34,7 +34,7 @@ def run_stage1(
     epochs 0 that bundle becomes OUT/bundle: the run is stage 1 alone."""
     if config.stage1 is None:
         return None
-    from .train import BUNDLE_DIR, build_datasets
+    from .run import BUNDLE_DIR, build_datasets
 
     train_set, dev_splits = build_datasets(config, manifests, progress)
     folder = out_dir / STAGE1_DIR

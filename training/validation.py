@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from convirt.loss import convirt_loss
 
 from .data import Collator, PairDataset
-from .metrics import recall_at_k
+from .retrieval_scores import recall_at_k
 
 RECALL_K = 10
 

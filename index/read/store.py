@@ -1,0 +1,379 @@
+"""The read API the service uses: open the current version, search it, read metadata and thumbnails.
+
+    store = open_current("/data/index", expected_fingerprint=bundle.fingerprint)
+    hits = store.search_text_vectors(embedder.embed_texts(["pleural effusion"]).vectors, k=10)
+    store.get(hits[0][0].id)["report"], store.thumbnail(hits[0][0].id)
+    if store.has_newer_version(): store = open_current(...)   # then close the old one
+
+One steerable query: filters (a value, a list of values, a {"gte", "lte"} range), keywords the
+report must (not) contain, ids to leave out, all applied inside FAISS:
+
+    store.search("joint", vector, k=10, filters={"modality": ["CT", "MR"], "age": {"gte": 40}},
+                 keywords=Keywords(must=("effusion",), must_not=("pneumothorax",)), exclude={7})
+    store.facets()   # what those filters can ask for: values with counts, or a low..high range
+
+An IndexStore reads one immutable version, so it never changes under a reader; searches may run
+from several threads at once. Opening one checks it first (FAISS loads, `PRAGMA quick_check`, the
+counts of FAISS, the vectors and SQLite agree): a damaged version raises CorruptVersionError.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convirt.findings import query_terms
+
+from .. import layout, metadata
+from ..errors import CorruptVersionError, IndexStoreError, check_fingerprint
+from ..version import VersionFiles, read_version
+from . import hybrid, lookup, search, sentences
+from .facets import Facet, facets
+from .filters import FieldTables, filtered_ids
+from .hybrid import TextRanking
+from .keywords import ASSERTED, Keywords, check_keywords, keyword_ids, narrowed, report_index
+from .opening import open_checked
+from .search import Hit
+from .timings import FAISS, FILTER, REPORTS, Timings
+
+Filters = Mapping[str, Any]
+
+
+class IndexStore:
+    """One published version of an index root, opened for reading."""
+
+    def __init__(self, root: Path, files: VersionFiles):
+        if files.info.get("shard"):
+            shard = files.info["shard"]
+            raise IndexStoreError(
+                f"{files.directory} is shard {shard['index']}/{shard['count']} of a sharded "
+                "build: merge the shards (`convirt index merge`) and open the merged index"
+            )
+        self.root = Path(root)
+        self.files = files
+        self.info = files.info
+        # every file is opened and checked before anyone searches it: CorruptVersionError
+        opened = open_checked(files)
+        self.indexes = opened.indexes
+        self.ids = opened.ids
+        self.vectors = opened.vectors
+        self.db = opened.db
+        self.lock = threading.Lock()
+        # the manifest fields a filter may name, read once: a version never changes
+        self.meta_fields = lookup.meta_fields(self.db)
+        self._groups: dict[str, dict[str, list[int]]] = {}  # group_members' maps, per field
+        # built on first use, then kept: the reports' FTS5 index (with its own lock) and facets
+        self._reports: sqlite3.Connection | None = None
+        self._reports_lock = threading.Lock()
+        self._facets: list[Facet] | None = None
+        self._field_tables = FieldTables(self.db)  # filters' per-field indexes
+        # the reports' sentences and their words by status (index.read.sentences); None in versions
+        # written before them, which rank text queries by the image alone
+        self.sentences: sentences.SentenceSpace | None = None
+        if files.info.get("sentences") and sentences.has_space(self.db):
+            try:
+                self.sentences = sentences.SentenceSpace(files.directory, self.db)
+            except (OSError, ValueError, sqlite3.Error) as err:
+                self.db.close()
+                raise CorruptVersionError(
+                    files.directory, [f"the report sentences cannot be read: {err}"]
+                ) from err
+
+    @property
+    def version(self) -> str:
+        return self.files.name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.files.fingerprint
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def has_newer_version(self) -> bool:
+        """Whether CURRENT now names another version than the one this store reads."""
+        current = layout.read_current(self.root)
+        return current is not None and current != self.version
+
+    def search_text_vectors(
+        self, vectors: np.ndarray, k: int = 10, filters: Filters | None = None
+    ) -> list[list[Hit]]:
+        """Images nearest to text embeddings u/|u| (joint space), per query."""
+        return self._search("joint", vectors, k, filters)
+
+    def search_image_vectors(
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        filters: Filters | None = None,
+        space: str = "encoder",
+    ) -> list[list[Hit]]:
+        """Images nearest to image embeddings: encoder features h (default) or joint v."""
+        return self._search(space, vectors, k, filters)
+
+    def similar_to_id(
+        self, image_id: int, k: int = 10, filters: Filters | None = None, space: str = "encoder"
+    ) -> list[Hit]:
+        """The k images nearest to an indexed image, itself excluded."""
+        row = self._row(image_id)
+        return self.search(space, self.vectors[space][row], k, filters, exclude=(image_id,))
+
+    def search(
+        self,
+        space: str,
+        vector: np.ndarray,
+        k: int,
+        filters: Filters | None = None,
+        keywords: Keywords | None = None,
+        exclude: Collection[int] = (),
+        timings: Timings | None = None,
+    ) -> list[Hit]:
+        """At most k images nearest to one query vector, best first.
+
+        space: "joint" (text or image v) or "encoder" (image h); the vector is L2-normalised here.
+        Only images passing every filter and the keywords are returned, never an id in
+        `exclude`; all three restrict the search inside FAISS. A filter or keyword the index
+        cannot run raises FilterError (the client's mistake); a vector of the wrong dimension
+        raises ValueError (the caller embedded with another model). `timings`: where the
+        filter and FAISS stages are added up."""
+        query = np.asarray(vector, dtype=np.float32)
+        if query.ndim != 1:
+            raise ValueError(
+                f"search takes one 1-D query vector, got shape {query.shape}: use "
+                "search_text_vectors / search_image_vectors for a batch"
+            )
+        return self._search(space, query[None], k, filters, keywords, exclude, timings)[0]
+
+    def rank_text(
+        self,
+        vector: np.ndarray,
+        text: str,
+        k: int,
+        filters: Filters | None = None,
+        keywords: Keywords | None = None,
+        exclude: Collection[int] = (),
+        mode: str = "hybrid",
+        fusion: str = "weighted",
+        timings: Timings | None = None,
+    ) -> TextRanking | None:
+        """A text query ranked with the reports (index.read.hybrid): mode `hybrid` (image, report
+        sentences and words) or `report` (the report alone); None where this version holds no
+        report sentences (the caller ranks by the image). Filters, keywords and exclusions
+        restrict every kind of evidence, as in `search`."""
+        if mode not in ("hybrid", "report") or fusion not in hybrid.FUSIONS:
+            raise ValueError(f"mode {mode!r} / fusion {fusion!r}: see index.read.hybrid")
+        if self.sentences is None:
+            return None
+        timings = timings or Timings()
+        query = self._queries("joint", vector)[0]
+        terms = query_terms(text)
+        allowed = self._allowed(filters, keywords, timings)
+        excluded = search.held(self.ids, exclude)
+
+        passes = search.passing(allowed, excluded)
+        with timings.stage(REPORTS), self.lock:
+            lexical, matches = hybrid.lexical_evidence(self.db, terms, passes)
+        image_hits = []
+        if mode == "hybrid" and self.count:
+            reads = max(hybrid.IMAGES_READ, k)
+            with timings.stage(FAISS):
+                image_hits = search.search_within(
+                    self.indexes["joint"], query[None], reads, allowed, excluded
+                )[0]
+        also = [*lexical[0].tolist(), *(hit.id for hit in image_hits)]
+        with timings.stage(REPORTS):
+            found = hybrid.sentence_evidence(self.sentences, query, terms, passes, also)
+            reports = hybrid.Reports(found, lexical, matches)
+            return TextRanking(
+                self.sentences,
+                lambda ids: self.vectors_of(ids, "joint"),
+                query,
+                reports,
+                image_hits,
+                mode,
+                fusion,
+            )
+
+    def similarity(self, space: str, vector: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+        """The cosine of one query vector (normalised as `search` does) to the stored vectors of
+        these ids, in their order; KeyError naming the first id this version does not hold."""
+        return self.vectors_of(ids, space) @ self._queries(space, vector)[0]
+
+    def vectors_of(self, ids: Sequence[int], space: str) -> np.ndarray:
+        """The stored vectors (len(ids) x dim, float32) of indexed images, in the order given;
+        KeyError naming the first id this version does not hold."""
+        if space not in self.vectors:
+            raise ValueError(f"space must be 'joint' or 'encoder', not {space!r}")
+        rows = self._rows(ids)
+        return np.asarray(self.vectors[space][rows], dtype=np.float32)
+
+    def group_members(
+        self,
+        field: str,
+        keys: Collection[str],
+        filters: Filters | None = None,
+        keywords: Keywords | None = None,
+        timings: Timings | None = None,
+    ) -> dict[str, list[int]]:
+        """Ids of the images whose manifest field `field` holds one of `keys` (a study or patient
+        id) and that pass the filters and keywords, by key: every image of a group, not only
+        those a search happened to reach. The field's value -> ids map is read once per version
+        (one scan, then a dictionary lookup per key)."""
+        if not keys or field not in self.meta_fields:
+            return {}
+        with self.lock:
+            if field not in self._groups:
+                self._groups[field] = lookup.field_values(self.db, field)
+            groups = self._groups[field]
+        members = {key: groups[key] for key in keys if key in groups}
+        allowed = self._allowed(filters, keywords, timings)
+        if allowed is None:
+            return members
+        kept = {key: search.among(ids, allowed) for key, ids in members.items()}
+        return {key: ids for key, ids in kept.items() if ids}
+
+    def facets(self, max_values: int = 50) -> list[Facet]:
+        """What filters can ask for: modality, view and every manifest field, each with its
+        values and image counts (at most `max_values`, most frequent first) or, where every value
+        is a number or an ISO date, its range. Computed once: a version never changes."""
+        if max_values < 0:
+            raise ValueError(f"max_values must be 0 or more, got {max_values}")
+        with self.lock:
+            if self._facets is None:
+                self._facets = facets(self.db, self.meta_fields)
+            cached = self._facets
+        return [replace(facet, values=facet.values[:max_values]) for facet in cached]
+
+    def get(self, image_id: int) -> dict[str, Any] | None:
+        """Metadata of one image (no thumbnail), with the other paths of the same content."""
+        return self.get_many([image_id]).get(int(image_id))
+
+    def get_many(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        with self.lock:
+            rows = lookup.get_rows(self.db, [int(i) for i in ids])
+            return {
+                i: {**row.as_dict(), "duplicates": lookup.duplicate_paths(self.db, i)}
+                for i, row in rows.items()
+            }
+
+    def thumbnail(self, image_id: int) -> bytes | None:
+        """The JPEG thumbnail (longest side 128 px), or None for an unknown id."""
+        with self.lock:
+            return lookup.thumbnail(self.db, int(image_id))
+
+    def close(self) -> None:
+        with self._reports_lock:
+            if self._reports is not None:
+                self._reports.close()
+                self._reports = None
+        self.db.close()
+
+    def __enter__(self) -> IndexStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _row(self, image_id: int) -> int:
+        row = int(np.searchsorted(self.ids, image_id))
+        if row >= len(self.ids) or self.ids[row] != image_id:
+            raise KeyError(f"image id {image_id} is not in index version {self.version}")
+        return row
+
+    def _rows(self, ids: Sequence[int]) -> np.ndarray:
+        """The rows of several ids at once; KeyError naming the first unknown one."""
+        wanted = np.asarray([int(i) for i in ids], dtype=np.int64)
+        rows = np.searchsorted(self.ids, wanted)
+        found = rows < len(self.ids)
+        found[found] = self.ids[rows[found]] == wanted[found]
+        if not found.all():
+            missing = int(wanted[np.argmin(found)])
+            raise KeyError(f"image id {missing} is not in index version {self.version}")
+        return rows
+
+    def _search(
+        self,
+        space: str,
+        vectors: np.ndarray,
+        k: int,
+        filters: Filters | None,
+        keywords: Keywords | None = None,
+        exclude: Collection[int] = (),
+        timings: Timings | None = None,
+    ) -> list[list[Hit]]:
+        if space not in self.indexes:
+            raise ValueError(f"space must be 'joint' or 'encoder', not {space!r}")
+        queries = self._queries(space, vectors)
+        if k < 1 or self.count == 0:
+            return [[] for _ in queries]
+        timings = timings or Timings()
+        excluded = search.held(self.ids, exclude)
+        allowed = self._allowed(filters, keywords, timings)
+        with timings.stage(FAISS):
+            return search.search_within(self.indexes[space], queries, k, allowed, excluded)
+
+    def _allowed(
+        self, filters: Filters | None, keywords: Keywords | None, timings: Timings | None = None
+    ) -> np.ndarray | None:
+        """The sorted ids passing the filters and the keywords; None where neither restricts."""
+        if keywords is not None and not isinstance(keywords, Keywords):
+            raise TypeError(
+                f"keywords must be index.read.keywords.Keywords, not {type(keywords).__name__}"
+            )
+        if keywords:
+            check_keywords(keywords)  # before any work: a client error is cheap
+        if not filters and not keywords:
+            return None
+        with (timings or Timings()).stage(FILTER):
+            return self._passing(filters, keywords)
+
+    def _passing(self, filters: Filters | None, keywords: Keywords | None) -> np.ndarray:
+        allowed = None
+        if filters:
+            with self.lock:
+                found = filtered_ids(self.db, filters, self.meta_fields, self._field_tables)
+            allowed = np.unique(np.asarray(found, dtype=np.int64))
+            if len(allowed) == 0:
+                return allowed
+        if keywords:
+            must, must_not = self._keyword_ids(keywords)
+            allowed = narrowed(allowed, must, must_not, self.ids)
+        return allowed
+
+    def _keyword_ids(self, keywords: Keywords) -> tuple[set[int] | None, set[int]]:
+        """keyword_ids on what the reports assert (index.read.sentences), or, in versions
+        written before report sentences, on what they mention."""
+        if self.sentences is not None:
+            with self.lock:
+                return keyword_ids(self.db, keywords, ASSERTED)
+        with self._reports_lock:
+            return keyword_ids(self._report_index(), keywords)
+
+    def _report_index(self) -> sqlite3.Connection:
+        """The reports' FTS5 index, built on the first keyword query; hold _reports_lock."""
+        if self._reports is None:
+            with self.lock:  # lock order: _reports_lock, then lock (never the other way)
+                reported = metadata.reports(self.db)
+            self._reports = report_index(reported)
+        return self._reports
+
+    def _queries(self, space: str, vectors: np.ndarray) -> np.ndarray:
+        return search.normalised(vectors, self.info["dims"][space], space)
+
+
+def open_current(root: str | Path, expected_fingerprint: str | None = None) -> IndexStore:
+    """The version CURRENT names; refused when it was built with another model."""
+    root = Path(root)
+    files = read_version(layout.current_version_dir(root))
+    where = f"index {root} (version {files.name})"
+    check_fingerprint(where, files.fingerprint, expected_fingerprint)
+    return IndexStore(root, files)

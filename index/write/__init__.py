@@ -1,0 +1,20 @@
+"""Writing an index root: every operation makes a new version and publishes it atomically.
+
+    template.py   `writing`: the one template of every write (lock, tmp version, publish, prune,
+                  summary); VersionWriter writes the files of a version
+    build.py      build, add, update (add and remove in one version: what a sync publishes)
+    rewrite.py    remove, reindex (nothing embedded)
+    merge.py      the shards of a sharded build joined into one version
+    embedding.py  the embedding job: image cache, decode threads, the model, in source order
+    staging.py    embeddings of an unfinished job, by content hash (a rerun resumes)
+    rows.py       meta.sqlite rows written: images, duplicates, what a remote source skipped;
+                  the DICOM field renaming reindex migrates older versions with
+    sentences.py  the report sentences derived and embedded at publish
+    checks.py     `convirt index info` and `verify`
+
+A build: build.build -> template.writing -> Source.fetch (index.sources) -> embedding.run_job
+(staging) -> rows.insert_new -> Source.finish -> Write.publish (vectors, FAISS via
+index.faiss_index, sentences.write, version.json) -> CURRENT switched.
+An image's record (convirt.imagerecord) is made by its one decode in the image cache, given its
+vectors by embedding.py, staged by staging.py and written as its row by rows.py: one object.
+"""

@@ -1,0 +1,239 @@
+"""`convirt index info` (what a root holds) and `convirt index verify` (index, metadata and image
+files agree). What a server checks before it opens a version is index/read/opening.py."""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convirt.hashing import sha256_file
+
+from .. import faiss_index, layout, metadata
+from ..errors import IndexStoreError, reason
+from ..layout import human
+from ..sources.remote import is_remote
+from ..version import SPACES, VersionFiles, load_array, read_version
+
+NORM_TOLERANCE = 1e-3
+
+
+def info(root: str | Path) -> dict[str, Any]:
+    """The current version's fingerprint, counts, index type, sizes and build time."""
+    root = Path(root)
+    files = read_version(layout.current_version_dir(root))
+    data = files.info
+    sizes = {p.name: p.stat().st_size for p in sorted(files.directory.iterdir()) if p.is_file()}
+    staging = root / layout.STAGING_DIR
+    return {
+        "root": str(root.absolute()),
+        "version": files.name,
+        "versions": layout.list_versions(root),
+        "fingerprint": data["fingerprint"],
+        "model": data.get("model"),
+        "operation": data.get("operation"),
+        "parent": data.get("parent"),
+        "shard": data.get("shard"),
+        "source": data.get("source"),
+        "images": data["count"],
+        "duplicates": data.get("duplicates", 0),
+        "skipped": data.get("skipped", 0),
+        "index_type": data.get("index_type"),
+        "factory": data.get("factory"),
+        "recall_at_10": data.get("recall_at_10"),
+        "dims": data["dims"],
+        "created_at": data.get("created_at"),
+        "seconds": data.get("seconds"),
+        "embed_seconds": data.get("embed_seconds"),
+        "sizes_bytes": sizes,
+        "total_bytes": sum(sizes.values()),
+        "unfinished_jobs": sorted(p.name for p in staging.iterdir()) if staging.is_dir() else [],
+    }
+
+
+def format_info(data: dict[str, Any]) -> str:
+    lines = []
+    for key, value in data.items():
+        if key == "sizes_bytes":
+            value = ", ".join(f"{name} {human(size)}" for name, size in value.items())
+        elif key == "total_bytes":
+            value = human(value)
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(value) or "none"
+        lines.append(f"{key + ':':<16}{value}")
+    return "\n".join(lines)
+
+
+@dataclass
+class Verification:
+    version: str
+    checked: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "ok": self.ok,
+            "checked": self.checked,
+            "problems": self.problems,
+        }
+
+
+def verify(root: str | Path, fingerprint: str | None = None, hashes: bool = False) -> Verification:
+    """Check the current version: ids, vectors, FAISS, SQLite and (re-hashed) image files agree.
+
+    Damaged files (truncated, garbled, unreadable) are findings like any other disagreement."""
+    root = Path(root)
+    directory = layout.current_version_dir(root)
+    try:
+        files = read_version(directory)
+    except IndexStoreError as err:
+        return Verification(directory.name, problems=[str(err)])
+    result = Verification(files.name)
+    if fingerprint is not None and fingerprint != files.fingerprint:
+        result.problems.append(
+            f"built with model {files.fingerprint}, the given bundle is {fingerprint}"
+        )
+    ids = check_vectors(files, result)
+    if not files.info.get("shard"):
+        check_faiss(files, ids, result)
+    try:
+        with closing(metadata.open_readonly(files.meta_path)) as conn:
+            check_metadata(conn, files, ids, result)
+            check_files(conn, result, hashes)
+    except sqlite3.Error as err:
+        result.problems.append(f"meta.sqlite cannot be read: {err}")
+    check_checksums(files, result)
+    return result
+
+
+def check_checksums(files: VersionFiles, result: Verification) -> None:
+    """Files whose bytes changed since publish, but for those already found damaged."""
+    recorded = sorted(files.info.get("checksums") or {})
+    for name in recorded:
+        if any(problem.startswith(name) for problem in result.problems):
+            continue
+        changed = (files.directory / name).is_file() and files.checksum_problem(name)
+        if changed:
+            result.problems.append(changed)
+    result.checked["checksums"] = len(recorded)
+
+
+def check_vectors(files: VersionFiles, result: Verification) -> np.ndarray | None:
+    ids = load_array(files.ids, "ids.npy", result.problems)
+    if ids is None:
+        return None
+    if len(ids) != files.info["count"]:
+        result.problems.append(
+            f"ids.npy has {len(ids)} ids, version.json says {files.info['count']}"
+        )
+    if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
+        result.problems.append("ids.npy is not sorted and unique")
+    for space in SPACES:
+        vectors = load_array(
+            lambda space=space: files.vectors(space, mmap=True), f"{space}.npy", result.problems
+        )
+        if vectors is None:
+            continue
+        expected = (len(ids), files.info["dims"][space])
+        if vectors.shape != expected:
+            result.problems.append(f"{space}.npy has shape {vectors.shape}, expected {expected}")
+            continue
+        norms = np.linalg.norm(np.asarray(vectors), axis=1)
+        bad = int(np.sum(np.abs(norms - 1) > NORM_TOLERANCE))
+        if bad:
+            result.problems.append(f"{space}.npy: {bad} vectors are not L2-normalised")
+    result.checked["vectors"] = len(ids)
+    return ids
+
+
+def check_faiss(files: VersionFiles, ids: np.ndarray | None, result: Verification) -> None:
+    for space in SPACES:
+        try:
+            index = files.faiss_index(space)
+        except Exception as err:
+            result.problems.append(f"{space}.faiss cannot be read: {reason(err)}")
+            continue
+        if ids is None:
+            if index.ntotal != files.info["count"]:
+                result.problems.append(
+                    f"{space}.faiss holds {index.ntotal} vectors, "
+                    f"version.json says {files.info['count']}"
+                )
+        elif index.ntotal != len(ids):
+            result.problems.append(
+                f"{space}.faiss holds {index.ntotal} vectors, ids.npy {len(ids)}"
+            )
+        elif not np.array_equal(np.sort(faiss_index.ids_of(index)), ids):
+            result.problems.append(f"{space}.faiss ids differ from ids.npy")
+    result.checked["faiss_indexes"] = len(SPACES)
+
+
+def check_metadata(conn, files: VersionFiles, ids: np.ndarray | None, result: Verification) -> None:
+    integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    if integrity != "ok":
+        result.problems.append(f"meta.sqlite is damaged: {integrity}")
+    stored = np.array([r[0] for r in conn.execute("SELECT id FROM images ORDER BY id")], np.int64)
+    if ids is None:
+        if len(stored) != files.info["count"]:
+            result.problems.append(
+                f"meta.sqlite has {len(stored)} images, version.json says {files.info['count']}"
+            )
+    elif not np.array_equal(stored, ids):
+        extra, missing = np.setdiff1d(stored, ids), np.setdiff1d(ids, stored)
+        result.problems.append(
+            f"metadata and vectors disagree: {len(extra)} ids only in meta.sqlite, "
+            f"{len(missing)} only in the vectors"
+        )
+    orphans = conn.execute(
+        "SELECT count(*) FROM duplicates WHERE id NOT IN (SELECT id FROM images)"
+    ).fetchone()[0]
+    if orphans:
+        result.problems.append(f"{orphans} duplicate entries point at ids not in the index")
+    result.checked["metadata_rows"] = len(stored)
+
+
+def check_files(conn, result: Verification, hashes: bool) -> None:
+    """Every indexed file is still there, at its size (and hash). Images a PACS holds
+    (dicomweb:// paths) are counted apart: `convirt index sync` is what reconciles those."""
+    checked = remote = 0
+    for image_id, path, sha, size in conn.execute(
+        "SELECT id, path, sha256, size_bytes FROM images ORDER BY path"
+    ):
+        if is_remote(path):
+            remote += 1
+            continue
+        checked += 1
+        problem = file_problem(Path(path), sha, size, hashes)
+        if problem:
+            result.problems.append(
+                f"{path} (id {image_id}): {problem}; restore the file or "
+                f"`convirt index remove --root ROOT --id {image_id}`"
+            )
+    result.checked["image_files"] = checked
+    if remote:
+        result.checked["pacs_images_not_checked"] = remote
+
+
+def file_problem(path: Path, sha: str, size: int, rehash: bool) -> str | None:
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError:
+        return "image file missing"
+    except OSError as err:
+        return f"image file unreadable ({err.strerror or err})"
+    if actual_size != size:
+        return f"image file changed (size {actual_size}, indexed {size})"
+    if rehash and sha256_file(path) != sha:
+        return "image file changed (content hash differs)"
+    return None
