@@ -12,6 +12,7 @@ from conftest import epoch_rows, small_train_config
 
 from convirt.imagecache import ImageCache, pixel_file
 from training.config import load_config
+from training.run_identity import refuse_changed_config, run_identity
 from training.train import train
 
 
@@ -71,7 +72,21 @@ def test_resume_refuses_other_settings_and_fresh_run_refuses_old_dir(
               resume=True, progress=False)  # fmt: skip
 
 
+def test_run_saved_before_a_setting_existed_is_still_reused(tmp_path):
+    """A finished `make demo` run from before `lock_text`/`false_negatives` existed: its identity
+    lacks them; at their defaults that changes nothing, set otherwise it does."""
+    current = run_identity(load_config("cpu"), [])
+    saved = {k: v for k, v in current.items() if k not in ("lock_text", "false_negatives")}
+    refuse_changed_config(saved, current, tmp_path)  # no error: the new settings are at defaults
+    with pytest.raises(ValueError, match=r"lock_text: None -> True"):
+        refuse_changed_config(saved, {**current, "lock_text": True}, tmp_path)
+
+
 def test_named_configs_validate():
+    locked = load_config("locked")
+    assert (
+        locked.model.text_encoder == "mpnet" and locked.epochs == 0 and locked.stage1.epochs == 10
+    )
     assert load_config("paper").batch_size == 32 and load_config("paper").temperature == 0.1
     cpu = load_config("cpu", {"model.image_size": 96, "epochs": 1})
     assert cpu.model.image_size == 96 and cpu.epochs == 1

@@ -37,9 +37,19 @@ def run_identity(config: TrainConfig, manifests: list[dict]) -> dict:
 
 
 def refuse_changed_config(saved: dict, current: dict, out_dir: Path) -> None:
+    """Refuse to resume (or reuse) a run whose settings or data changed. A setting added to the
+    code after the run was saved is absent from `saved`: at its default it changes nothing, so a
+    finished `make demo` run is still reused after an update."""
+    defaults = TrainConfig().model_dump()
+
+    def differs(key: str) -> bool:
+        if key not in saved and key in defaults:
+            return current.get(key) != defaults[key]
+        return saved.get(key) != current.get(key)
+
     changed = [
         key for key in sorted(set(saved) | set(current))
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
+        if key not in RESUMABLE_CHANGES and differs(key)
     ]  # fmt: skip
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:3])
