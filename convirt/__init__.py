@@ -13,7 +13,8 @@ The model
     explain.py         occlusion heat-maps: why an image matched a query
 Images and text
     imageio.py         PNG, JPEG and DICOM to 8-bit greyscale (decode_budget.py, codestreams.py:
-                       a file's size checked before anything decodes it)
+                       a file's size checked before anything decodes it); viewpixels.py: 16-bit
+                       values with the DICOM window, for a viewer
     transforms.py      training augmentation and the eval view
     imagecache.py      decoded images on disk, decoded once (cachebuild.py fills it on every core,
                        cache_cli.py is `convirt cache`)

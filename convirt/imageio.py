@@ -47,8 +47,10 @@ __all__ = [  # with the budget names convirt.decode_budget defines, imported fro
     "MAX_PIXELS",
     "ImageDecodeError",
     "ImageTooLargeError",
+    "dicom_frame",
     "load_image",
     "looks_like_dicom",
+    "read_dicom",
     "resize_shorter",
 ]
 
@@ -251,7 +253,9 @@ def _infer_transfer_syntax(ds) -> None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def _load_dicom(fp) -> Image.Image:
+def read_dicom(fp):
+    """A DICOM file (a path or a binary file object) parsed by pydicom, its pixels not decoded
+    yet; ImageDecodeError when it cannot be read (or would inflate past the budget)."""
     import pydicom
 
     try:
@@ -263,11 +267,15 @@ def _load_dicom(fp) -> Image.Image:
     except OSError as err:
         raise ImageDecodeError(f"unreadable DICOM file: {err}") from err
     try:
-        ds = pydicom.dcmread(fp, force=True)
+        return pydicom.dcmread(fp, force=True)
     except MemoryError:
         raise
     except Exception as err:  # pydicom raises many types for malformed files
         raise ImageDecodeError(f"unreadable DICOM file: {err}") from err
+
+
+def _load_dicom(fp) -> Image.Image:
+    ds = read_dicom(fp)
     try:
         image = _decode_dicom(ds)
     except ImageDecodeError:
@@ -291,6 +299,22 @@ def _header_int(ds, keyword: str, default: int) -> int:
 def _decode_dicom(ds) -> Image.Image:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    pixels, colour = dicom_frame(ds)
+    if colour:
+        return Image.fromarray(np.ascontiguousarray(pixels).astype(np.uint8)).convert("L")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    windowed = "WindowCenter" in ds or "VOILUTSequence" in ds
+
+    def transform(values: np.ndarray) -> np.ndarray:
+        values = apply_modality_lut(values, ds)
+        return apply_voi_lut(values, ds) if windowed else values
+
+    return _array_to_grey(pixels, transform, invert=photometric == "MONOCHROME1")
+
+
+def dicom_frame(ds) -> tuple[np.ndarray, bool]:
+    """(the stored values of the one frame we use, whether it is colour: rows x cols x 3), its
+    size checked against the decode budget before decoding; ImageDecodeError otherwise."""
     if "PixelData" not in ds:
         raise ImageDecodeError("DICOM file has no pixel data (PixelData element missing)")
     _infer_transfer_syntax(ds)
@@ -315,17 +339,10 @@ def _decode_dicom(ds) -> Image.Image:
         trim_heap()  # what a failed decoder freed goes back to the system
         raise ImageDecodeError(f"cannot decode DICOM pixel data: {err}") from err
     if colour or pixels.ndim == 4:
-        frame = pixels[0] if pixels.ndim == 4 else pixels
-        return Image.fromarray(np.ascontiguousarray(frame).astype(np.uint8)).convert("L")
+        return (pixels[0] if pixels.ndim == 4 else pixels), True
     if pixels.ndim == 3:  # several frames despite the index: take the middle one
         pixels = pixels[pixels.shape[0] // 2]
-    windowed = "WindowCenter" in ds or "VOILUTSequence" in ds
-
-    def transform(values: np.ndarray) -> np.ndarray:
-        values = apply_modality_lut(values, ds)
-        return apply_voi_lut(values, ds) if windowed else values
-
-    return _array_to_grey(pixels, transform, invert=photometric == "MONOCHROME1")
+    return pixels, False
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:

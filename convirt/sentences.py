@@ -92,3 +92,28 @@ def sample_sentence(sentences: Sequence[str], rng: random.Random, fallback: str 
     if not sentences:
         return fallback.strip()
     return sentences[rng.randrange(len(sentences))]
+
+
+def sentence_spans(text: str) -> list[tuple[str, int | None, int | None]]:
+    """split_sentences(text), each with where it stands in `text`: (sentence, start, end), so
+    that text[start:end] is the sentence as written (its spaces and final punctuation as in the
+    report). A sentence is looked for after the one before it; (sentence, None, None) where
+    it cannot be found, which cleaning alone never causes."""
+    spans: list[tuple[str, int | None, int | None]] = []
+    position = 0
+    for sentence in split_sentences(text):
+        found = _written(sentence).search(text, position)
+        if found is None:
+            spans.append((sentence, None, None))
+            continue
+        spans.append((sentence, found.start(), found.end()))
+        position = found.end()
+    return spans
+
+
+def _written(sentence: str) -> re.Pattern[str]:
+    """A cleaned sentence as it may be written: any run of spaces between its words, and the
+    final "." _clean made of ",", ";" or ". ." (or added to nothing)."""
+    body = sentence[:-1] if sentence.endswith(".") else sentence
+    words = [re.escape(word) for word in body.split()]
+    return re.compile(r"\s+".join(words) + r"(?:\s*[.;,])*")

@@ -19,7 +19,8 @@ served; every write makes a new version and switches CURRENT atomically. Three r
 
 and what both sides share, here: layout.py (the root's folders, CURRENT, the write lock, disk
 full), version.py (what a version directory holds, read_version), metadata.py (meta.sqlite's
-schema), faiss_index.py (the FAISS structures: built by write, searched by read), errors.py.
+schema), fields.py (the modality and body part vocabulary: derived at publish, read by facets
+and cards), faiss_index.py (the FAISS structures: built by write, searched by read), errors.py.
 
 A query: service -> read.store.IndexStore.search -> read.filters / read.keywords (allowed ids)
 -> read.search (FAISS, within them) -> read.lookup (rows) -> the service's result.

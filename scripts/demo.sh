@@ -7,7 +7,8 @@
 #   - index: rebuilt only when the model fingerprint or the archive manifest changed.
 #
 # Settings (environment):
-#   CONVIRT_DATA_ROOT   datasets folder holding covid-cxr/, medpix/ and roco/ (default ../shared/datasets)
+#   CONVIRT_DATA_ROOT   datasets folder holding covid-cxr/, covid-ct/, medpix/ and roco/
+#                       (default ../shared/datasets)
 #   CONVIRT_CONFIG      training config: cpu or gpu (default: gpu when CUDA is available, else cpu)
 #   CONVIRT_DEMO_DIR    where runs, the archive and the index go (default: runs)
 #   CONVIRT_PORT        port of the service (default 8000); CONVIRT_HOST (default 127.0.0.1)
@@ -23,10 +24,10 @@ cd "$(dirname "$0")/.."
 
 DATA_ROOT="${CONVIRT_DATA_ROOT:-$(cd .. && pwd)/shared/datasets}"
 export CONVIRT_DATA_ROOT="$DATA_ROOT"
-for dataset in covid-cxr medpix roco; do
+for dataset in covid-cxr covid-ct medpix roco; do
   if [ ! -f "$DATA_ROOT/$dataset/manifest.csv" ]; then
     echo "demo: no $dataset dataset under $DATA_ROOT; set CONVIRT_DATA_ROOT to the folder holding" \
-         "covid-cxr/, medpix/ and roco/" >&2
+         "covid-cxr/, covid-ct/, medpix/ and roco/" >&2
     exit 2
   fi
 done

@@ -23,17 +23,25 @@ from convirt.paths import data_root
 
 # dataset -> manifest columns kept as metadata (shown beside each result, offered as filters).
 # case_id, patient_id and pmc_article name a study or patient: the service groups results by them.
+# Modality and body part are kept as each dataset spells them (medpix's `type` and `location`
+# too): the index normalises them to one vocabulary (index/fields.py), so `{"modality": "CT"}`
+# finds the CTs of all four; covid-cxr and covid-ct are chest imaging by their `dataset`.
 DATASETS = {
-    "medpix": ["modality", "plane", "location_category", "diagnosis", "case_id", "sex", "age"],
-    "covid-cxr": ["modality", "view", "finding", "patient_id", "sex", "age"],
+    "medpix": [
+        "type", "modality", "plane", "location", "location_category", "diagnosis", "case_id",
+        "sex", "age",
+    ],
+    "covid-cxr": ["modality", "view", "finding", "patient_id", "sex", "age", "licence"],
+    # chest CT slices cut from preprint figures (README: research use, no redistribution)
+    "covid-ct": ["modality", "finding", "patient_id", "sex", "age"],
     # PubMed Central figures: each keeps its article and Creative Commons licence beside it.
     "roco": ["modality_keyword", "pmc_article", "licence"],
-}
-# roco names its modality in another column: copied, so one `modality` filter spans all three
-SAME_AS = {"modality": "modality_keyword"}
+}  # fmt: skip
+# archive column -> the other spelling some datasets use for it (covid-cxr's `license`)
+SPELT_AS = {"licence": "license"}
 # covid-cxr writes sex as M/F, medpix as male/female: one spelling, so one filter finds both
 SPELLING = {"sex": {"M": "male", "F": "female"}}
-METADATA = sorted({column for columns in DATASETS.values() for column in columns} | set(SAME_AS))
+METADATA = sorted({column for columns in DATASETS.values() for column in columns})
 COLUMNS = ["image", "text", "dataset", "split", *METADATA]
 
 
@@ -51,10 +59,10 @@ def archive_rows(root: Path, limit: int | None) -> list[dict[str, str]]:
         except ManifestError as err:
             raise SystemExit(f"prepare_archive: {err}") from err
         for row in source[:limit]:
-            kept_fields = {column: row.get(column, "") for column in kept}
-            for column, other in SAME_AS.items():
-                if column not in kept and other in kept:
-                    kept_fields[column] = row.get(other, "")
+            kept_fields = {
+                column: row.get(column, row.get(SPELT_AS.get(column, ""), "")).strip()
+                for column in kept
+            }
             for column, spellings in SPELLING.items():
                 if column in kept_fields:
                     kept_fields[column] = spellings.get(kept_fields[column], kept_fields[column])

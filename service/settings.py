@@ -124,6 +124,16 @@ class Settings(BaseSettings):
         description="comma-separated metadata fields /v1/facets never lists, besides patient "
         "and accession numbers and DICOM UIDs (they stay filterable by name)",
     )
+    facets_show: str = Field(
+        "",
+        description="comma-separated metadata fields /v1/facets lists although its rule hides "
+        "them (ids, paths, hashes, licences, split, free text, *_original, the archive's own "
+        "spellings behind modality and body_part: index/read/facets.py offered); never the "
+        "identifiers above",
+    )
+    facets_hide: str = Field(
+        "", description="comma-separated metadata fields /v1/facets does not list, besides its rule"
+    )
     # -- access control, audit trail, viewer links (service/guard/, service/search/viewer.py) ------
     auth: Literal["auto", "keys", "proxy"] = Field(
         "auto",
@@ -250,6 +260,24 @@ class Settings(BaseSettings):
         ge=0,
         description="after a PACS fails (timeout, no connection, 5xx), seconds its images get "
         "503 pacs_unavailable at once instead of each waiting out the deadline",
+    )
+    # -- uploads kept for a region, a refinement, a heat-map, the viewer (service/search/kept.py) -
+    upload_ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        description="seconds an upload is kept after its last use (its upload_id then answers "
+        "404 unknown_upload)",
+    )
+    upload_keep: int = Field(
+        200,
+        ge=1,
+        description="uploads kept at most, all users together (the least recently used go)",
+    )
+    upload_keep_bytes: int = Field(
+        512 * MiB,
+        ge=1,
+        description="bytes of uploads kept at most, all users together (the least recently "
+        "used go)",
     )
     fault_route: bool = Field(
         False,

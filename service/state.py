@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from index import layout
+from index import fields, layout
 from index.errors import IndexStoreError
 from index.read.store import IndexStore, open_current
 from service.model.engine import Engine
@@ -117,6 +117,8 @@ class ServiceState:
 
     def _publish(self, store: IndexStore) -> None:
         self.metrics.set_index(store.version, store.fingerprint, store.count)
+        if note := fields.outdated_note(store.info, store.root):
+            log.warning(note)
 
     async def _poll(self) -> None:
         """Switch to a newer index version by itself, every reload_poll_seconds.

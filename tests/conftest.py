@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -205,3 +206,16 @@ def browser_page(viewport: dict | None = None) -> Iterator[tuple]:
         yield browser, page, sync_api.expect
         browser.close()
     assert errors == []
+
+
+def calibrated_scales(client: httpx.Client, timeout: float = 120) -> dict[str, dict]:
+    """Every kind's score scale (GET /v1/scores), once the service's background calibration has
+    done them all: until then results carry no `match` label. What is there at the deadline."""
+    from service.search.calibration import KINDS
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {s["kind"]: s for s in client.get("/v1/scores").json()["scales"]}
+        if len(found) == len(KINDS) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)

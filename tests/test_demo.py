@@ -41,7 +41,7 @@ def mini_dataset(source: Path, out: Path, per_split: int) -> None:
 @pytest.fixture(scope="module")
 def demo_env(datasets: Path, tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("demo")
-    for name in ("medpix", "covid-cxr", "roco"):
+    for name in ("medpix", "covid-cxr", "covid-ct", "roco"):
         mini_dataset(datasets / name, folder / "data" / name, per_split=8)
     return {
         **os.environ,
@@ -84,7 +84,7 @@ def test_demo_serves_then_reuses_everything(demo_env, tmp_path):
     process = run_demo(demo_env, first_log)
     try:
         output = first_log.read_text()
-        assert "archive: 48 images" in output and "(written)" in output
+        assert "archive: 64 images" in output and "(written)" in output
         assert "text_to_image/recall@10" in output  # the evaluation tables were printed
         assert "build: version 000001 with" in output
         assert "Its answer" in output and f"curl -s {url}/v1/search/text" in output
@@ -98,6 +98,7 @@ def test_demo_serves_then_reuses_everything(demo_env, tmp_path):
         assert relpath.split("/")[0] in (
             "medpix",
             "covid-cxr",
+            "covid-ct",
             "roco",
         )  # paths through the archive links
         assert httpx.get(url + answer["results"][0]["thumbnail_url"], timeout=30).status_code == 200

@@ -36,6 +36,7 @@ from pydicom.uid import (
 )
 
 from index import cli, layout
+from index.fields import normalise_modality
 from index.read.store import open_current
 from index.sources.dicomweb import download
 from index.sources.dicomweb.http import DicomwebError
@@ -330,10 +331,12 @@ def test_build_from_orthanc_stores_uids_metadata_and_joined_reports(built, loade
         assert row["path"] == f"dicomweb://{host}/studies/{study}/series/{series}/instances/{sop}"
         assert row["source"] == loaded.url and row["relpath"] == f"{study}/{series}/{sop}.dcm"
         assert {"PatientID", "Modality", "StudyDate"} <= set(meta)
-        assert row["modality"] == meta["Modality"]
+        assert row["modality"] == normalise_modality(meta["Modality"])  # DX, CR: XR (index.fields)
+        assert meta["modality_original"] == meta["Modality"]
     pa, lateral = rows[CXR_STUDY + ".1.1"], rows[CXR_STUDY + ".2.1"]
     assert (pa["view"], lateral["view"]) == ("PA", "LL")
     assert pa["meta"]["BodyPartExamined"] == "CHEST" and pa["meta"]["AccessionNumber"] == "ACC-CXR"
+    assert pa["meta"]["body_part"] == "chest"
     assert pa["meta"]["StudyDate"] == "20240105" and pa["meta"]["PatientID"] == "P-CXR"
     assert pa["report"] == lateral["report"] == " ".join(SR_TEXT)  # the SR, for every image
     assert rows[MEDPIX_STUDY + ".1.1"]["report"].startswith("Axial CT of the abdomen")  # accession
@@ -355,7 +358,7 @@ def test_build_from_orthanc_stores_uids_metadata_and_joined_reports(built, loade
         assert cursor["feed"] == "orthanc" and cursor["seq"] > 0 and cursor["instances"] == 7
         assert store.info["source"]["kind"] == "dicomweb"
         only_dx = store.search_text_vectors(
-            store.vectors["joint"][:1], k=10, filters={"modality": "DX"}
+            store.vectors["joint"][:1], k=10, filters={"modality": "XR"}
         )
         assert len(only_dx[0]) == 2
     assert not (built / layout.STAGING_DIR).exists() or not any(

@@ -223,7 +223,8 @@ def test_manifest_build_keeps_columns_reports_and_filters(medpix_subset, bundle_
     with open_current(root) as store:
         assert store.count == len({r["image"] for r in rows})
         row = store.get(id_of(store, (medpix_subset.parent / first["image"]).resolve()))
-        assert row["report"] == first["text"].strip() and row["modality"] == first["modality"]
+        assert row["report"] == first["text"].strip() and row["modality"] == first["type"]
+        assert row["meta"]["modality_original"] == first["modality"]  # normalised, kept (24)
         assert row["meta"]["location_category"] == first["location_category"]
         assert row["meta"]["split"] == first["split"]
         query = np.ones(512, np.float32)

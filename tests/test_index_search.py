@@ -24,7 +24,8 @@ from convirt.findings import split_by_status
 from convirt.sentences import split_sentences
 from index import faiss_index
 from index.errors import FilterError
-from index.read.facets import Facet
+from index.fields import derived_fields
+from index.read.facets import Facet, is_placeholder
 from index.read.filters import FILTER_COLUMNS, filtered_ids
 from index.read.keywords import Keywords
 from index.read.limits import MAX_ANY_OF, MAX_KEYWORD_CHARS, MAX_KEYWORDS
@@ -117,6 +118,11 @@ def id_of(store, manifest_rows) -> dict[str, int]:
 
 def ids_where(manifest_rows, id_of, keep) -> set[int]:
     return {id_of[r["image"]] for r in manifest_rows if keep(r)}
+
+
+def modality_of(row: dict[str, str]) -> str | None:
+    """The modality the index stores for a manifest row (index/fields.py)."""
+    return derived_fields(row)["modality"]
 
 
 def number(text: str) -> float | None:
@@ -230,13 +236,13 @@ def test_equality_and_any_of_filters(store, manifest_rows, id_of):
     def expect(keep):
         return ids_where(manifest_rows, id_of, keep)
 
-    modality = manifest_rows[0]["modality"]
+    modality = modality_of(manifest_rows[0])  # the column holds the normalised modality
     assert found(store, filters={"modality": modality}) == expect(
-        lambda r: r["modality"] == modality
+        lambda r: modality_of(r) == modality
     )
-    wanted = ["X-ray", modality, "no such modality"]
+    wanted = ["XR", modality, "no such modality"]
     by_any = found(store, filters={"modality": wanted})
-    assert by_any == expect(lambda r: r["modality"] in wanted)
+    assert by_any == expect(lambda r: modality_of(r) in wanted)
     assert by_any > found(store, filters={"modality": modality})
     sexes = ("F", "male")
     assert found(store, filters={"sex": list(sexes)}) == expect(lambda r: r["sex"] in sexes)
@@ -244,7 +250,7 @@ def test_equality_and_any_of_filters(store, manifest_rows, id_of):
     ages = [manifest_rows[0]["age"], int(manifest_rows[-1]["age"] or 40)]
     assert found(store, filters={"age": ages}) == expect(lambda r: r["age"] in map(str, ages))
     both = found(store, filters={"modality": wanted, "sex": list(sexes)})
-    assert both == expect(lambda r: r["modality"] in wanted and r["sex"] in sexes) != set()
+    assert both == expect(lambda r: modality_of(r) in wanted and r["sex"] in sexes) != set()
     assert found(store, filters={"view": ["nothing", "at all"]}) == set()
 
 
@@ -299,11 +305,11 @@ def test_text_ranges_order_iso_dates(store, manifest_rows, id_of):
 def test_filtered_search_ranks_like_exact_search_inside_faiss_and_by_overfetch(
     store, manifest_rows, id_of, monkeypatch
 ):
-    filters = {"age": {"gte": 20}, "modality": ["X-ray", manifest_rows[0]["modality"]]}
+    filters = {"age": {"gte": 20}, "modality": ["XR", modality_of(manifest_rows[0])]}
     allowed = ids_where(
         manifest_rows,
         id_of,
-        lambda r: (number(r["age"]) or 0) >= 20 and r["modality"] in filters["modality"],
+        lambda r: (number(r["age"]) or 0) >= 20 and modality_of(r) in filters["modality"],
     )
     assert 3 < len(allowed) < store.count
     vector = query(store, seed=4)
@@ -398,7 +404,7 @@ def test_keyword_terms_are_text_never_fts_syntax(store, manifest_rows, id_of):
 
 def test_keywords_filters_and_exclude_together(store, manifest_rows, id_of):
     effusion = ids_where(manifest_rows, id_of, has_word(EFFUSION))
-    xray = ids_where(manifest_rows, id_of, lambda r: r["modality"] == "X-ray")
+    xray = ids_where(manifest_rows, id_of, lambda r: modality_of(r) == "XR")
     left_out = set(list(sorted(effusion & xray))[:1])
     expected = (effusion & xray) - left_out
     assert expected
@@ -407,7 +413,7 @@ def test_keywords_filters_and_exclude_together(store, manifest_rows, id_of):
         "joint",
         vector,
         4,
-        filters={"modality": "X-ray"},
+        filters={"modality": "XR"},
         keywords=Keywords(must=("effusions",)),
         exclude=left_out,
     )
@@ -467,7 +473,7 @@ def test_field_tables_find_what_the_json_scan_finds_built_once_per_field(index_r
     dates = sorted(r["study_date"] for r in manifest_rows)
     cases = [
         {"sex": manifest_rows[0]["sex"]},
-        {"sex": ["F", "male", "nobody"], "modality": manifest_rows[0]["modality"]},
+        {"sex": ["F", "male", "nobody"], "modality": modality_of(manifest_rows[0])},
         {"age": [manifest_rows[1]["age"], 40]},
         {"age": {"gte": 30, "lte": 70}},
         {"dose": {"gte": -1e9}},  # "n/a", "12abc" and "" are not numbers: never in a range
@@ -515,9 +521,14 @@ def test_filters_read_the_json_when_no_field_table_can_be_built(
 def expected_facets(manifest_rows) -> dict[str, dict]:
     """Per field: the kind, counts, and range or ranked values, by the rules facets follow."""
     fields = ["modality", "view", *sorted(set(FIELDS) - {"image", "text", "modality", "view"})]
+    fields.insert(fields.index("sex"), "modality_original")  # index.fields keeps the original
+    rows = [
+        {**r, "modality": modality_of(r), "modality_original": r["modality"]} for r in manifest_rows
+    ]
     out = {}
     for field in fields:
-        counts = Counter(r[field] for r in manifest_rows if r[field] != "")
+        # placeholders ("n/a") are no value, as empty ones
+        counts = Counter(r[field] for r in rows if r[field] != "" and not is_placeholder(r[field]))
         if not counts:
             continue
         texts = list(counts)
@@ -568,7 +579,7 @@ def test_facets_are_cut_to_max_values_and_cached(store, manifest_rows):
     for field, facet in full.items():
         assert cut[field].values == facet.values[:2]
         assert (cut[field].distinct, cut[field].count) == (facet.distinct, facet.count)
-    assert len(full["modality"].values) > 2 and len(store.facets()[0].values) <= 50
+    assert len(full["modality_original"].values) > 2 and len(store.facets()[0].values) <= 50
     store.facets(max_values=1000)[0].values.clear()  # a caller's copy: the cache keeps its own
     assert store.facets(max_values=1000)[0] == full["modality"]
     assert store._facets is not None and store.facets(max_values=0)[0].values == []

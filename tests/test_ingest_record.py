@@ -98,7 +98,8 @@ def test_pacs_and_folder_dicom_have_the_same_metadata_keys(pacs_and_folder_rows)
     assert from_pacs["meta"] == from_folder["meta"]
     expected = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality"}
     assert expected | {"PatientID", "StudyDate"} <= set(from_folder["meta"])
-    assert from_pacs["modality"] == from_folder["modality"] == "CR"
+    assert from_pacs["modality"] == from_folder["modality"] == "XR"  # CR, normalised (index.fields)
+    assert from_folder["meta"]["Modality"] == from_folder["meta"]["modality_original"] == "CR"
 
 
 def test_reindex_renames_the_former_spellings_of_an_older_index(bundle_dir, tmp_path):
@@ -121,5 +122,6 @@ def test_reindex_renames_the_former_spellings_of_an_older_index(bundle_dir, tmp_
         "Modality": "CT",
         "StudyInstanceUID": former["study_uid"],
         "age": "40",
+        "modality_original": "CT",  # and the modality normalised (index.fields)
     }
     assert migrated["modality"] == "CT"

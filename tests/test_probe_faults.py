@@ -73,7 +73,14 @@ def index_root(tmp_path_factory, bundle_dir, rows) -> Path:
 @pytest.fixture(scope="module")
 def server(bundle_dir, index_root, state, keys) -> Iterator:
     """Default host and proxy settings: what the probe met."""
-    settings = guarded_settings(bundle_dir, index_root, state, CONVIRT_SENSITIVE_FIELDS="case_id")
+    # case_id asked to be shown as a facet (CONVIRT_FACETS_SHOW) and named sensitive: sensitive wins
+    settings = guarded_settings(
+        bundle_dir,
+        index_root,
+        state,
+        CONVIRT_SENSITIVE_FIELDS="case_id",
+        CONVIRT_FACETS_SHOW="case_id",
+    )
     with serving(settings) as process:
         yield process
 
@@ -107,7 +114,7 @@ def test_facets_leak_no_identifiers_and_are_audited(reader, state, rows):
     fields = {facet["field"] for facet in found.json()["facets"]}
     assert "modality" in fields  # an ordinary field is still offered
     assert not fields & IDENTIFIERS, fields & IDENTIFIERS
-    assert "case_id" not in fields  # CONVIRT_SENSITIVE_FIELDS
+    assert "case_id" not in fields  # CONVIRT_SENSITIVE_FIELDS, over CONVIRT_FACETS_SHOW
     assert rows[0]["PatientID"] not in found.text and rows[0]["AccessionNumber"] not in found.text
     entries = audit_entries(state)[before:]
     assert [entry["endpoint"] for entry in entries] == ["/v1/facets"]

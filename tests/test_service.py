@@ -352,8 +352,9 @@ def test_text_filters(client, rows):
     body = search_text(client, rows[0]["text"], k=30, filters={"collection": "covid-cxr"}).json()
     assert len(body["results"]) == 6
     assert {r["metadata"]["fields"]["collection"] for r in body["results"]} == {"covid-cxr"}
-    body = search_text(client, rows[0]["text"], k=30, filters={"modality": "X-ray"}).json()
-    assert {r["metadata"]["modality"] for r in body["results"]} == {"X-ray"}
+    body = search_text(client, rows[0]["text"], k=30, filters={"modality": "XR"}).json()
+    assert {r["metadata"]["modality"] for r in body["results"]} == {"XR"}  # X-ray, normalised
+    assert {r["metadata"]["fields"]["modality_original"] for r in body["results"]} == {"X-ray"}
     error_of(search_text(client, "x", filters={"../../etc": "passwd"}), 422, "invalid_filters")
     either = {"collection": ["covid-cxr", "dicom"]}
     assert len(search_text(client, rows[0]["text"], k=30, filters=either).json()["results"]) == 8

@@ -96,12 +96,17 @@ def add_reindex(commands) -> None:
     p = subparser(
         commands,
         "reindex",
-        "rebuild the FAISS structure with another --index-type",
-        "Writes a new version with the same vectors and metadata under another index type\n"
-        "(e.g. hnsw once an archive has grown); nothing is re-embedded.",
+        "rebuild the FAISS structure, or bring an older version's metadata up to date",
+        "Writes a new version with the same vectors and metadata, under another --index-type\n"
+        "(e.g. hnsw once an archive has grown) or the current one; nothing is re-embedded.\n"
+        "Like every write it re-derives the normalised fields (modality, body_part, with\n"
+        "modality_original and body_part_original kept: index/fields.py), so a version built\n"
+        "before them, which the service warns of when it loads, needs only\n"
+        "`convirt index reindex --root ROOT`.",
     )
     add_root(p, "--root", "index root")
-    p.add_argument("--index-type", required=True, help=INDEX_TYPE_HELP)
+    current = INDEX_TYPE_HELP.replace("%(default)s", "the current version's")
+    p.add_argument("--index-type", help=current)
     add_keep(p)
     p.set_defaults(run=run_reindex)
 

@@ -1,4 +1,7 @@
-"""Facets: what the filters can ask for, the values of every filterable field with counts."""
+"""Facets: what the filters can ask for, the values of every filterable field with counts, and
+the rule of which fields a page's menus offer (`offered`): not ids, paths, hashes, licences,
+splits, free text or the archive's own spellings behind a normalised field (index/fields.py),
+unless a setting says otherwise. Placeholder values ("todo", "?") are never counted as values."""
 
 from __future__ import annotations
 
@@ -8,9 +11,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from ..fields import BODY_PART_SOURCES, MODALITY_SOURCES
 from .filters import SAFE_KEY, _number_sql
 
 FACET_COLUMNS = ("modality", "view")
+# values that stand for "nobody filled this in": never a menu item, never breaking a range
+PLACEHOLDERS = frozenset(
+    {"", "?", "??", "-", "--", "todo", "tbd", "n/a", "na", "null", "none", "unknown", "left blank"}
+)
+# -- which fields a page offers (the route applies it; CONVIRT_FACETS_SHOW / _HIDE override) ------
+# a field whose name's last word is one of these names a thing, not a kind of thing
+ID_WORDS = frozenset(
+    {"id", "ids", "uid", "uuid", "hash", "sha256", "md5", "path", "relpath", "url", "doi", "split",
+     "licence", "license", "original", "article", "number", "width", "height", "bytes"}
+)  # fmt: skip
+# free text: a menu of a report's words or of every diagnosis is not a filter
+TEXT_FIELDS = frozenset(
+    {"text", "report", "caption", "findings", "diagnosis", "impression", "case_title", "title",
+     "history", "description", "comment", "comments", "notes"}
+)  # fmt: skip
+# the archive's own spellings behind `modality` and `body_part`: one menu per thing
+NORMALISED_SOURCES = frozenset({*MODALITY_SOURCES, *BODY_PART_SOURCES} - {"modality", "body_part"})
+MAX_MENU = 200  # more distinct values than this: names or free text, not a kind of thing
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,8 @@ def facets(conn: sqlite3.Connection, fields: frozenset[str]) -> list[Facet]:
 
 def _count(values: dict[str, list], rows: Iterable[tuple]) -> None:
     for value, n, number in rows:
+        if is_placeholder(value):
+            continue
         values.setdefault(str(value), [0, number])[0] += n  # one text, possibly two JSON types
 
 
@@ -98,3 +122,34 @@ def _is_date(text: str, layout: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def is_placeholder(value: object) -> bool:
+    return isinstance(value, str) and value.strip().lower() in PLACEHOLDERS
+
+
+def _words(field: str) -> list[str]:
+    """A field name's words: StudyInstanceUID, study_instance_uid and "Study UID" alike."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", field)
+    return [w for w in re.split(r"[\s_.\-]+", spaced.lower()) if w]
+
+
+def offered(
+    facet: Facet, show: frozenset[str] = frozenset(), hide: frozenset[str] = frozenset()
+) -> bool:
+    """Whether a page's filter menus offer this field: named in `show`, yes; in `hide`, no;
+    else not when its name's last word names a thing (ID_WORDS: ids, uids, hashes, paths,
+    licences, split, `*_original`), it is free text (TEXT_FIELDS, or more than MAX_MENU distinct
+    values) or an archive's own spelling of a normalised field (NORMALISED_SOURCES). `show` and
+    `hide` hold field names compared as _words (case, "_" and spaces aside)."""
+    words = _words(facet.field)
+    key = " ".join(words)
+    if key in {" ".join(_words(name)) for name in show}:
+        return True
+    if key in {" ".join(_words(name)) for name in hide}:
+        return False
+    if not words or words[-1] in ID_WORDS or facet.field in NORMALISED_SOURCES:
+        return False
+    if "_".join(words) in TEXT_FIELDS:
+        return False
+    return not (facet.kind == "values" and facet.distinct > MAX_MENU)

@@ -1,17 +1,20 @@
 """Report sentences of a published version, opened for searching: the third space, beside `joint`
 and `encoder`, that text ranking (read/hybrid.py) and suggestions (read/suggest.py) read. How they
-are derived and stored: index/write/sentences.py."""
+are derived and stored: index/write/sentences.py. And one report read the same way, for showing
+it (read_report: its sentences where they stand in the text, with what each asserts)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from convirt.findings import content_words, stem
+from convirt.findings import content_words, read_sentence, stem
+from convirt.sentences import sentence_spans
 
 from ..metadata import SIDE_BITS
 from ..version import SENTENCE_VECTORS
@@ -113,3 +116,25 @@ def has_space(db: sqlite3.Connection) -> bool:
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'report_terms'"
     ).fetchone()
     return row is not None
+
+
+@dataclass(frozen=True)
+class ReportSentence:
+    """One sentence of a report as the index split it, where it stands in the report's text
+    (start/end: character offsets, None where it cannot be placed), and the findings it names
+    with what it asserts of each (convirt.findings: present, absent, uncertain, historical)."""
+
+    text: str
+    start: int | None
+    end: int | None
+    findings: list[tuple[str, str]]
+
+
+def read_report(report: str) -> list[ReportSentence]:
+    """A report's sentences, split and read by the same rules the index's sentences were
+    (convirt.sentences.split_sentences, convirt.findings.read_sentence)."""
+    read = []
+    for text, start, end in sentence_spans(report):
+        found = [(m.finding, m.status) for m in read_sentence(text).mentions]
+        read.append(ReportSentence(text, start, end, list(dict.fromkeys(found))))
+    return read

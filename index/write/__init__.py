@@ -8,7 +8,8 @@
     embedding.py  the embedding job: image cache, decode threads, the model, in source order
     staging.py    embeddings of an unfinished job, by content hash (a rerun resumes)
     rows.py       meta.sqlite rows written: images, duplicates, what a remote source skipped;
-                  the DICOM field renaming reindex migrates older versions with
+                  the DICOM field renaming reindex migrates older versions with; the
+                  normalised modality and body part every publish derives (index/fields.py)
     sentences.py  the report sentences derived and embedded at publish
     checks.py     `convirt index info` and `verify`
 

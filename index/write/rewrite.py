@@ -1,7 +1,8 @@
 """Writes that embed nothing: remove images (by id or path) and reindex (the same vectors under
 another FAISS structure). Both copy the current version without what they drop; reindex also
 migrates the metadata of DICOM images an older version stored under former names (study_uid,
-modality, ...) to the naming table's (convirt.imagerecord)."""
+modality, ...) to the naming table's (convirt.imagerecord), and, as every publish, derives the
+normalised modality and body part (index.fields) of a version built before them."""
 
 from __future__ import annotations
 
@@ -34,12 +35,17 @@ def remove(
     return w.summary
 
 
-def reindex(root: str | Path, index_type: str, keep: int = layout.KEEP_VERSIONS) -> Summary:
-    """The same vectors and metadata under another FAISS structure; nothing is re-embedded. DICOM
-    header fields stored under former names are renamed (rows.rename_former_names)."""
+def reindex(
+    root: str | Path, index_type: str | None = None, keep: int = layout.KEEP_VERSIONS
+) -> Summary:
+    """The same vectors and metadata under another FAISS structure (None: the current one);
+    nothing is re-embedded. DICOM header fields stored under former names are renamed
+    (rows.rename_former_names), and the normalised fields derived again, as every publish
+    does (index.fields)."""
     with writing(root, "reindex", from_current=True, keep=keep) as w:
         for dim in w.current.info["dims"].values():
-            faiss_index.check_index_type(index_type, dim)
+            if index_type is not None:
+                faiss_index.check_index_type(index_type, dim)
         rewrite(w, [], [], index_type, {}, rename_former=True)
     return w.summary
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..fields import with_derived
 from ..metadata import COLUMNS, SCHEMA, content_id
 
 if TYPE_CHECKING:  # only named in annotations: reading rows needs neither torch nor a source
@@ -224,12 +225,43 @@ def rename_former_names(conn: sqlite3.Connection) -> int:
     return len(changed)
 
 
+# -- normalised fields (index.fields), derived at every publish -----------------------------------
+DERIVE_BATCH = 5000
+
+
+def derive_fields(conn: sqlite3.Connection) -> int:
+    """Give every row the normalised modality (its column) and body part, with the originals
+    (index.fields.with_derived): run on the version being published by every write, so a
+    version built before the vocabulary gets it from any later write (`convirt index
+    reindex`). How many rows changed."""
+    changed, last = 0, None
+    while True:
+        query = "SELECT id, source, modality, meta FROM images"
+        page = conn.execute(
+            f"{query} {'WHERE id > ? ' if last is not None else ''}ORDER BY id LIMIT ?",
+            ([last] if last is not None else []) + [DERIVE_BATCH],
+        ).fetchall()
+        if not page:
+            conn.commit()
+            return changed
+        updates = []
+        for image_id, source, modality, meta in page:
+            old = json.loads(meta)
+            new_modality, new = with_derived(old, source)
+            if new_modality != modality or new != old:
+                updates.append((new_modality, json.dumps(new, sort_keys=True), image_id))
+        conn.executemany("UPDATE images SET modality = ?, meta = ? WHERE id = ?", updates)
+        changed += len(updates)
+        last = page[-1][0]
+
+
 # -- rows of newly embedded images --------------------------------------------------------------
 
 
 def image_row(item: ManifestItem, record: ImageRecord, source: Source) -> tuple:
     """An image's row: its record (DICOM header fields under the naming table's names) and what
-    its source says of it (a manifest's fields, a PACS's listing; non-empty ones win)."""
+    its source says of it (a manifest's fields, a PACS's listing; non-empty ones win). Its
+    modality is the source's text here; publishing normalises it (derive_fields)."""
     meta = {**record.header, **{k: v for k, v in item.meta.items() if v != ""}}
     return (
         content_id(record.sha256),

@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import faiss_index, layout
 from ..errors import IndexStoreError
+from ..fields import FIELDS_VERSION
 from ..metadata import META_DB
 from ..version import (
     INFO_FORMAT,
@@ -105,6 +106,7 @@ class VersionWriter:
                 recall[space] = faiss_index.measure_recall(index, data, ids)
         same_model = [p for p in previous if same_fingerprint(p, info.get("fingerprint"))]
         dim = int(vectors["joint"].shape[1])
+        rows.derive_fields(self.meta)  # index.fields: one modality and body part vocabulary
         written = sentences.write(self.meta, self.directory, dim, same_model, embed_texts)
         info = {
             **info,
@@ -118,6 +120,7 @@ class VersionWriter:
             "created_at": now_iso(),
             "seconds": round(time.perf_counter() - self.started, 3),
             "sentences": written.as_info() if written else None,
+            "fields": FIELDS_VERSION,
             "checksums": checksums(self.directory),
         }
         (self.directory / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")

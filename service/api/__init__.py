@@ -1,10 +1,11 @@
 """HTTP: the FastAPI app and everything that turns requests into calls and answers into JSON.
 
 app.py           create_app: routers, middleware (guard/), error handlers, /static, lifespan
-routes/          one router per resource: search, reports, facets, explain, images, admin,
-                 auth, health, page
+routes/          one router per resource: search, reports, facets, scores, explain, images,
+                 uploads (a kept upload's pixels), admin, auth, health, page
 deps.py          route dependencies: the service state, the Searcher, a leased index version,
-                 the caller and its role (guard/access.py), the request's audit record
+                 the kept uploads, the caller and its role (guard/access.py), the request's
+                 audit record
 queries.py       request bodies (SearchControls, declared once; TextQuery, RefineQuery),
                  checked against index/read/limits.py
 responses.py     response bodies, and the OpenAPI error entries of a route (errors())

@@ -19,13 +19,27 @@ from service.guard.audit import AuditLog
 from service.guard.limits import BodyReadDeadline, BodySizeLimit
 from service.metrics import Metrics, RequestMetrics
 from service.model.loading import Resources, load_resources
+from service.search.kept import KeptUploads
 from service.settings import Settings
 from service.state import ServiceState
 
 from .docs import fastapi_docs_url, install_local_docs
 from .errors import install_error_handlers
 from .hosts import HostCheck, allowed_hosts
-from .routes import admin, auth, explain, facets, health, images, page, reports, search
+from .routes import (
+    admin,
+    auth,
+    explain,
+    facets,
+    health,
+    image_reports,
+    images,
+    page,
+    reports,
+    scores,
+    search,
+    uploads,
+)
 from .routes.page import STATIC_DIR
 
 DESCRIPTION = """Medical image-text retrieval with a ConVIRT model.
@@ -72,6 +86,9 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     )
     app.state.service = service
     app.state.access = Access(settings)
+    app.state.kept_uploads = KeptUploads(  # uploads kept for their uploader (upload_id)
+        settings.upload_ttl_s, settings.upload_keep, settings.upload_keep_bytes
+    )
     app.state.audit = (
         AuditLog.from_settings(settings, metrics.audit_event) if settings.audit_log else None
     )
@@ -88,7 +105,21 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app.add_middleware(HostCheck, allowed=allowed_hosts(settings.allowed_hosts, settings.host))
     # outermost, so it counts the 413s of the size limit and the 400s of the host check too
     app.add_middleware(RequestMetrics, metrics=metrics, routes=app.router.routes)
-    for module in (search, reports, facets, explain, images, admin, auth, health, page):
+    routers = (
+        search,
+        reports,
+        facets,
+        scores,
+        explain,
+        images,
+        image_reports,
+        uploads,
+        admin,
+        auth,
+        health,
+        page,
+    )
+    for module in routers:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_local_docs(app)

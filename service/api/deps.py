@@ -1,5 +1,6 @@
 """FastAPI dependencies: the service state, its settings, the Searcher, a leased index store, the
-caller (authenticate, require_reader, require_admin) and the audit record of a request (audited).
+kept uploads (service/search/kept.py), the caller (authenticate, require_reader, require_admin)
+and the audit record of a request (audited).
 
 All are `async def`: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per
 dependency per request for what is an attribute lookup.
@@ -25,6 +26,7 @@ from service.errors import ServiceError
 from service.guard import audit
 from service.guard.access import API_KEY_HEADER, Access, Principal, unauthorized
 from service.guard.audit import AuditLog, AuditRecord
+from service.search.kept import KeptUpload, KeptUploads
 from service.search.searcher import Searcher
 from service.settings import Settings
 from service.state import ServiceState
@@ -191,6 +193,21 @@ def reader_router(prefix: str, tag: str) -> APIRouter:
 async def url_root(request: Request) -> str:
     """Prefix of the URLs put in responses (non-empty when served under a proxy's root_path)."""
     return request.scope.get("root_path", "").rstrip("/")
+
+
+async def get_kept_uploads(request: Request) -> KeptUploads:
+    return request.app.state.kept_uploads
+
+
+KeptUploadsDep = Annotated[KeptUploads, Depends(get_kept_uploads)]
+
+
+def kept_upload(uploads: KeptUploads, principal: Principal, upload_id: str) -> KeptUpload:
+    """The caller's kept upload (404 unknown_upload otherwise), noted in the request's audit
+    record as an upload is (its hash: the same as when it was sent)."""
+    upload = uploads.get(principal.user, upload_id)
+    audit.note_upload(upload.data)
+    return upload
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from index.read.keywords import CONTROL
 from index.read.limits import (
@@ -43,6 +43,8 @@ FILTERS_DOC = (
     '({"modality": "CT"}), any of a list ({"modality": ["CT", "MR"]}) or a range '
     '({"age": {"gte": 40, "lte": 60}}, dates as YYYY-MM-DD text)'
 )
+UPLOAD_ID = r"^[A-Za-z0-9_-]{1,64}$"  # service/search/kept.py's tokens
+UPLOAD_ID_DOC = "an upload_id of POST /v1/search/image: the upload kept for its uploader"
 KEYWORDS_DOC = (
     "words or phrases the indexed report must assert (must) or must not assert (must_not), "
     "matched on word stems ('effusion' also finds 'effusions'); a report that denies a term "
@@ -207,6 +209,11 @@ class RefineQuery(SearchControls):
     image_id: str | None = Field(
         None, description="the indexed image whose similar cases are being refined"
     )
+    upload_id: str | None = Field(
+        None,
+        pattern=UPLOAD_ID,
+        description=f"{UPLOAD_ID_DOC}, whose similar cases are being refined (it stays the query)",
+    )
     liked: list[str] = Field(
         default_factory=list, max_length=MAX_FEEDBACK, description="ids of relevant results"
     )
@@ -215,6 +222,12 @@ class RefineQuery(SearchControls):
     )
     weights: RocchioWeights = Field(default_factory=RocchioWeights)
     exclude_disliked: bool = Field(True, description="never return a disliked image again")
+
+    @model_validator(mode="after")
+    def one_query(self) -> RefineQuery:
+        if self.upload_id is not None and (self.text is not None or self.image_id is not None):
+            raise ValueError("give one of text, image_id or upload_id as the query, not several")
+        return self
 
     @field_validator("text")
     @classmethod

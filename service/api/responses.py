@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from index.fields import BODY_PARTS, MODALITIES
+
 from .queries import TextMode
 
 
@@ -15,7 +17,10 @@ class ImageMetadata(BaseModel):
     width: int
     height: int
     size_bytes: int
-    modality: str | None = None
+    modality: str | None = Field(
+        None,
+        description="normalised (as `case.modality`); the source's text: fields.modality_original",
+    )
     view: str | None = None
     fields: dict[str, Any] = Field(
         default_factory=dict, description="manifest columns and DICOM fields"
@@ -61,6 +66,29 @@ class Evidence(BaseModel):
     )
 
 
+class CaseSummary(BaseModel):
+    """A card's case in a clinician's words (service/search/case.py has the rules); every field
+    is null where the metadata does not say."""
+
+    title: str | None = Field(
+        None,
+        description="the diagnosis, else the impression, finding or case title, else the "
+        "report's first sentence; never a path",
+    )
+    age: str | None = None
+    sex: str | None = Field(None, description="male, female or other")
+    exam: str | None = Field(None, description='normalised modality and body part: "CT · Chest"')
+    modality: str | None = Field(
+        None, description=f"normalised: {', '.join(MODALITIES)} or other (index/fields.py)"
+    )
+    body_part: str | None = Field(
+        None, description=f"normalised: {', '.join(BODY_PARTS)} or other; null: nothing says"
+    )
+    date: str | None = Field(None, description="YYYY-MM-DD (the study date) when known")
+    source: str | None = Field(None, description="the dataset or archive the image comes from")
+    licence: str | None = Field(None, description="the image's licence text, when it has one")
+
+
 class SearchResult(BaseModel):
     id: str = Field(
         description="image id: a 63-bit integer, as a decimal string so JavaScript keeps it exact"
@@ -88,10 +116,37 @@ class SearchResult(BaseModel):
     evidence: Evidence | None = Field(
         None, description="text queries ranked with the reports: why this card ranked"
     )
+    match: Literal["strong", "possible", "weak"] | None = Field(
+        None,
+        description="what the score means on this index for this kind of query (the "
+        "response's `scale`; GET /v1/scores): null while the index version is being "
+        "calibrated, or where it cannot be (no report sentences, ten images or fewer)",
+    )
+    case: CaseSummary | None = Field(
+        None, description="what a clinician reads first: diagnosis, age, sex, exam, date"
+    )
+
+
+class ScoreScale(BaseModel):
+    """What scores of one kind of query mean on the served index (service/search/calibration.py):
+    strong at or above `strong`, possible at or above `possible`, weak below."""
+
+    kind: str = Field(
+        description="text_hybrid, text_dense (mode image, or a refined text), text_report, "
+        "text_hybrid_rrf, text_report_rrf, or image (an image, a region, similar, refined "
+        "images)"
+    )
+    strong: float = Field(description="the best match of a typical indexed case (median)")
+    possible: float = Field(description="the tenth match of a typical indexed case (median)")
+    low: float = Field(description="scores of this kind usually lie between low and high")
+    high: float
 
 
 class SearchResponse(BaseModel):
     results: list[SearchResult]
+    scale: ScoreScale | None = Field(
+        None, description="what the scores mean (null while the index is being calibrated)"
+    )
     took_ms: float = Field(description="time the service spent on the request")
     index_version: str
     model_fingerprint: str
@@ -101,6 +156,21 @@ class SearchResponse(BaseModel):
         "image query's file), queue (waiting for the model), encode, filter (the ids filters "
         "and keywords allow), faiss, reports (a text query ranked with the reports), grouping, "
         "describe. Their sum is under took_ms; /metrics has each stage's histogram",
+    )
+
+
+class ImageSearchResponse(SearchResponse):
+    upload_id: str = Field(
+        description="the upload, kept a while for its uploader: send it instead of the file "
+        "(a region), to POST /v1/search/refine, GET /v1/explain and /v1/uploads/{id}/pixels"
+    )
+
+
+class ScoresResponse(BaseModel):
+    index_version: str
+    scales: list[ScoreScale] = Field(
+        description="every kind calibrated so far (all of them a few seconds after a start or "
+        "a reload)"
     )
 
 
@@ -118,6 +188,25 @@ class TextSearchResponse(SearchResponse):
 class FindingStatus(BaseModel):
     finding: str
     status: Literal["present", "absent", "uncertain", "historical"]
+
+
+class ReportSentence(BaseModel):
+    text: str = Field(description="the sentence as the index split and embedded it")
+    start: int | None = Field(
+        None, description="where it starts in `report` (character offset); null if not found"
+    )
+    end: int | None = Field(None, description="where it ends in `report` (exclusive)")
+    findings: list[FindingStatus] = Field(
+        default_factory=list, description="the findings it names and what it asserts of each"
+    )
+
+
+class ImageReport(BaseModel):
+    id: str
+    report: str | None = Field(None, description="the report text indexed with the image")
+    sentences: list[ReportSentence] = Field(
+        default_factory=list, description="the report's sentences, in order"
+    )
 
 
 class SuggestedSentence(BaseModel):

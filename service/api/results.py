@@ -6,10 +6,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from service.search.calibration import label
 from service.search.cards import Card, CardGroup
 from service.search.query import Found
 
-from .responses import DicomUids, Evidence, Group, GroupMember, ImageMetadata, SearchResult
+from .responses import (
+    CaseSummary,
+    DicomUids,
+    Evidence,
+    Group,
+    GroupMember,
+    ImageMetadata,
+    ScoreScale,
+    SearchResult,
+)
 
 
 def elapsed_ms(started: float) -> float:
@@ -27,8 +37,14 @@ def image_urls(root: str, image_id: int) -> dict[str, str]:
 
 def response_fields(found: Found, started: float, root: str) -> dict[str, Any]:
     """The fields every search response has; `root` prefixes its URLs (deps.url_root)."""
+    results = [search_result(card, root) for card in found.results]
+    scale = found.scale
+    if scale is not None:  # what each score means (service/search/calibration.py)
+        for result, card in zip(results, found.results, strict=True):
+            result.match = label(card.score, scale)
     return {
-        "results": [search_result(card, root) for card in found.results],
+        "results": results,
+        "scale": ScoreScale.model_validate(scale, from_attributes=True) if scale else None,
         "took_ms": elapsed_ms(started),
         "index_version": found.index_version,
         "model_fingerprint": found.model_fingerprint,
@@ -44,6 +60,7 @@ def search_result(card: Card, root: str) -> SearchResult:
         score=card.score,
         # the response models read the attributes of their names off the card and its evidence
         evidence=Evidence.model_validate(evidence, from_attributes=True) if evidence else None,
+        case=CaseSummary.model_validate(card.case, from_attributes=True) if card.case else None,
         metadata=ImageMetadata.model_validate(card, from_attributes=True),
         report=card.report,
         group=group(card.group, root) if card.group is not None else None,

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from .region import Box, crop_to_box
 from .threads import decode_pool
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,13 @@ class Engine:
         async with self.decode_slots:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.decoders, self._prepare_image, data, box)
+
+    async def decode(self, work: Callable[..., T], *args: Any) -> T:
+        """work(*args) in the decode pool under the same bound as uploads (another decode, such
+        as the viewer's pixels: convirt.viewpixels)."""
+        async with self.decode_slots:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.decoders, work, *args)
 
     def _prepare_image(
         self, data: bytes | Path, box: Box | None

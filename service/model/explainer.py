@@ -38,11 +38,16 @@ FIRST_GUESS_S = 1.0  # the time a heat-map is taken to need before one has been 
 SMOOTHING = 0.2  # weight of the latest heat-map's time in the running estimate
 
 
-def query_key(text: str | None, query_id: int | None) -> tuple[str, str]:
+def query_key(
+    text: str | None, query_id: int | None, upload_id: str | None = None
+) -> tuple[str, str]:
     """What a heat-map is of, for the cache: the text's digest (not the text: the cache is no
-    second copy of what readers typed) or the query image's id."""
+    second copy of what readers typed), the query image's id or the kept upload's id (a token
+    only its uploader holds, service.search.kept)."""
     if text is not None:
         return ("text", hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+    if upload_id is not None:
+        return ("upload", upload_id)
     return ("image", str(query_id))
 
 

@@ -1,7 +1,7 @@
 """Index hits to cards: what a search answers, as plain data read from the store's rows.
 
 A card is one image (the best of its study or patient, when grouped) with its metadata, report,
-DICOM UIDs, viewer link and, for a text query, why it ranked. It holds ids, never paths or URLs:
+DICOM UIDs, viewer link, case summary (case.py) and, for a text query, why it ranked. It holds ids, never paths or URLs:
 the routes make the URLs (service/api/results.py) and the response items of the JSON API.
 """
 
@@ -15,6 +15,7 @@ from index.read.hybrid import Evidence
 from index.read.limits import MAX_GROUP_MEMBERS
 from index.read.search import Hit
 
+from .case import CaseSummary, case_summary
 from .grouping import HitGroup
 from .viewer import dicom_uids, viewer_url
 
@@ -52,6 +53,7 @@ class Card:
     dicom: Mapping[str, str] = field(default_factory=dict)  # study, series, instance UIDs held
     viewer_url: str | None = None
     evidence: Evidence | None = None  # text queries ranked with the reports
+    case: CaseSummary | None = None  # what a clinician reads first (case.py)
 
 
 def describe(
@@ -76,6 +78,7 @@ def describe(
         dicom=uids,
         viewer_url=viewer_url(viewer, uids),
         evidence=hit.evidence,
+        case=case_summary(row),
     )
 
 

@@ -11,9 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from index.read.keywords import Keywords
 from index.read.limits import K_DEFAULT
 
+from .calibration import Scale
 from .cards import Card
 from .feedback import Weights
 
@@ -32,7 +35,7 @@ class SearchOptions:
 @dataclass(frozen=True)
 class Refinement:
     """A search moved toward liked results and away from disliked ones (feedback.py): from a
-    text, an indexed image, or the liked images alone."""
+    text, an indexed image, an upload (its encoder vector, kept.py), or the liked images alone."""
 
     text: str | None = None
     image_id: int | None = None
@@ -40,6 +43,7 @@ class Refinement:
     disliked: tuple[int, ...] = ()
     weights: Weights = field(default_factory=Weights)
     exclude_disliked: bool = True
+    upload: np.ndarray | None = None  # instead of text or image_id
 
 
 @dataclass(frozen=True)
@@ -53,3 +57,5 @@ class Found:
     truncated: bool = False  # text queries: the text ran past the encoder's token limit
     mode: str = "image"  # text queries: what ranked them (index.read.hybrid)
     timings: dict[str, float] = field(default_factory=dict)
+    scale: Scale | None = None  # what its scores mean (calibration.py); None until calibrated
+    vector: np.ndarray | None = None  # image queries: what was searched by (an upload is kept)

@@ -13,8 +13,9 @@ found is noted in its audit record by the routes (service/api/), not here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ import torch
 
 from convirt.explain import HeatMap
 from convirt.imageio import ImageDecodeError, ImageTooLargeError
+from convirt.viewpixels import ViewPixels, view_pixels
 from index.errors import FilterError
 from index.read.facets import Facet
 from index.read.store import IndexStore
@@ -38,11 +40,14 @@ from service.model.region import Box
 from service.model.threads import search_pool
 from service.settings import Settings
 
+from . import calibration
 from .feedback import rocchio
 from .find import find, row_in, stored_vectors
 from .grouping import group_key
+from .kept import KeptUpload
 from .pacs import PacsFetcher
 from .query import Found, Refinement, SearchOptions
+from .scales import Scales
 from .stores import StoreSlot
 
 T = TypeVar("T")
@@ -84,8 +89,11 @@ class Searcher:
             settings.explain_queue,
             settings.explain_cache_entries,
         )
+        self.scales = Scales(stores)  # what scores mean, per version, in the background
+        self.scales.refresh()
 
     def close(self) -> None:
+        self.scales.close()
         self.explainer.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -132,21 +140,37 @@ class Searcher:
                 truncated=truncated,
             )
 
-        return await self._on_store(find)
+        found = await self._on_store(find)
+        return self._scaled(found, calibration.text_kind(found.mode, fusion))
 
     async def image(
-        self, data: bytes | Path, options: SearchOptions, box: Box | None = None
+        self,
+        data: bytes | Path,
+        options: SearchOptions,
+        box: Box | None = None,
+        vector: np.ndarray | None = None,
     ) -> Found:
-        """Images nearest to an uploaded image (or the `box` region of it), in the encoder space."""
+        """Images nearest to an uploaded image (or the `box` region of it), in the encoder space;
+        `vector`: the whole image's, when known (a kept upload), not embedded again. The answer
+        holds the vector searched by."""
         timings = Timings()
-        with timings.stage(DECODE):
-            pixels, _size = await self._prepare(data, box)
-        vector = await self.engine.embed_image(pixels, timings)
+        if vector is None or box is not None:
+            with timings.stage(DECODE):
+                pixels, _size = await self._prepare(data, box)
+            vector = await self.engine.embed_image(pixels, timings)
 
         def find(store: IndexStore) -> Found:
             return self._find(store, "encoder", vector, options, (), timings=timings)
 
-        return await self._on_store(find)
+        found = await self._on_store(find)
+        return replace(self._scaled(found, calibration.IMAGE), vector=vector)
+
+    async def upload_vector(self, upload: KeptUpload) -> np.ndarray:
+        """The encoder vector of a kept upload's whole image, embedded once."""
+        if upload.vector is None:
+            pixels, _size = await self._prepare(upload.data)
+            upload.vector = await self.engine.embed_image(pixels)
+        return upload.vector
 
     async def similar(self, image_id: int, options: SearchOptions, box: Box | None = None) -> Found:
         """Images nearest to an indexed one, itself left out; or to a region of it."""
@@ -157,16 +181,17 @@ class Searcher:
             vector = stored_vectors(store, [image_id], "encoder")[0]
             return self._find(store, "encoder", vector, options, {image_id}, timings=Timings())
 
-        return await self._on_store(find)
+        return self._scaled(await self._on_store(find), calibration.IMAGE)
 
     async def refine(self, query: Refinement, options: SearchOptions) -> Found:
         """The query moved toward liked results and away from disliked ones (service.search.feedback).
 
-        A text query refines in the joint space; an indexed image, or liked examples alone, in
-        the encoder space."""
-        if query.text is None and query.image_id is None and not query.liked:
+        A text query refines in the joint space; an indexed image, an upload, or liked examples
+        alone, in the encoder space."""
+        queries = (query.text, query.image_id, query.upload)
+        if all(part is None for part in queries) and not query.liked:
             raise InvalidQuery(
-                "nothing_to_refine", "give text or image_id, or at least one liked image"
+                "nothing_to_refine", "give text, image_id or upload_id, or at least one liked image"
             )
         space = "joint" if query.text is not None else "encoder"
         start = None
@@ -177,7 +202,7 @@ class Searcher:
         liked, disliked = list(query.liked), list(query.disliked)
 
         def find(store: IndexStore) -> Found:
-            origin = start
+            origin = start if query.upload is None else query.upload
             if query.image_id is not None:
                 origin = stored_vectors(store, [query.image_id], space)[0]
             try:
@@ -194,7 +219,8 @@ class Searcher:
                 exclude.add(query.image_id)
             return self._find(store, space, vector, options, exclude, timings=timings)
 
-        return await self._on_store(find)
+        kind = calibration.TEXT_DENSE if space == "joint" else calibration.IMAGE
+        return self._scaled(await self._on_store(find), kind)
 
     async def suggest(self, image: bytes | int, count: int) -> tuple[Suggestion, str]:
         """What the reports of similar cases said of an image, uploaded (bytes) or indexed (its
@@ -242,26 +268,34 @@ class Searcher:
     async def explain(
         self,
         image_id: int,
-        query: str | int,
+        query: str | int | KeptUpload,
         charge: Callable[[], None] = lambda: None,
     ) -> tuple[Explanation, bool]:
-        """Where in the image its similarity to the query (a text, or an indexed image's id)
-        comes from (convirt.explain), and whether the map came from the cache. Computed in the
-        heat-map worker, off the model thread, under the explainer's queue bound; `charge` is
-        called before a map is computed (service.model.explainer: the caller's rate-limit cost)."""
+        """Where in the image its similarity to the query (a text, an indexed image's id or a
+        kept upload) comes from (convirt.explain), and whether the map came from the cache.
+        Computed in the heat-map worker, off the model thread, under the explainer's queue
+        bound; `charge` is called before a map is computed (service.model.explainer: the
+        caller's rate-limit cost)."""
         text = query if isinstance(query, str) else None
         query_id = query if isinstance(query, int) else None
+        upload = query if isinstance(query, KeptUpload) else None
         if text is not None:
             self._check_text(text)
-        asked = query_key(text, query_id)
+        asked = query_key(text, query_id, upload.id if upload is not None else None)
         return await self.explainer.explain(
             (self.stores.current.version, image_id, asked),
-            partial(self._explain, image_id, text, query_id),
+            partial(self._explain, image_id, text, query_id, upload),
             charge,
             lambda found: (found.index_version, image_id, asked),
         )
 
-    async def _explain(self, image_id: int, text: str | None, query_id: int | None) -> Explanation:
+    async def _explain(
+        self,
+        image_id: int,
+        text: str | None,
+        query_id: int | None,
+        upload: KeptUpload | None = None,
+    ) -> Explanation:
         """The map itself: the image read (from a PACS too), the query embedded (a text on the
         model thread, micro-batched as any text query), the map in the heat-map worker."""
 
@@ -277,13 +311,26 @@ class Searcher:
         path = await self.pacs.file(row)
         if text is not None:
             space, query = "joint", (await self.engine.embed_text(text)).vector
+        elif upload is not None:
+            space, query = "encoder", await self.upload_vector(upload)
         else:
             space, query = "encoder", stored
         pixels, size = await self._prepare(path)
         heat_map = await self.explainer.heat_map(pixels, query, space, size)
         return Explanation(heat_map, space, version)
 
+    async def pixels(self, image: int | bytes) -> ViewPixels:
+        """An indexed image (by id; a PACS's fetched) or an upload's bytes, decoded for the viewer
+        (convirt.viewpixels), in the decode pool under the decode bound."""
+        source = await self._indexed_path(image) if isinstance(image, int) else image
+        with refused_decodes():
+            return await self.engine.decode(view_pixels, source)
+
     # -- helpers -----------------------------------------------------------------------------------
+
+    def _scaled(self, found: Found, kind: str) -> Found:
+        """The answer with the scale of its kind on its version (None while it is calibrated)."""
+        return replace(found, scale=self.scales.of(found.index_version, kind))
 
     async def _on_store(self, work: Callable[..., T], *args: Any) -> T:
         """work(store, *args) in the search pool, on the version served when it was called; a
@@ -305,14 +352,13 @@ class Searcher:
     async def _prepare(
         self, data: bytes | Path, box: Box | None = None
     ) -> tuple[torch.Tensor, tuple[int, int]]:
-        try:
-            return await self.engine.prepare_image(data, box)
-        except ImageTooLargeError as err:
-            raise TooLarge("too_many_pixels", str(err)) from err
-        except ImageDecodeError as err:
-            raise InvalidQuery("undecodable_image", str(err)) from err
-        except ValueError as err:  # a box too small to search by
-            raise InvalidQuery("invalid_box", str(err)) from err
+        with refused_decodes():
+            try:
+                return await self.engine.prepare_image(data, box)
+            except ImageDecodeError:
+                raise
+            except ValueError as err:  # a box too small to search by
+                raise InvalidQuery("invalid_box", str(err)) from err
 
     def _check_text(self, text: str) -> None:
         limit = self.settings.max_text_chars
@@ -322,3 +368,14 @@ class Searcher:
                 f"text has {len(text):,} characters; the limit is {limit:,} (and the encoder "
                 f"reads only its first {self.engine.max_tokens} tokens)",
             )
+
+
+@contextmanager
+def refused_decodes() -> Iterator[None]:
+    """An image that cannot be decoded, as the caller's mistake (413 or 422)."""
+    try:
+        yield
+    except ImageTooLargeError as err:
+        raise TooLarge("too_many_pixels", str(err)) from err
+    except ImageDecodeError as err:
+        raise InvalidQuery("undecodable_image", str(err)) from err

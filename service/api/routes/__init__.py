@@ -1,2 +1,3 @@
 """One router per resource, included by service.api.app: search, reports (what similar cases
-said), facets, explain, images, admin, auth, health, page."""
+said), facets, explain, images, image_reports (an image's report by sentence), admin, auth,
+health, page."""

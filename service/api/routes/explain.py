@@ -11,8 +11,17 @@ from fastapi import Query, Response
 from index.read.limits import ID_MAX
 from service.guard import audit
 
-from ..deps import AccessDep, PrincipalDep, SearcherDep, SettingsDep, reader_router
+from ..deps import (
+    AccessDep,
+    KeptUploadsDep,
+    PrincipalDep,
+    SearcherDep,
+    SettingsDep,
+    kept_upload,
+    reader_router,
+)
 from ..errors import ApiError
+from ..queries import UPLOAD_ID, UPLOAD_ID_DOC
 from ..responses import CropBox, ExplainResponse, errors
 from ..results import elapsed_ms
 
@@ -30,6 +39,7 @@ async def explain(
     principal: PrincipalDep,
     access: AccessDep,
     settings: SettingsDep,
+    uploads: KeptUploadsDep,
     response: Response,
     image_id: Annotated[int, Query(ge=0, le=ID_MAX, description="the result to explain")],
     text: Annotated[
@@ -39,6 +49,9 @@ async def explain(
         int | None,
         Query(ge=0, le=ID_MAX, description="or the indexed image it was found similar to"),
     ] = None,
+    upload_id: Annotated[
+        str | None, Query(pattern=UPLOAD_ID, description=f"or the upload: {UPLOAD_ID_DOC}")
+    ] = None,
 ) -> ExplainResponse:
     """Occlusion sensitivity: a patch slides over the image, every occluded copy is embedded in
     one batch, and each cell holds how much the similarity to the query drops while it is hidden.
@@ -47,19 +60,18 @@ async def explain(
     and image queries wait for); one computed map counts as CONVIRT_EXPLAIN_RATE_COST requests
     of the caller's rate limit, and when CONVIRT_EXPLAIN_QUEUE maps already wait the answer is a
     503 `explain_busy` with Retry-After. The last maps are cached by (index version, image,
-    query): the `X-Explain-Cache` header says `hit` or `miss`."""
+    query): the `X-Explain-Cache` header says `hit` or `miss`. With `upload_id` (an upload kept
+    by POST /v1/search/image) the map is of the result's similarity to the upload (encoder
+    space), as with `query_id`."""
     started = time.perf_counter()
     charge = partial(access.charge, principal, settings.explain_rate_cost - 1, "a heat-map")
-    query: str | int
-    if text is not None and query_id is None:
-        query = text
-    elif text is None and query_id is not None:
-        query = query_id
-    else:
-        raise ApiError(422, "invalid_query", "give either text or query_id, not both")
+    given = [part for part in (text, query_id, upload_id) if part is not None]
+    if len(given) != 1:
+        raise ApiError(422, "invalid_query", "give one of text, query_id or upload_id")
     audit.note_image(image_id)
     audit.note_query(text)
     audit.note_image(query_id)
+    query = given[0] if upload_id is None else kept_upload(uploads, principal, upload_id)
     found, cached = await searcher.explain(image_id, query, charge)
     response.headers[CACHE_HEADER] = "hit" if cached else "miss"
     heat_map = found.heat_map

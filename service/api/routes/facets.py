@@ -3,11 +3,14 @@
 What a page offers as filters comes from here, so it only offers what the index holds. Fields that
 identify a patient or an exam (IDENTIFIERS, and CONVIRT_SENSITIVE_FIELDS) are never listed: a
 list of the 50 most frequent patient ids or accession numbers would hand any reader who asks the
-archive's patients, unaudited by any search. They stay filterable by name. Every answer is audited
-like a search."""
+archive's patients, unaudited by any search. They stay filterable by name. Fields no menu should
+offer (ids, paths, hashes, licences, split, free text, `*_original`: index.read.facets.offered)
+are left out too, unless CONVIRT_FACETS_SHOW names them; CONVIRT_FACETS_HIDE hides more. Every
+answer is audited like a search."""
 
 from __future__ import annotations
 
+from index.read.facets import offered
 from service.search.grouping import _plain
 
 from ..deps import SearcherDep, SettingsDep, reader_router
@@ -33,6 +36,10 @@ def listed(field: str, sensitive: frozenset[str]) -> bool:
     return plain not in IDENTIFIERS and plain not in sensitive
 
 
+def names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 @router.get(
     "/facets",
     responses=errors(503),
@@ -40,10 +47,12 @@ def listed(field: str, sensitive: frozenset[str]) -> bool:
 )
 async def facets(searcher: SearcherDep, settings: SettingsDep) -> FacetsResponse:
     """The fields a page offers as filters: modality, view and the manifest's columns, but
-    never a patient's or an exam's identifiers. A field of numbers or ISO dates is a range (low,
-    high); any other lists its values, most frequent first (at most 50; `distinct` counts them
-    all)."""
-    sensitive = frozenset(_plain(name) for name in settings.sensitive_fields.split(",") if name)
+    never a patient's or an exam's identifiers, nor ids, paths, licences, split, free text or
+    `*_original` (CONVIRT_FACETS_SHOW lists those it names); placeholder values ("todo", "?")
+    are never listed. A field of numbers or ISO dates is a range (low, high); any other lists
+    its values, most frequent first (at most 50; `distinct` counts them all)."""
+    sensitive = frozenset(_plain(name) for name in names(settings.sensitive_fields))
+    show, hide = (frozenset(names(text)) for text in (settings.facets_show, settings.facets_hide))
     version, images, found = await searcher.facets()
     return FacetsResponse(
         index_version=version,
@@ -59,6 +68,6 @@ async def facets(searcher: SearcherDep, settings: SettingsDep) -> FacetsResponse
                 high=facet.high,
             )
             for facet in found
-            if listed(facet.field, sensitive)
+            if listed(facet.field, sensitive) and offered(facet, show, hide)
         ],
     )

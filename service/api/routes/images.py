@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from convirt.imageio import looks_like_dicom
+from convirt.viewpixels import ViewPixels
 from index.read.store import IndexStore
 from service.guard import audit
 
@@ -84,6 +85,51 @@ async def thumbnail(image_id: ImageId, store: StoreDep) -> Response:
     if data is None:
         raise unknown_id(store, image_id)
     return Response(data, media_type="image/jpeg", headers=CACHE)
+
+
+@router.get(
+    "/{image_id}/pixels",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        **errors(404, 413, 422, 503, 504),
+    },
+    summary="The image's values for a viewer: 16-bit grey samples with its window",
+    dependencies=[AUDITED],
+)
+async def pixels(image_id: ImageId, searcher: SearcherDep) -> Response:
+    """Little-endian uint16 samples, row-major, X-Height rows of X-Width, the longest side at
+    most 2048 (area-downsampled from X-Original-Width x X-Original-Height). A DICOM image keeps
+    its values after the modality transform (value = X-Rescale-Intercept + X-Rescale-Slope *
+    sample: CT in Hounsfield units) and its own window (X-Window-Center, X-Window-Width, in
+    samples); other images are 8-bit grey (colour made grey) with their full range as the
+    window. X-Value-Min and X-Value-Max: the smallest and largest sample. Decoded in the decode
+    pool, under CONVIRT_MAX_CONCURRENT_DECODES (convirt/viewpixels.py)."""
+    return pixel_response(await searcher.pixels(image_id))
+
+
+def pixel_response(view: ViewPixels) -> Response:
+    """The samples with the headers that say how to read them (see `pixels`)."""
+    headers = {
+        "X-Width": str(view.width),
+        "X-Height": str(view.height),
+        "X-Original-Width": str(view.original_width),
+        "X-Original-Height": str(view.original_height),
+        "X-Window-Center": number(view.window_center),
+        "X-Window-Width": number(view.window_width),
+        "X-Value-Min": str(view.value_min),
+        "X-Value-Max": str(view.value_max),
+        "X-Rescale-Slope": number(view.slope),
+        "X-Rescale-Intercept": number(view.intercept),
+        "X-Colour-Made-Grey": "1" if view.colour else "0",
+        **CACHE,
+    }
+    return Response(view.samples, media_type="application/octet-stream", headers=headers)
+
+
+def number(value: float) -> str:
+    """A header's number: 1031.5, 40, -1024 (no trailing .0)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 @router.get(

@@ -5,16 +5,25 @@ it to the Searcher as plain options, notes the result ids and packs the answer (
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated
 
-from fastapi import File, UploadFile
+from fastapi import File, Form, UploadFile
 
 from service.guard import audit
 
-from ..deps import SearcherDep, UrlRootDep, reader_router
-from ..queries import RefineQuery, TextQuery
+from ..deps import (
+    KeptUploadsDep,
+    PrincipalDep,
+    SearcherDep,
+    UrlRootDep,
+    kept_upload,
+    reader_router,
+)
+from ..errors import ApiError
+from ..queries import UPLOAD_ID, UPLOAD_ID_DOC, RefineQuery, TextQuery
 from ..query_params import BoxForm, SearchForm, refinement, search_options
-from ..responses import SearchResponse, TextSearchResponse, errors
+from ..responses import ImageSearchResponse, SearchResponse, TextSearchResponse, errors
 from ..results import response_fields
 from ..uploads import image_bytes, parse_box
 
@@ -52,25 +61,49 @@ async def search_text(
 
 @router.post(
     "/image",
-    responses=errors(413, 415, 422, 503),
+    responses=errors(404, 413, 415, 422, 503),
     summary="Similar cases for an uploaded image, or a region of it",
 )
 async def search_image(
-    file: Annotated[UploadFile, File(description="a PNG, JPEG or DICOM file")],
     searcher: SearcherDep,
     root: UrlRootDep,
+    principal: PrincipalDep,
+    uploads: KeptUploadsDep,
     options: SearchForm,
+    file: Annotated[UploadFile | None, File(description="a PNG, JPEG or DICOM file")] = None,
+    upload_id: Annotated[
+        str | None, Form(pattern=UPLOAD_ID, description=f"instead of file: {UPLOAD_ID_DOC}")
+    ] = None,
     box: BoxForm = None,
-) -> SearchResponse:
+) -> ImageSearchResponse:
     """Decode the upload, crop it to `box` if given, embed it with the image encoder and return the
-    k nearest indexed images in the encoder space (the space the index stores for image search)."""
+    k nearest indexed images in the encoder space (the space the index stores for image search).
+
+    The upload is kept a while (CONVIRT_UPLOAD_TTL_S after its last use) for whoever sent it:
+    the answer's `upload_id` stands for it instead of the file here (a region of it), in POST
+    /v1/search/refine, GET /v1/explain and GET /v1/uploads/{upload_id}/pixels. An unknown,
+    expired or someone else's upload_id is a 404 `unknown_upload`: upload the image again."""
     started = time.perf_counter()
     region = parse_box(box)
-    data = image_bytes(await file.read(), file.filename, file.content_type)
-    audit.note_upload(data)
-    found = await searcher.image(data, options, region)
+    if (file is None) == (upload_id is None):
+        raise ApiError(
+            422,
+            "invalid_request",
+            "send the image as `file`, or the `upload_id` of one sent before: one of them",
+        )
+    if file is not None:
+        data = image_bytes(await file.read(), file.filename, file.content_type)
+        audit.note_upload(data)
+        found = await searcher.image(data, options, region)
+        # kept only once it decoded; its whole image's vector, unless a region was searched
+        upload = uploads.keep(principal.user, data, found.vector if region is None else None)
+    else:
+        upload = kept_upload(uploads, principal, upload_id)
+        found = await searcher.image(upload.data, options, region, upload.vector)
+        if region is None and upload.vector is None:
+            upload.vector = found.vector
     audit.note_results(found.results)
-    return SearchResponse(**response_fields(found, started, root))
+    return ImageSearchResponse(**response_fields(found, started, root), upload_id=upload.id)
 
 
 @router.post(
@@ -78,16 +111,26 @@ async def search_image(
     responses=errors(404, 413, 422, 503),
     summary="Refine a search by example: more like these, less like those",
 )
-async def refine(query: RefineQuery, searcher: SearcherDep, root: UrlRootDep) -> SearchResponse:
+async def refine(
+    query: RefineQuery,
+    searcher: SearcherDep,
+    root: UrlRootDep,
+    principal: PrincipalDep,
+    uploads: KeptUploadsDep,
+) -> SearchResponse:
     """Move the query toward the liked results and away from the disliked ones (Rocchio:
     q' = 1·q + 0.75·mean(liked) − 0.15·mean(disliked) by default, see `weights`), then search
-    again. Give the text, or the image_id of a similar-cases search, or neither (liked images
-    alone). Disliked images are not returned again unless `exclude_disliked` is false."""
+    again. Give the text, or the image_id of a similar-cases search, or the upload_id of an
+    image search (the upload stays the query), or none (liked images alone). Disliked images
+    are not returned again unless `exclude_disliked` is false."""
     started = time.perf_counter()
     refined = refinement(query)
     options = search_options(query)
     audit.note_query(refined.text)
     audit.note_image(refined.image_id)
+    if query.upload_id is not None:
+        upload = kept_upload(uploads, principal, query.upload_id)
+        refined = replace(refined, upload=await searcher.upload_vector(upload))
     found = await searcher.refine(refined, options)
     audit.note_results(found.results)
     return SearchResponse(**response_fields(found, started, root))
