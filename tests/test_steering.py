@@ -366,28 +366,32 @@ def test_page_groups_filters_thresholds_refines_boxes_explains_and_shares(client
         assert other.input_value("#must-not") == "pericardial"
         other.close()
 
-        # the heat-map overlay
+        # the heat-map, drawn over the image in the viewer
         first = cards.first
         first.locator(".why").click()
-        expect(first.locator("canvas.heat")).to_be_visible(timeout=30_000)
-        painted = first.locator("canvas.heat").evaluate(
+        viewer = page.locator("#viewer")
+        expect(viewer).to_have_attribute("data-heat", "drawn", timeout=30_000)
+        painted = page.locator("#viewer-overlay").evaluate(
             "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
             ".filter((v, i) => i % 4 === 3 && v > 0).length"
         )
         assert painted > 0
+        page.keyboard.press("Escape")
+        expect(viewer).not_to_be_visible()
 
-        # a box drawn on a result
+        # a box drawn on a result, in the viewer
         target = card_ids(page)[0]
         first.locator(".region").click()
-        stage = page.locator("#region-image")
-        expect(stage).to_be_visible()
-        page.wait_for_function("document.querySelector('#region-image').naturalWidth > 0")
-        box = stage.bounding_box()
-        page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.2)
+        expect(viewer).to_have_attribute("data-loaded", "true")
+        stage = page.locator("#viewer-stage").bounding_box()
+        x, y, width, height = (
+            float(v) for v in page.get_attribute("#viewer-stage", "data-rect").split(",")
+        )
+        page.mouse.move(stage["x"] + x + width * 0.1, stage["y"] + y + height * 0.2)
         page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.7, steps=5)
+        page.mouse.move(stage["x"] + x + width * 0.6, stage["y"] + y + height * 0.7, steps=5)
         page.mouse.up()
-        page.click("#region-search")
+        page.click("#viewer-region-search")
         expect(page.locator("#results-title")).to_contain_text("(region)")
         drawn = re.search(r"box=([\d.%C,]+)", page.url).group(1).replace("%2C", ",")
         box_drawn = [float(v) for v in drawn.split(",")]
@@ -422,18 +426,28 @@ def test_page_names_each_figures_licence_and_source_article(datasets, bundle_dir
     root = index_of_rows(tmp_path, bundle_dir, rows, fields)
     settings = server_settings(bundle_dir, root)
     with serving(settings) as server, browser_page() as (_browser, page, expect):
+        found = httpx.post(
+            f"{server.url}/v1/search/text", json={"text": "radiograph", "k": 10, "group_by": "none"}
+        )
+        names = {r["id"]: r["metadata"]["relpath"] for r in found.json()["results"]}
         page.goto(f"{server.url}/?q=radiograph&k=10&group=none")
         cards = page.locator("#grid .card")
         expect(cards).to_have_count(len(rows))
+        panel = page.locator("#report-panel")
         shown = {}
         for n in range(len(rows)):
             card = cards.nth(n)
-            line = card.locator(".attribution")
+            card.locator(".open-report").click()  # licence and source: in the report panel
+            expect(panel).to_have_attribute("data-id", card.get_attribute("data-id"))
+            expect(panel).to_have_attribute("data-loaded", "true")
+            line = panel.locator("#report-attribution")
+            licence = line.locator(".licence")
             source = line.locator(".source")
-            shown[card.locator(".thumb").get_attribute("alt")] = (
-                line.is_visible() and line.locator(".licence").inner_text(),
+            shown[names[card.get_attribute("data-id")]] = (
+                licence.is_visible() and licence.inner_text(),
                 source.is_visible() and source.get_attribute("href"),
             )
+            assert not card.locator(".licence").count()  # never on the card itself
     expected = {
         Path(r["image"]).name: (
             f"Licence: {r['licence']}",
@@ -442,4 +456,4 @@ def test_page_names_each_figures_licence_and_source_article(datasets, bundle_dir
         for r in rows[:-1]
     }
     expected[Path(rows[-1]["image"]).name] = (False, False)
-    assert {Path(alt).name: value for alt, value in shown.items()} == expected
+    assert {Path(relpath).name: value for relpath, value in shown.items()} == expected
