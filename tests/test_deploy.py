@@ -409,10 +409,10 @@ def test_api_serves_the_index_read_only_behind_the_apps_probes():
     key = env_declared(container).get("CONVIRT_API_KEY", {})
     secret = key.get("valueFrom", {}).get("secretKeyRef")
     assert secret and "value" not in key, "CONVIRT_API_KEY comes from a Secret"
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "deploy.md").read_text()
     create = f"kubectl create secret generic {secret['name']}"
     assert create in readme and f"--from-literal={secret['key']}=" in readme, (
-        f"README: say how to create the Secret ({create} --from-literal={secret['key']}=...)"
+        f"docs/deploy.md: say how to create the Secret ({create} --from-literal={secret['key']}=...)"
     )
 
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -601,10 +601,12 @@ def test_submit_chains_the_array_and_the_merge(slurm, count):
     check_shards_and_merge(builds, merge, shards, f"submit.sh {shlex.join(args)}")
 
 
-def test_readme_shows_the_deploy_files():
-    readme = (ROOT / "README.md").read_text()
+def test_deploy_docs_show_the_deploy_files():
+    readme = (ROOT / "docs" / "deploy.md").read_text()
     named = set(re.findall(r"deploy/[\w./-]*\w", readme))
     for path in sorted(named):
-        assert (ROOT / path).exists(), f"README names {path}, which does not exist"
+        assert (ROOT / path).exists(), f"docs/deploy.md names {path}, which does not exist"
     for path in [INDEX_JOB, MERGE_JOB, SUBMIT]:
-        assert str(path.relative_to(ROOT)) in named, f"README: show {path.relative_to(ROOT)}"
+        assert str(path.relative_to(ROOT)) in named, (
+            f"docs/deploy.md: show {path.relative_to(ROOT)}"
+        )
