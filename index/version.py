@@ -7,14 +7,19 @@
     encoder.npy         float32 h/|h| (encoder space: image-to-image)
     joint.faiss         IndexIDMap2 over joint.npy (absent in a shard)
     encoder.faiss       IndexIDMap2 over encoder.npy (absent in a shard)
-    meta.sqlite         one row per id: path, hash, size, metadata, report, thumbnail
+    {space}.f16.npy     float16 copy of {space}.npy, read by a compressed index's re-ranking
+                        (index/compressed.py; only in versions of --index-type compressed)
+    meta.sqlite         one row per id: path, hash, size, metadata, report; the facets and
+                        per-field tables written at publish (index/write/lookups.py)
+    thumbs.sqlite       one JPEG thumbnail per id (versions written before issue 25 keep
+                        them in meta.sqlite)
     sentences.npy       float32 u/|u| of the reports' sentences (index.write.sentences)
 
 The .npy files are the source of truth: add/remove/merge copy them instead of re-embedding, and
 the FAISS files can be rebuilt from them with another --index-type (`convirt index reindex`).
-version.json records the SHA-256 of each of these data files (meta.sqlite aside: the server adds
-its field indexes to it): a server checks the FAISS files and ids.npy against them at every start
-and reload, `convirt index verify` all of them.
+version.json records the SHA-256 of each of these data files (meta.sqlite and thumbs.sqlite
+aside: SQLite's own checks cover those, at publish and in `verify`): a server checks the FAISS
+files and ids.npy against them at every start and reload, `convirt index verify` all of them.
 
 How a version is written (the one template of every write) is index/write/template.py.
 """
@@ -69,13 +74,11 @@ class VersionFiles:
     def vectors(self, space: str, mmap: bool = False) -> np.ndarray:
         return np.load(self.directory / f"{space}.npy", mmap_mode="r" if mmap else None)
 
-    def faiss_index(self, space: str) -> faiss.Index:
+    def faiss_index(self, space: str) -> faiss.Index | faiss_index.CompressedIndex:
         path = self.directory / f"{space}.faiss"
         if not path.is_file():
             raise IndexStoreError(f"{path} is missing: rebuild with `convirt index reindex`")
-        index = faiss.read_index(str(path))
-        faiss_index.tune_for_search(index)
-        return index
+        return faiss_index.read_index(self.directory, space)
 
     def checksum_problem(self, name: str) -> str | None:
         """Why the file `name` is not what was published (its SHA-256 differs from the one
@@ -102,6 +105,8 @@ DATA_FILES = (
     "encoder.npy",
     "joint.faiss",
     "encoder.faiss",
+    "joint.f16.npy",  # a compressed index's float16 vectors (index/compressed.py)
+    "encoder.f16.npy",
     SENTENCE_VECTORS,
 )
 

@@ -142,6 +142,33 @@ def index_of_rows(folder: Path, bundle, rows: list[dict[str, str]], fields: list
     return built_root(folder, bundle, read_manifest(manifest))
 
 
+def written_before_issue_25(root: Path, out: Path) -> Path:
+    """A copy of an index root whose current version looks as versions written before issue 25
+    do: thumbnails inside meta.sqlite's images, no facets or field tables stored
+    (index/write/lookups.py)."""
+    import sqlite3
+    from contextlib import closing
+
+    shutil.copytree(root, out)
+    version = out / "versions" / (out / "CURRENT").read_text().strip()
+    with closing(sqlite3.connect(version / "meta.sqlite")) as conn:
+        tables = [r[0] for r in conn.execute("SELECT tab FROM field_tables WHERE tab IS NOT NULL")]
+        for table in [*tables, "field_tables", "facet_fields", "facet_values"]:
+            conn.execute(f"DROP TABLE {table}")
+        conn.execute("DELETE FROM sqlite_stat1")
+        conn.execute("ALTER TABLE images ADD COLUMN thumbnail BLOB NOT NULL DEFAULT x''")
+        conn.execute("ATTACH DATABASE ? AS thumbs", (str(version / "thumbs.sqlite"),))
+        conn.execute(
+            "UPDATE images SET thumbnail = "
+            "(SELECT jpeg FROM thumbs.thumbnails WHERE thumbnails.id = images.id)"
+        )
+        conn.commit()
+        conn.execute("DETACH DATABASE thumbs")
+        conn.execute("VACUUM")
+    (version / "thumbs.sqlite").unlink()
+    return out
+
+
 def server_settings(model: Path, root: Path, **extra: object) -> dict[str, object]:
     """A `convirt serve` environment: the bundle, the index root, warnings only, then `extra`
     (CONVIRT_* names, which may override those)."""

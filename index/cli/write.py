@@ -12,6 +12,7 @@ from .options import (
     add_job_options,
     add_keep,
     add_model,
+    add_ram_budget,
     add_root,
     options,
     parse_shard_arg,
@@ -108,6 +109,7 @@ def add_reindex(commands) -> None:
     current = INDEX_TYPE_HELP.replace("%(default)s", "the current version's")
     p.add_argument("--index-type", help=current)
     add_keep(p)
+    add_ram_budget(p)
     p.set_defaults(run=run_reindex)
 
 
@@ -154,7 +156,7 @@ def run_remove(args: argparse.Namespace) -> int:
 
 
 def run_reindex(args: argparse.Namespace) -> int:
-    print(rewrite.reindex(args.root, args.index_type, args.keep).line())
+    print(rewrite.reindex(args.root, args.index_type, args.keep, args.ram_budget).line())
     return 0
 
 

@@ -184,7 +184,9 @@ def _number_sql(expr: str) -> str:
 
 
 class FieldTables:
-    """Manifest fields copied out of the meta JSON into indexed temporary tables of one
+    """Manifest fields copied out of the meta JSON into indexed tables: in a version written
+    since issue 25, the tables it was published with (`stored`: field -> table, written by
+    index/write/lookups.py with the same query as `_build`); before, temporary tables of one
     connection, a field the first time a filter names it.
 
     Without them a filter on a manifest field parses every row's JSON on every query, which
@@ -195,17 +197,21 @@ class FieldTables:
     immutable version: the tables live in SQLite's temporary storage, never in the version's
     file. Not thread-safe, like the connection."""
 
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(self, conn: sqlite3.Connection, stored: Mapping[str, str] | None = None):
         self.conn = conn
         self.tables: dict[str, str] = {}
+        self.stored = dict(stored or {})
         self.failed: dict[str, str] = {}  # field -> why its table could not be built
 
     def table_of(self, key: str) -> str:
-        """The temporary table (id, value, number) of manifest field `key`, built on first use:
-        number is the value read as a number where it is one (_number_sql), as ranges compare.
+        """The table (id, value, number) of manifest field `key`, qualified (main. or temp.):
+        the stored one, else a temporary one built on first use. number is the value read as a
+        number where it is one (_number_sql), as ranges compare.
         A build that fails (no room for temporary files) leaves nothing behind, is logged, and
         raises sqlite3.OperationalError, then and on every later call for that field (no build
         is tried again on this connection: each try would scan every row)."""
+        if key in self.stored:
+            return f"main.{self.stored[key]}"
         if key in self.failed:
             raise sqlite3.OperationalError(self.failed[key])
         if key not in self.tables:
@@ -221,7 +227,7 @@ class FieldTables:
                     err,
                 )
                 raise sqlite3.OperationalError(str(err)) from err
-            self.tables[key] = name
+            self.tables[key] = f"temp.{name}"
         return self.tables[key]
 
     def _build(self, name: str, key: str) -> None:
@@ -269,6 +275,6 @@ def _field_joins(tables: FieldTables, keys: list[str]) -> tuple[str, dict[str, t
     joins, targets = "", {}
     for n, key in enumerate(keys):
         alias = f"f{n}"
-        joins += f" JOIN temp.{tables.table_of(key)} AS {alias} ON {alias}.id = images.id"
+        joins += f" JOIN {tables.table_of(key)} AS {alias} ON {alias}.id = images.id"
         targets[key] = (f"{alias}.value", f"{alias}.number")
     return joins, targets

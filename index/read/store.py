@@ -13,8 +13,11 @@ report must (not) contain, ids to leave out, all applied inside FAISS:
     store.facets()   # what those filters can ask for: values with counts, or a low..high range
 
 An IndexStore reads one immutable version, so it never changes under a reader; searches may run
-from several threads at once. Opening one checks it first (FAISS loads, `PRAGMA quick_check`, the
-counts of FAISS, the vectors and SQLite agree): a damaged version raises CorruptVersionError.
+from several threads at once. Opening one checks it first (FAISS loads, the SQLite headers, the
+counts of FAISS, the vectors and SQLite agree: index/read/opening.py): a damaged version raises
+CorruptVersionError. A version written since issue 25 holds its facets and per-field tables
+(index/write/lookups.py) and its thumbnails apart (thumbs.sqlite); older ones are served by
+scanning their rows once, as before.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .. import layout, metadata
 from ..errors import CorruptVersionError, IndexStoreError, check_fingerprint
 from ..version import VersionFiles, read_version
 from . import hybrid, lookup, search, sentences
-from .facets import Facet, facets
+from .facets import Facet, facets, stored_facets
 from .filters import FieldTables, filtered_ids
 from .hybrid import TextRanking
 from .keywords import ASSERTED, Keywords, check_keywords, keyword_ids, narrowed, report_index
@@ -67,12 +70,15 @@ class IndexStore:
         self.lock = threading.Lock()
         # the manifest fields a filter may name, read once: a version never changes
         self.meta_fields = lookup.meta_fields(self.db)
+        # field -> its table, stored at publish (None: a version written before them)
+        self._stored_tables = lookup.stored_tables(self.db)
+        self._thumbs_apart = not metadata.has_column(self.db, "images", "thumbnail")
         self._groups: dict[str, dict[str, list[int]]] = {}  # group_members' maps, per field
         # built on first use, then kept: the reports' FTS5 index (with its own lock) and facets
         self._reports: sqlite3.Connection | None = None
         self._reports_lock = threading.Lock()
         self._facets: list[Facet] | None = None
-        self._field_tables = FieldTables(self.db)  # filters' per-field indexes
+        self._field_tables = FieldTables(self.db, self._stored_tables)  # per-field indexes
         # the reports' sentences and their words by status (index.read.sentences); None in versions
         # written before them, which rank text queries by the image alone
         self.sentences: sentences.SentenceSpace | None = None
@@ -224,15 +230,20 @@ class IndexStore:
     ) -> dict[str, list[int]]:
         """Ids of the images whose manifest field `field` holds one of `keys` (a study or patient
         id) and that pass the filters and keywords, by key: every image of a group, not only
-        those a search happened to reach. The field's value -> ids map is read once per version
-        (one scan, then a dictionary lookup per key)."""
+        those a search happened to reach. Each key is looked up in the field's stored table
+        (its value index); in a version written before those, the field's value -> ids map is
+        read once per version (one scan, then a dictionary lookup per key)."""
         if not keys or field not in self.meta_fields:
             return {}
         with self.lock:
-            if field not in self._groups:
-                self._groups[field] = lookup.field_values(self.db, field)
-            groups = self._groups[field]
-        members = {key: groups[key] for key in keys if key in groups}
+            if self._stored_tables is not None:
+                table = self._stored_tables.get(field)
+                members = lookup.members(self.db, table, list(keys)) if table else {}
+            else:
+                if field not in self._groups:
+                    self._groups[field] = lookup.field_values(self.db, field)
+                groups = self._groups[field]
+                members = {key: groups[key] for key in keys if key in groups}
         allowed = self._allowed(filters, keywords, timings)
         if allowed is None:
             return members
@@ -242,12 +253,15 @@ class IndexStore:
     def facets(self, max_values: int = 50) -> list[Facet]:
         """What filters can ask for: modality, view and every manifest field, each with its
         values and image counts (at most `max_values`, most frequent first) or, where every value
-        is a number or an ISO date, its range. Computed once: a version never changes."""
+        is a number or an ISO date, its range. Read once, as stored when the version was
+        published (at most STORED_VALUES values a field), or computed from every row in a
+        version written before that: a version never changes."""
         if max_values < 0:
             raise ValueError(f"max_values must be 0 or more, got {max_values}")
         with self.lock:
             if self._facets is None:
-                self._facets = facets(self.db, self.meta_fields)
+                stored = stored_facets(self.db)
+                self._facets = facets(self.db, self.meta_fields) if stored is None else stored
             cached = self._facets
         return [replace(facet, values=facet.values[:max_values]) for facet in cached]
 
@@ -266,7 +280,7 @@ class IndexStore:
     def thumbnail(self, image_id: int) -> bytes | None:
         """The JPEG thumbnail (longest side 128 px), or None for an unknown id."""
         with self.lock:
-            return lookup.thumbnail(self.db, int(image_id))
+            return lookup.thumbnail(self.db, int(image_id), self._thumbs_apart)
 
     def close(self) -> None:
         with self._reports_lock:

@@ -55,6 +55,7 @@ class Options:
     progress: bool = True
     keep: int = layout.KEEP_VERSIONS
     cache_dir: Path | None = None  # the image cache (default: $CONVIRT_CACHE_DIR/images)
+    ram_budget: int | None = None  # bytes `auto` may fill (index.faiss_index.choose_auto)
 
     def job_settings(self) -> JobSettings:
         return JobSettings(
@@ -97,6 +98,7 @@ def build(
             **model_info(bundle),
             "source": source.describe(),
             "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+            "ram_budget": options.ram_budget,
             **job_info(job, skipped, w.meta),
             **source.source_info({}),
         }
@@ -171,6 +173,8 @@ def update(
         **job_info(job, skipped, w.meta),
         **source.source_info(current.info),
     }
+    if options.ram_budget is not None:
+        info["ram_budget"] = options.ram_budget
     w.publish(vectors, ids, info, outcome, current.info["index_type"])
 
 

@@ -17,7 +17,7 @@ from .. import faiss_index, layout, metadata
 from ..errors import IndexStoreError, reason
 from ..layout import human
 from ..sources.remote import is_remote
-from ..version import SPACES, VersionFiles, load_array, read_version
+from ..version import SENTENCE_VECTORS, SPACES, VersionFiles, load_array, read_version
 
 NORM_TOLERANCE = 1e-3
 
@@ -45,6 +45,8 @@ def info(root: str | Path) -> dict[str, Any]:
         "index_type": data.get("index_type"),
         "factory": data.get("factory"),
         "recall_at_10": data.get("recall_at_10"),
+        "ram_bytes_per_image": ram_per_image(sizes, data["count"]),
+        "disk_bytes_per_image": round(sum(sizes.values()) / max(data["count"], 1)),
         "dims": data["dims"],
         "created_at": data.get("created_at"),
         "seconds": data.get("seconds"),
@@ -53,6 +55,15 @@ def info(root: str | Path) -> dict[str, Any]:
         "total_bytes": sum(sizes.values()),
         "unfinished_jobs": sorted(p.name for p in staging.iterdir()) if staging.is_dir() else [],
     }
+
+
+def ram_per_image(sizes: dict[str, int], count: int) -> dict[str, int]:
+    """What a server holds in RAM per image, by space: the {space}.faiss file as loaded (a
+    compressed index's float16 vectors stay on disk, memory-mapped), plus the report sentences'
+    vectors, held twice (the array and its exact FAISS index, index/read/sentences.py)."""
+    held = {space: sizes.get(f"{space}.faiss", 0) for space in SPACES}
+    held["sentences"] = 2 * sizes.get(SENTENCE_VECTORS, 0)
+    return {space: round(size / max(count, 1)) for space, size in held.items()}
 
 
 def format_info(data: dict[str, Any]) -> str:
@@ -180,9 +191,13 @@ def check_faiss(files: VersionFiles, ids: np.ndarray | None, result: Verificatio
 
 
 def check_metadata(conn, files: VersionFiles, ids: np.ndarray | None, result: Verification) -> None:
+    """Every page of meta.sqlite (and thumbs.sqlite) checked: the one full integrity check of a
+    published version (a server checks headers and counts only, index/read/opening.py)."""
     integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
     if integrity != "ok":
         result.problems.append(f"meta.sqlite is damaged: {integrity}")
+    if not metadata.has_column(conn, "images", "thumbnail"):
+        check_thumbnails(conn, files, result)
     stored = np.array([r[0] for r in conn.execute("SELECT id FROM images ORDER BY id")], np.int64)
     if ids is None:
         if len(stored) != files.info["count"]:
@@ -201,6 +216,33 @@ def check_metadata(conn, files: VersionFiles, ids: np.ndarray | None, result: Ve
     if orphans:
         result.problems.append(f"{orphans} duplicate entries point at ids not in the index")
     result.checked["metadata_rows"] = len(stored)
+
+
+def check_thumbnails(conn, files: VersionFiles, result: Verification) -> None:
+    """thumbs.sqlite (versions written since issue 25): intact, one thumbnail per image."""
+    try:
+        metadata.attach_thumbnails(conn, files.directory / metadata.THUMBS_DB)
+        integrity = conn.execute("PRAGMA thumbs.integrity_check").fetchone()[0]
+        if integrity != "ok":
+            result.problems.append(f"{metadata.THUMBS_DB} is damaged: {integrity}")
+            return
+        missing = conn.execute(
+            "SELECT count(*) FROM images WHERE id NOT IN (SELECT id FROM thumbs.thumbnails)"
+        ).fetchone()[0]
+        extra = conn.execute(
+            "SELECT count(*) FROM thumbs.thumbnails WHERE id NOT IN (SELECT id FROM images)"
+        ).fetchone()[0]
+    except (sqlite3.Error, IndexStoreError) as err:
+        result.problems.append(f"{metadata.THUMBS_DB} cannot be read: {err}")
+        return
+    if missing or extra:
+        result.problems.append(
+            f"{metadata.THUMBS_DB} and meta.sqlite disagree: {missing} images without a "
+            f"thumbnail, {extra} thumbnails of no image"
+        )
+    result.checked["thumbnails"] = conn.execute(
+        "SELECT count(*) FROM thumbs.thumbnails"
+    ).fetchone()[0]
 
 
 def check_files(conn, result: Verification, hashes: bool) -> None:

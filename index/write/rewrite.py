@@ -36,7 +36,10 @@ def remove(
 
 
 def reindex(
-    root: str | Path, index_type: str | None = None, keep: int = layout.KEEP_VERSIONS
+    root: str | Path,
+    index_type: str | None = None,
+    keep: int = layout.KEEP_VERSIONS,
+    ram_budget: int | None = None,
 ) -> Summary:
     """The same vectors and metadata under another FAISS structure (None: the current one);
     nothing is re-embedded. DICOM header fields stored under former names are renamed
@@ -46,7 +49,7 @@ def reindex(
         for dim in w.current.info["dims"].values():
             if index_type is not None:
                 faiss_index.check_index_type(index_type, dim)
-        rewrite(w, [], [], index_type, {}, rename_former=True)
+        rewrite(w, [], [], index_type, {}, rename_former=True, ram_budget=ram_budget)
     return w.summary
 
 
@@ -57,6 +60,7 @@ def rewrite(
     index_type: str | None,
     changes: dict[str, int],
     rename_former: bool = False,
+    ram_budget: int | None = None,
 ) -> None:
     """Publish w.current without the ids `doomed` and the duplicate paths `aliases` (and, if
     `rename_former`, with its DICOM metadata under the naming table's names)."""
@@ -76,7 +80,10 @@ def rewrite(
         "removed_duplicate_paths": list(aliases),
     }
     index_type = index_type or current.info["index_type"]
-    w.publish(vectors, old_ids[keep], dict(current.info), outcome, index_type, changes)
+    info = dict(current.info)
+    if ram_budget is not None:  # else the current version's, if any
+        info["ram_budget"] = ram_budget
+    w.publish(vectors, old_ids[keep], info, outcome, index_type, changes)
 
 
 def resolve_targets(

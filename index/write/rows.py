@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..fields import with_derived
-from ..metadata import COLUMNS, SCHEMA, content_id
+from ..metadata import COLUMNS, SCHEMA, THUMBS_DB, THUMBS_SCHEMA, content_id, has_column
 
 if TYPE_CHECKING:  # only named in annotations: reading rows needs neither torch nor a source
     from convirt.imagerecord import ImageRecord
@@ -25,15 +25,33 @@ if TYPE_CHECKING:  # only named in annotations: reading rows needs neither torch
 
 
 def create(path: Path) -> sqlite3.Connection:
+    """A new meta.sqlite, with the version's thumbs.sqlite beside it attached as `thumbs`."""
     conn = sqlite3.connect(path)
     conn.executescript(SCHEMA)
+    conn.execute("ATTACH DATABASE ? AS thumbs", (str(Path(path).parent / THUMBS_DB),))
+    conn.execute(THUMBS_SCHEMA)
     return conn
 
 
 def insert_rows(conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
-    """Rows in COLUMNS order followed by the thumbnail bytes."""
-    marks = ", ".join("?" * (len(COLUMNS) + 1))
-    conn.executemany(f"INSERT INTO images VALUES ({marks})", rows)
+    """Rows in COLUMNS order followed by the thumbnail bytes (which go to thumbs.sqlite)."""
+    marks = ", ".join("?" * len(COLUMNS))
+    for batch in _batches(rows, 1000):
+        conn.executemany(f"INSERT INTO images VALUES ({marks})", (row[:-1] for row in batch))
+        conn.executemany(
+            "INSERT INTO thumbs.thumbnails VALUES (?, ?)", ((row[0], row[-1]) for row in batch)
+        )
+
+
+def _batches(rows: Iterable[tuple], size: int) -> Iterable[list[tuple]]:
+    batch: list[tuple] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def insert_duplicates(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, str]]) -> None:
@@ -46,10 +64,20 @@ def copy_from(
     image_ids: Iterable[int] | None = None,
     duplicate_ids: Iterable[int] | None = None,
 ) -> None:
-    """Copy images (with thumbnails) and duplicates of another meta.sqlite; None copies all."""
+    """Copy images (with their thumbnails, from the other version's thumbs.sqlite or, written
+    before it, its images.thumbnail) and duplicates of another meta.sqlite; None copies all."""
+    image_ids = None if image_ids is None else [int(i) for i in image_ids]  # read twice
     conn.execute("ATTACH DATABASE ? AS other", (str(other),))
+    inline = has_column(conn, "images", "thumbnail", "other")
+    if not inline:
+        conn.execute("ATTACH DATABASE ? AS other_thumbs", (str(Path(other).parent / THUMBS_DB),))
     try:
-        _copy_table(conn, "images", image_ids)
+        columns = ", ".join(COLUMNS)
+        _copy_table(conn, "images", image_ids, columns)
+        if inline:
+            _copy_table(conn, "thumbs.thumbnails", image_ids, "id, thumbnail", "other.images")
+        else:
+            _copy_table(conn, "thumbs.thumbnails", image_ids, "id, jpeg", "other_thumbs.thumbnails")
         _copy_table(conn, "duplicates", duplicate_ids)
         if _has_table(conn, "other", SKIPPED_TABLE):  # written by remote sources (DICOMweb) only
             _create_skipped(conn)
@@ -59,15 +87,26 @@ def copy_from(
         conn.commit()
     finally:
         conn.execute("DETACH DATABASE other")
+        if not inline:
+            conn.execute("DETACH DATABASE other_thumbs")
 
 
-def _copy_table(conn: sqlite3.Connection, table: str, ids: Iterable[int] | None) -> None:
+def _copy_table(
+    conn: sqlite3.Connection,
+    table: str,
+    ids: Iterable[int] | None,
+    columns: str = "*",
+    source: str | None = None,
+) -> None:
+    """Copy `columns` of the rows of `source` (default: the same table in `other`) whose id is
+    in `ids` (None: all) into `table`."""
+    source = source or f"other.{table}"
     if ids is None:
-        conn.execute(f"INSERT INTO {table} SELECT * FROM other.{table}")
+        conn.execute(f"INSERT INTO {table} SELECT {columns} FROM {source}")
         return
     conn.execute("CREATE TEMP TABLE keep (id INTEGER PRIMARY KEY)")
     conn.executemany("INSERT OR IGNORE INTO temp.keep VALUES (?)", ((int(i),) for i in ids))
-    conn.execute(f"INSERT INTO {table} SELECT * FROM other.{table} WHERE id IN temp.keep")
+    conn.execute(f"INSERT INTO {table} SELECT {columns} FROM {source} WHERE id IN temp.keep")
     conn.execute("DROP TABLE temp.keep")
 
 

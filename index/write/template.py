@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from .. import faiss_index, layout
@@ -42,7 +41,7 @@ from ..version import (
     checksums,
     read_version,
 )
-from . import rows, sentences
+from . import lookups, rows, sentences
 from .staging import Staging
 
 
@@ -96,18 +95,25 @@ class VersionWriter:
         self._check_meta(ids)
         np.save(self.directory / "ids.npy", ids)
         factories, recall = {}, {}
+        # what `auto` stands for, chosen once for every space within the RAM budget
+        dims = [int(vectors[space].shape[1]) for space in SPACES]
+        auto_as = faiss_index.choose_auto(len(ids), dims, info.get("ram_budget"))
         for space in SPACES:
             data = np.ascontiguousarray(vectors[space][order], dtype=np.float32)
             np.save(self.directory / f"{space}.npy", data)
             if index_type is not None:
-                factories[space] = faiss_index.resolve_factory(index_type, len(ids), data.shape[1])
+                factories[space] = faiss_index.resolve_factory(
+                    index_type, len(ids), data.shape[1], auto_as
+                )
                 index = faiss_index.build_index(factories[space], data, ids)
-                faiss.write_index(index, str(self.directory / f"{space}.faiss"))
+                faiss_index.write_index(index, self.directory, space)
                 recall[space] = faiss_index.measure_recall(index, data, ids)
         same_model = [p for p in previous if same_fingerprint(p, info.get("fingerprint"))]
         dim = int(vectors["joint"].shape[1])
         rows.derive_fields(self.meta)  # index.fields: one modality and body part vocabulary
         written = sentences.write(self.meta, self.directory, dim, same_model, embed_texts)
+        lookups.write(self.meta)  # facets and field tables: no reader scans every row
+        lookups.check(self.meta)  # every page read once here, not at each start (read/opening)
         info = {
             **info,
             "format": INFO_FORMAT,

@@ -1,0 +1,194 @@
+"""The compressed index type (index/compressed.py) on real vectors: every image of the shared
+datasets (about 5.7k) embedded by the test bundle's pretrained encoder at 32 px (the largest real
+set that embeds in about a minute on two cores; the 5,456 demo vectors: docs/benchmarks.md).
+
+Recall is measured against exact search; filters, keywords, exclusions, similar-to-id and refined
+queries must answer as the same version under flat does: ids in the same order, where two ids may
+swap only when their exact scores tie within float16 precision (the re-ranking reads float16)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_bundle, read_rows, write_csv
+
+from convirt.config import ModelConfig
+from index import compressed, faiss_index
+from index.read.keywords import Keywords
+from index.read.store import IndexStore, open_current
+from index.sources.manifest import read_manifest
+from index.write import checks, rewrite
+from index.write.build import Options, build
+
+DATASETS = ("covid-cxr", "medpix", "roco", "covid-ct")
+FIELDS = ["image", "text", "dataset", "modality", "group"]
+SMALL_SIDE = 32  # pixels: the encoder is pretrained, so neighbours are real even this small
+
+
+def real_rows(datasets: Path) -> list[dict[str, str]]:
+    """One row per image file: its dataset, modality and patient/case; the report only for
+    covid-cxr (embedding every dataset's sentences would cost minutes)."""
+    rows, seen = [], set()
+    for name in DATASETS:
+        for row in read_rows(datasets / name / "manifest.csv"):
+            image = str(datasets / name / row["image"])
+            if image in seen:
+                continue
+            seen.add(image)
+            group = row.get("patient_id") or row.get("case_id") or row.get("pmc_article") or ""
+            modality = row.get("modality") or row.get("modality_keyword") or ""
+            text = row["text"] if name == "covid-cxr" else ""
+            rows.append(dict(image=image, text=text, dataset=name, modality=modality, group=group))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def roots(datasets: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(flat root, compressed root): one real build, then `reindex --index-type compressed`."""
+    folder = tmp_path_factory.mktemp("compressed")
+    config = ModelConfig(image_size=SMALL_SIDE, max_text_tokens=32)
+    bundle = make_bundle(config, 0, folder / "bundle")
+    manifest = write_csv(folder / "manifest.csv", real_rows(datasets), FIELDS)
+    options = Options(batch_size=64, chunk_batches=8, workers=2, progress=False)
+    build(folder / "flat", bundle, read_manifest(manifest), options)
+    shutil.copytree(folder / "flat", folder / "compressed")
+    rewrite.reindex(folder / "compressed", "compressed")
+    return folder / "flat", folder / "compressed"
+
+
+@pytest.fixture(scope="module")
+def stores(roots) -> tuple[IndexStore, IndexStore]:
+    flat, small = open_current(roots[0]), open_current(roots[1])
+    yield flat, small
+    flat.close()
+    small.close()
+
+
+def test_compressed_version_holds_codes_and_float16_vectors(roots, stores):
+    flat, small = stores
+    assert flat.info["factory"] == {"joint": "Flat", "encoder": "Flat"}  # the small end: exact
+    assert small.count == flat.count > 5000
+    factories = small.info["factory"]
+    assert factories["joint"].startswith("compressed:IVF")
+    assert factories["encoder"].startswith(f"compressed:PCA{compressed.REDUCED_DIM},IVF")
+    for space in ("joint", "encoder"):
+        index = small.indexes[space]
+        assert isinstance(index, compressed.CompressedIndex)
+        assert index.full.dtype == np.float16 and isinstance(index.full, np.memmap)
+        np.testing.assert_allclose(index.full[:50], flat.vectors[space][:50], atol=1e-3)
+    info = checks.info(roots[1])
+    flat_info = checks.info(roots[0])
+    for space in ("joint", "encoder"):  # codes + ids, with the rotation's fixed cost at 5.7k
+        assert info["ram_bytes_per_image"][space] < flat_info["ram_bytes_per_image"][space] / 2
+    # the checksums of the float16 files, the codes' ids against ids.npy: nothing flat lacks
+    # (a blank image's encoder features at 32 px are zero: verify says so of both)
+    assert checks.verify(roots[1]).problems == checks.verify(roots[0]).problems
+
+
+def test_recall_at_10_against_exact_search_is_at_least_095(roots, stores):
+    flat, small = stores
+    recorded = small.info["recall_at_10"]
+    assert recorded["joint"] >= 0.95 and recorded["encoder"] >= 0.95
+    assert checks.info(roots[1])["recall_at_10"] == recorded
+    rng = np.random.default_rng(7)
+    for space in ("joint", "encoder"):
+        hits = 0
+        queries = rng.choice(small.ids, size=100, replace=False)
+        for image_id in queries:  # itself excluded, as a "similar images" query does
+            exact = {h.id for h in flat.similar_to_id(int(image_id), 10, space=space)}
+            found = {h.id for h in small.similar_to_id(int(image_id), 10, space=space)}
+            hits += len(exact & found)
+        assert hits / (10 * len(queries)) >= 0.95, space
+
+
+def ranked(hits) -> list[int]:
+    return [hit.id for hit in hits]
+
+
+# Two images whose exact scores differ by less than this may swap: the re-ranking reads float16,
+# whose rounding moves a cosine of unit vectors by at most 2**-11 (Cauchy-Schwarz), so a pair's gap
+# by at most 2 * 2**-11.
+FLOAT16_TIE = 2 * 2**-11
+
+
+def assert_same_ranking(flat: IndexStore, space: str, vector, expected, found) -> None:
+    """`found` holds flat's answer `expected`: the same number of hits, and at each rank the same
+    id or one whose exact score ties flat's there within float16 precision (ties by id)."""
+    assert len(found) == len(expected)
+    exact = flat.similarity(space, vector, ranked(found)) if found else []
+    for rank, (want, got) in enumerate(zip(expected, found, strict=True)):
+        if got.id != want.id:
+            assert abs(exact[rank] - want.score) <= FLOAT16_TIE, (rank, want, got)
+    assert len(set(ranked(found)) ^ set(ranked(expected))) <= 2  # at most a tie at the cut
+
+
+def test_filters_keywords_exclusions_answer_as_flat(stores):
+    flat, small = stores
+    vector = flat.vectors["joint"][11]
+    queries = [
+        dict(filters={"modality": "CT"}),
+        dict(filters={"dataset": ["covid-ct", "covid-cxr"]}),
+        dict(keywords=Keywords(must=("pneumonia",))),
+        dict(keywords=Keywords(must_not=("covid",)), filters={"dataset": "covid-cxr"}),
+        dict(filters={"dataset": "medpix"}, exclude=set(flat.ids[:500].tolist())),
+    ]
+    for query in queries:
+        for k in (1, 10, 80):
+            expected = flat.search("joint", vector, k, **query)
+            assert expected, query
+            found = small.search("joint", vector, k, **query)
+            assert_same_ranking(flat, "joint", vector, expected, found)
+
+
+def test_similar_refined_and_grouped_answer_as_flat(stores):
+    flat, small = stores
+    for image_id in flat.ids[[3, 400, 2500, 5000]].tolist():
+        for filters in ({"dataset": "roco"}, {"modality": ["CT", "MR", "MRI"]}):
+            expected = flat.similar_to_id(image_id, 20, filters)
+            found = small.similar_to_id(image_id, 20, filters)
+            assert_same_ranking(
+                flat, "encoder", flat.vectors_of([image_id], "encoder")[0], expected, found
+            )
+    liked = flat.ids[[10, 20, 30]]
+    refined = flat.vectors_of(liked, "encoder").mean(axis=0)  # a query moved toward likes
+    assert np.array_equal(small.vectors_of(liked, "encoder"), flat.vectors_of(liked, "encoder"))
+    expected = flat.search("encoder", refined, 10, {"dataset": "roco"}, exclude=liked)
+    found = small.search("encoder", refined, 10, {"dataset": "roco"}, exclude=liked)
+    assert_same_ranking(flat, "encoder", refined, expected, found)
+    keys, filters = ["1", "2", "MPX1009"], {"dataset": "covid-cxr"}
+    groups = flat.group_members("group", keys, filters)
+    assert groups and small.group_members("group", keys, filters) == groups
+
+
+def test_unfiltered_and_broad_filters_return_k_allowed_hits(stores, monkeypatch):
+    """Through the codes (no exact scan): a grouped search that over-fetches gets as many hits
+    as it asked for, all allowed, none excluded, scored exactly."""
+    flat, small = stores
+    monkeypatch.setattr(compressed, "EXACT_SCAN_MAX", 0)
+    vector = flat.vectors["encoder"][42]
+    roco = {hit.id for hit in flat.search("encoder", vector, flat.count, {"dataset": "roco"})}
+    excluded = set(list(roco)[:100])
+    for k in (10, 400, 2000):
+        hits = small.search("encoder", vector, k, {"dataset": "roco"}, exclude=excluded)
+        assert len(hits) == min(k, len(roco) - len(excluded))
+        assert {hit.id for hit in hits} <= roco - excluded
+        exact = flat.similarity("encoder", vector, ranked(hits))
+        np.testing.assert_allclose([hit.score for hit in hits], exact, atol=1e-3)
+    unfiltered = small.search("encoder", vector, 2000)
+    assert len(unfiltered) == 2000 and len({hit.id for hit in unfiltered}) == 2000
+    best = ranked(flat.search("encoder", vector, 10))
+    assert len(set(best) & set(ranked(unfiltered[:10]))) >= 9
+
+
+def test_auto_chooses_from_the_ram_budget():
+    dims = [512, 1280]
+    assert faiss_index.choose_auto(5456, dims) == "flat"  # the demo index: exact, as before
+    assert faiss_index.choose_auto(5456, dims, ram_budget=2**30) == "flat"
+    assert faiss_index.choose_auto(10_000_000, dims) == "hnsw"
+    assert faiss_index.choose_auto(10_000_000, dims, ram_budget=200 * 2**30) == "hnsw"
+    assert faiss_index.choose_auto(10_000_000, dims, ram_budget=8 * 2**30) == "compressed"
+    assert faiss_index.choose_auto(100_000, dims, ram_budget=2**20) == "compressed"
+    assert faiss_index.choose_auto(100, dims, ram_budget=1) == "flat"  # too few to train codes
