@@ -3,6 +3,7 @@ error entries of a route (queries.py: the request bodies)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -188,6 +189,11 @@ class TextSearchResponse(SearchResponse):
 class FindingStatus(BaseModel):
     finding: str
     status: Literal["present", "absent", "uncertain", "historical"]
+
+    @classmethod
+    def each(cls, pairs: Iterable[tuple[str, str]]) -> list[FindingStatus]:
+        """(finding, status) pairs as the index reads them, as the API answers them."""
+        return [cls(finding=finding, status=status) for finding, status in pairs]
 
 
 class ReportSentence(BaseModel):

@@ -41,7 +41,7 @@ async def image_report(image_id: ImageId, store: StoreDep) -> ImageReport:
                 text=s.text,
                 start=s.start,
                 end=s.end,
-                findings=[FindingStatus(finding=f, status=st) for f, st in s.findings],
+                findings=FindingStatus.each(s.findings),
             )
             for s in read
         ],

@@ -72,7 +72,7 @@ async def suggest(
                 text=s.text,
                 score=round(s.score, 6),
                 cases=[str(i) for i in s.cases],
-                findings=[FindingStatus(finding=f, status=st) for f, st in s.findings],
+                findings=FindingStatus.each(s.findings),
             )
             for s in found.sentences
         ],
