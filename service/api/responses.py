@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from index.fields import BODY_PARTS, MODALITIES
+from index.read import sentences
 
 from .queries import TextMode
 
@@ -205,6 +206,16 @@ class ReportSentence(BaseModel):
     findings: list[FindingStatus] = Field(
         default_factory=list, description="the findings it names and what it asserts of each"
     )
+
+    @classmethod
+    def of(cls, sentence: sentences.ReportSentence) -> ReportSentence:
+        """A sentence as the index read it (index.read.sentences.read_report)."""
+        return cls(
+            text=sentence.text,
+            start=sentence.start,
+            end=sentence.end,
+            findings=FindingStatus.each(sentence.findings),
+        )
 
 
 class ImageReport(BaseModel):
