@@ -11,7 +11,8 @@ model sees it) and their window is their full range. Decoding is bounded as load
 The samples are uint16; what they stand for is value = intercept + slope * sample: integer
 values that fit are sent as they are (slope 1), others shifted (intercept) or scaled to the
 16-bit range. MONOCHROME1 (white is low) is inverted so that high samples are bright everywhere:
-its slope is negative. Images whose longest side is above MAX_SIDE are area-downsampled.
+its slope is negative. Images whose longest side is above MAX_SIDE are area-downsampled. `unit`
+names what the values are where the file says (Hounsfield units for CT), for the viewer's label.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ViewPixels:
     slope: float  # value = intercept + slope * sample
     intercept: float
     colour: bool  # the file was colour, made grey
+    unit: str = ""  # of the values: "HU" for CT (or a Rescale Type of HU), else "" (none known)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Values:
     window: tuple[float, float] | None  # the file's own (center, width), in value units
     inverted: bool  # MONOCHROME1
     colour: bool
+    unit: str = ""  # ViewPixels.unit
 
 
 def view_pixels(source: str | Path | bytes, max_side: int = MAX_SIDE) -> ViewPixels:
@@ -96,7 +99,8 @@ def dicom_values(fp) -> Values:
             array += np.float32(intercept)
         integer = integer and slope.is_integer() and intercept.is_integer()
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    return Values(array, integer, _window(ds), photometric == "MONOCHROME1", False)
+    inverted = photometric == "MONOCHROME1"
+    return Values(array, integer, _window(ds), inverted, False, _unit(ds))
 
 
 def to_samples(values: Values, original: tuple[int, int], max_side: int) -> ViewPixels:
@@ -137,6 +141,7 @@ def to_samples(values: Values, original: tuple[int, int], max_side: int) -> View
         slope,
         intercept,
         values.colour,
+        values.unit,
     )
 
 
@@ -146,6 +151,15 @@ def _number(ds, keyword: str, default: float) -> float:
         return float(default if value in (None, "") else value)
     except (TypeError, ValueError):
         return default
+
+
+def _unit(ds) -> str:
+    """The values' unit: HU where they are Hounsfield units (a Rescale Type saying so, or a CT
+    without a Rescale Type: its rescale gives HU by definition), "" where it is not known."""
+    rescale_type = str(ds.get("RescaleType", "") or "").strip().upper()
+    if rescale_type:
+        return "HU" if rescale_type == "HU" else ""
+    return "HU" if str(ds.get("Modality", "")).strip().upper() == "CT" else ""
 
 
 def _window(ds) -> tuple[float, float] | None:

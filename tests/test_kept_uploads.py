@@ -30,6 +30,7 @@ from convirt.imageio import load_image
 from convirt.inference import Embedder
 from index.read.store import open_current
 from service.errors import NotFound
+from service.model.region import Box, crop_to_box
 from service.search import calibration
 from service.search.feedback import rocchio
 from service.search.kept import KeptUploads
@@ -217,6 +218,78 @@ def test_an_upload_stays_the_query_for_a_region_a_refinement_and_a_heat_map(
     assert explained.get("upload_hash") == hashes[0]
 
 
+def test_a_refined_region_stays_the_query(alice, bundle_dir, index_root):
+    data = windowed_ct()
+    box = "0.1,0.1,0.7,0.7"
+    controls = {"k": 8, "group_by": "none"}
+    upload_id = upload(alice, data, **controls)["upload_id"]
+    region = alice.post("/v1/search/image", data={"upload_id": upload_id, "box": box, **controls})
+    assert region.status_code == 200, region.text
+    # refined with no feedback: the region's search, not the whole image's
+    plain = {"upload_id": upload_id, "box": box, "liked": [], **controls}
+    unmoved = alice.post("/v1/search/refine", json=plain)
+    assert unmoved.status_code == 200, unmoved.text
+    assert ids(unmoved.json()["results"]) == ids(region.json()["results"])
+    whole = alice.post("/v1/search/refine", json={**plain, "box": None})
+    assert ids(whole.json()["results"]) != ids(region.json()["results"])
+    # with a liked image: Rocchio from the region's vector
+    liked = region.json()["results"][4]["id"]
+    refined = alice.post("/v1/search/refine", json={**plain, "liked": [liked]})
+    assert refined.status_code == 200, refined.text
+    embedder = Embedder(load_bundle(bundle_dir))
+    cropped = crop_to_box(load_image(data), Box(0.1, 0.1, 0.7, 0.7))
+    vector = embedder.embed_images([cropped])[0][0]
+    with open_current(index_root) as store:
+        liked_vector = store.vectors_of([int(liked)], "encoder")
+        expected = store.search("encoder", rocchio(vector, liked_vector, liked_vector[:0]), 8)
+    assert ids(refined.json()["results"]) == [hit.id for hit in expected]
+    assert ids(refined.json()["results"]) != ids(region.json()["results"])
+    # a region of an indexed image, likewise: its similar cases by that box, itself left out
+    image_id = region.json()["results"][0]["id"]
+    similar = alice.get(
+        f"/v1/images/{image_id}/similar", params={"box": box, "k": 9, "group_by": "none"}
+    )
+    assert similar.status_code == 200, similar.text
+    by_box = {"image_id": image_id, "box": box, "liked": [], **controls}
+    indexed = alice.post("/v1/search/refine", json=by_box)
+    assert indexed.status_code == 200, indexed.text
+    others = [i for i in ids(similar.json()["results"]) if i != int(image_id)][:8]
+    assert ids(indexed.json()["results"]) == others
+    unboxed = alice.post("/v1/search/refine", json={**by_box, "box": None})
+    assert ids(unboxed.json()["results"]) != others
+    # a box needs an image to be a region of; a malformed one is refused as the searches do
+    for wrong in ({"liked": [liked], "box": box}, {"text": QUERY, "box": box}):
+        error_of(alice.post("/v1/search/refine", json=wrong), 422)
+    error_of(
+        alice.post("/v1/search/refine", json={**plain, "box": "0.5,0.5,0.2,0.9"}),
+        422,
+        "invalid_box",
+    )
+
+
+def test_what_similar_cases_said_of_a_kept_upload(alice, bob):
+    data = windowed_ct()
+    upload_id = upload(alice, data, k=3)["upload_id"]
+    by_file = alice.post(
+        "/v1/reports/suggest", files={"file": ("q.dcm", data, "application/dicom")}
+    )
+    by_id = alice.post("/v1/reports/suggest", data={"upload_id": upload_id})
+    assert by_file.status_code == 200 and by_id.status_code == 200, by_id.text
+    assert by_id.json()["sentences"]
+    same = ("sentences", "draft", "cases")
+    assert {k: by_id.json()[k] for k in same} == {k: by_file.json()[k] for k in same}
+    unknown = bob.post("/v1/reports/suggest", data={"upload_id": upload_id})
+    assert "upload the image again" in error_of(unknown, 404, "unknown_upload")["message"]
+    both = alice.post("/v1/reports/suggest", data={"upload_id": upload_id, "image_id": "1"})
+    error_of(both, 422, "invalid_query")
+    with_file = alice.post(
+        "/v1/reports/suggest",
+        data={"upload_id": upload_id},
+        files={"file": ("q.dcm", data, "application/dicom")},
+    )
+    error_of(with_file, 422, "invalid_query")
+
+
 def test_an_upload_id_is_its_uploaders_only_and_refused_when_unknown(alice, bob):
     upload_id = upload(alice, windowed_ct(), k=3)["upload_id"]
     results = alice.post("/v1/search/image", data={"upload_id": upload_id}).json()["results"]
@@ -293,6 +366,7 @@ def test_dicom_pixels_keep_their_values_and_window(alice, by_id, ct_path):
         assert float(head["x-window-center"]) * slope + intercept == WINDOW[0]
         assert float(head["x-window-width"]) * abs(slope) == WINDOW[1]
         assert int(head["x-original-width"]) == ds.Columns
+        assert head["x-value-unit"] == "HU"  # a CT: the viewer labels its window in HU
         samples = samples_of(response)
         assert (int(head["x-value-min"]), int(head["x-value-max"])) == (
             samples.min(),
@@ -309,6 +383,7 @@ def test_jpeg_pixels_are_its_grey_values_with_its_full_range(alice, by_id):
     assert float(head["x-window-width"]) == expected.max() - expected.min()
     assert float(head["x-window-center"]) == (int(expected.max()) + int(expected.min())) / 2
     assert head["x-rescale-slope"] == "1" and head["x-rescale-intercept"] == "0"
+    assert "x-value-unit" not in head  # plain values: no unit to label
 
 
 def test_large_uploads_are_area_downsampled_to_2048(alice):

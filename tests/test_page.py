@@ -30,13 +30,22 @@ from conftest import (
 )
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from serving import ServerProcess
 
 QUERY = "No hemorrhage noted."
 K = 12
-# the DICOM's own window, which the viewer must open with
-WINDOW_CENTER, WINDOW_WIDTH = 1500, 2400
+# the CT's own window in Hounsfield units, which the viewer must open with and show in HU
+WINDOW_CENTER, WINDOW_WIDTH = 476, 2400
+PATCH_HU = 500  # a uniform square at the centre of each DICOM, in what its values stand for
+# a window typed over it: 400..800, so the patch is a quarter of the way up (grey 64); MONOCHROME1
+# (white is low) shows it three quarters (grey 191)
+TYPED_CENTER, TYPED_WIDTH = 600, 400
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -66,35 +75,62 @@ def server(tmp_path_factory, bundle_dir, rows) -> Iterator[ServerProcess]:
         yield process
 
 
-@pytest.fixture(scope="module")
-def dicom_file(rows, tmp_path_factory) -> Path:
-    """A real chest X-ray as a 12-bit DICOM with its own window (Secondary Capture)."""
-    xray = next(r for r in rows if r["dataset"] == "covid-cxr")
-    gray = Image.open(xray["image"]).convert("L")
-    gray.thumbnail((512, 512))
-    pixels = (np.asarray(gray, dtype=np.uint16) * 16).astype(np.uint16)
+def write_dicom(
+    path: Path, stored: np.ndarray, sop_class: str, modality: str, photometric: str, rescale
+) -> Path:
+    """A 12-bit single-frame DICOM of `stored` samples, value = rescale[0] + rescale[1] * stored,
+    with its own window (WINDOW_CENTER, WINDOW_WIDTH, in values)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta, ds.preamble = meta, b"\0" * 128
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        SecondaryCaptureImageStorage,
-        meta.MediaStorageSOPInstanceUID,
-    )
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.StudyDate = "DX", "20240301"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.StudyDate = "20240301"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.Modality, ds.PhotometricInterpretation = modality, photometric
+    ds.RescaleIntercept, ds.RescaleSlope = rescale
     ds.WindowCenter, ds.WindowWidth = WINDOW_CENTER, WINDOW_WIDTH
-    ds.PixelData = pixels.tobytes()
+    ds.PixelData = stored.astype(np.uint16).tobytes()
     out = io.BytesIO()
     pydicom.dcmwrite(out, ds, enforce_file_format=True)
-    path = tmp_path_factory.mktemp("dicom") / "chest.dcm"
     path.write_bytes(out.getvalue())
     return path
+
+
+def with_centre_patch(stored: np.ndarray, value: int) -> np.ndarray:
+    """`stored` with a uniform 48-pixel square at its centre, so the canvas's centre pixel is
+    that value whatever the zoom and smoothing."""
+    rows, cols = stored.shape
+    patched = stored.copy()
+    patched[rows // 2 - 24 : rows // 2 + 24, cols // 2 - 24 : cols // 2 + 24] = value
+    return patched
+
+
+@pytest.fixture(scope="module")
+def dicom_file(rows, tmp_path_factory) -> Path:
+    """A real chest X-ray as a 12-bit CT-like DICOM in Hounsfield units (stored - 1024) with its
+    own window in HU."""
+    xray = next(r for r in rows if r["dataset"] == "covid-cxr")
+    gray = Image.open(xray["image"]).convert("L")
+    gray.thumbnail((512, 512))
+    stored = with_centre_patch(np.asarray(gray, dtype=np.uint16) * 16, PATCH_HU + 1024)
+    path = tmp_path_factory.mktemp("dicom") / "chest.dcm"
+    return write_dicom(path, stored, CTImageStorage, "CT", "MONOCHROME2", (-1024, 1))
+
+
+@pytest.fixture(scope="module")
+def monochrome1_file(tmp_path_factory) -> Path:
+    """A computed radiograph stored MONOCHROME1 (white is low), rescaled (value = 2 * stored -
+    100), with its own window: the service sends it inverted, with a negative slope."""
+    ramp = np.tile(np.linspace(0, 4000, 160, dtype=np.float64), (160, 1)).round()
+    stored = with_centre_patch(ramp.astype(np.uint16), (PATCH_HU + 100) // 2)
+    path = tmp_path_factory.mktemp("dicom") / "inverted.dcm"
+    return write_dicom(path, stored, SecondaryCaptureImageStorage, "CR", "MONOCHROME1", (-100, 2))
 
 
 def ids(response: httpx.Response) -> list[int]:
@@ -141,6 +177,7 @@ CENTRE_PIXEL = (
     "() => { const c = document.querySelector('#viewer-image');"
     " return [...c.getContext('2d').getImageData(c.width / 2, c.height / 2, 1, 1).data]; }"
 )
+CENTRE_GREY = f"({CENTRE_PIXEL})()[0]"
 PAINTED = (
     "() => { const c = document.querySelector('#viewer-overlay');"
     " return c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
@@ -148,10 +185,21 @@ PAINTED = (
 )
 
 
+def type_window(page, center: float, width: float, grey: int) -> None:
+    """Type a window into the viewer's inputs (in what the values stand for) and wait for the
+    canvas's centre (the DICOMs' uniform patch) to show the grey it implies."""
+    page.fill("#wl-width", str(width))
+    page.fill("#wl-center", str(center))
+    page.press("#wl-center", "Tab")
+    page.wait_for_function(f"Math.abs({CENTRE_GREY} - {grey}) <= 1")
+
+
 # -- the walk --------------------------------------------------------------------------------------
 
 
-def test_page_walk_report_viewer_refine_share_and_upload(server, client, dicom_file):
+def test_page_walk_report_viewer_refine_share_and_upload(
+    server, client, dicom_file, monochrome1_file
+):
     plain = client.post("/v1/search/text", json={"text": QUERY, "k": K})
     assert plain.status_code == 200, plain.text
     results = plain.json()["results"]
@@ -284,10 +332,23 @@ def test_page_walk_report_viewer_refine_share_and_upload(server, client, dicom_f
         upload_id = re.search(r"upload=([\w-]+)", page.url).group(1)
         whole = {"upload_id": upload_id, "k": str(K), "group_by": "none"}
         assert card_ids(page) == ids(client.post("/v1/search/image", data=whole))
+        expect(page.locator("#suggest-panel")).to_be_visible()
+        # its link reopens it by upload_id alone: results, and what similar cases said
+        other = browser.new_page()
+        other.goto(page.url)
+        expect(other.locator("#grid .card")).to_have_count(K)
+        assert card_ids(other) == card_ids(page)
+        expect(other.locator("#suggest-panel")).to_be_visible()
+        expect(other.locator("#suggest-panel .sentences li").first).to_be_visible()
+        other.close()
+        # the viewer: the CT's own window, in Hounsfield units, and a window typed in HU
         page.click("#query-region")
         expect(viewer).to_have_attribute("data-loaded", "true")
         assert float(page.input_value("#wl-center")) == WINDOW_CENTER  # the DICOM's own window
         assert float(page.input_value("#wl-width")) == WINDOW_WIDTH
+        expect(page.locator("#wl-unit")).to_have_text("HU")
+        expect(page.locator("#viewer-status")).to_contain_text(f"window {WINDOW_CENTER} HU")
+        type_window(page, TYPED_CENTER, TYPED_WIDTH, 64)
         drag_on_image(page, (0.1, 0.2), (0.6, 0.7))
         page.click("#viewer-region-search")
         expect(page.locator("#results-title")).to_contain_text("(region)")
@@ -302,9 +363,10 @@ def test_page_walk_report_viewer_refine_share_and_upload(server, client, dicom_f
         page.click("#refine-button")
         expect(page.locator("#results-title")).to_contain_text("refined (1 liked, 0 not)")
         settle(page)
-        kept = {"upload_id": upload_id, "liked": [chosen], "k": K, "group_by": "none"}
+        kept = {"upload_id": upload_id, "box": box, "liked": [chosen], "k": K, "group_by": "none"}
         refined = client.post("/v1/search/refine", json=kept)
-        assert card_ids(page) == ids(refined)
+        assert card_ids(page) == ids(refined)  # the region stays the query
+        assert re.search(r"box=", page.url) and re.search(rf"liked={chosen}", page.url)
         by_like = client.post(
             "/v1/search/refine", json={"liked": [chosen], "k": K, "group_by": "none"}
         )
@@ -315,6 +377,21 @@ def test_page_walk_report_viewer_refine_share_and_upload(server, client, dicom_f
         assert page.evaluate(PAINTED) > 0
         page.keyboard.press("Escape")
         expect(viewer).not_to_be_visible()
+
+        # MONOCHROME1 (white is low, a negative slope): its own window and a typed one in its
+        # values, no unit; the patch shows bright where a MONOCHROME2 image shows it dark
+        page.set_input_files("#file-input", str(monochrome1_file))
+        expect(page.locator("#results-title"), page.inner_text("#message")).to_contain_text(
+            monochrome1_file.name, timeout=30_000
+        )
+        settle(page)
+        page.click("#query-region")
+        expect(viewer).to_have_attribute("data-loaded", "true")
+        assert float(page.input_value("#wl-center")) == WINDOW_CENTER
+        assert float(page.input_value("#wl-width")) == WINDOW_WIDTH
+        expect(page.locator("#wl-unit")).to_have_text("")
+        type_window(page, TYPED_CENTER, TYPED_WIDTH, 191)
+        page.keyboard.press("Escape")
 
 
 # -- what the page never shows ---------------------------------------------------------------------

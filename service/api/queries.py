@@ -214,6 +214,13 @@ class RefineQuery(SearchControls):
         pattern=UPLOAD_ID,
         description=f"{UPLOAD_ID_DOC}, whose similar cases are being refined (it stays the query)",
     )
+    box: str | None = Field(
+        None,
+        max_length=200,
+        description='with image_id or upload_id: the region being refined, "left,top,right,'
+        'bottom" as fractions of the image (as the box of /v1/search/image and of '
+        "/v1/images/{id}/similar); the region's vector is the query",
+    )
     liked: list[str] = Field(
         default_factory=list, max_length=MAX_FEEDBACK, description="ids of relevant results"
     )
@@ -227,6 +234,9 @@ class RefineQuery(SearchControls):
     def one_query(self) -> RefineQuery:
         if self.upload_id is not None and (self.text is not None or self.image_id is not None):
             raise ValueError("give one of text, image_id or upload_id as the query, not several")
+        image = self.image_id is not None or self.upload_id is not None
+        if self.box is not None and (self.text is not None or not image):
+            raise ValueError("box is a region of the image_id or upload_id being refined: give one")
         return self
 
     @field_validator("text")

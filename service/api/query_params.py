@@ -22,6 +22,7 @@ from service.search.query import Refinement, SearchOptions
 
 from .errors import ApiError
 from .queries import FILTERS_DOC, RefineQuery, SearchControls
+from .uploads import parse_box
 
 # fields a form or query string carries as text: filters as JSON, must and must_not repeated
 AS_TEXT: dict[str, Any] = {
@@ -106,6 +107,7 @@ def refinement(query: RefineQuery) -> Refinement:
         tuple(int(i) for i in query.disliked),
         Weights(weights.query, weights.liked, weights.disliked),
         query.exclude_disliked,
+        box=parse_box(query.box),
     )
 
 

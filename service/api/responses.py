@@ -3,11 +3,13 @@ error entries of a route (queries.py: the request bodies)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from index.fields import BODY_PARTS, MODALITIES
+from index.read import sentences
 
 from .queries import TextMode
 
@@ -189,6 +191,11 @@ class FindingStatus(BaseModel):
     finding: str
     status: Literal["present", "absent", "uncertain", "historical"]
 
+    @classmethod
+    def each(cls, pairs: Iterable[tuple[str, str]]) -> list[FindingStatus]:
+        """(finding, status) pairs as the index reads them, as the API answers them."""
+        return [cls(finding=finding, status=status) for finding, status in pairs]
+
 
 class ReportSentence(BaseModel):
     text: str = Field(description="the sentence as the index split and embedded it")
@@ -199,6 +206,16 @@ class ReportSentence(BaseModel):
     findings: list[FindingStatus] = Field(
         default_factory=list, description="the findings it names and what it asserts of each"
     )
+
+    @classmethod
+    def of(cls, sentence: sentences.ReportSentence) -> ReportSentence:
+        """A sentence as the index read it (index.read.sentences.read_report)."""
+        return cls(
+            text=sentence.text,
+            start=sentence.start,
+            end=sentence.end,
+            findings=FindingStatus.each(sentence.findings),
+        )
 
 
 class ImageReport(BaseModel):

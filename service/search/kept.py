@@ -2,7 +2,8 @@
 uploaded image again without it being sent again.
 
 POST /v1/search/image answers an `upload_id` (an opaque url-safe token); the image's bytes (as
-decoded: service/api/uploads.py image_bytes) and its encoder vector are kept under it. Only the
+decoded: service/api/uploads.py image_bytes) and its encoder vector are kept under it, with the
+vectors of the last few regions of it searched (so that refining a region embeds it once). Only the
 principal who uploaded it may use it; another's token, an expired one or one evicted is the same
 404 `unknown_upload`. The store is bounded three ways (CONVIRT_UPLOAD_TTL_S, CONVIRT_UPLOAD_KEEP,
 CONVIRT_UPLOAD_KEEP_BYTES): an upload lives TTL seconds from its last use, and past the count or
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import NotFound
+from service.model.region import Box
 
 TOKEN_BYTES = 18  # 24 url-safe characters
+REGIONS_KEPT = 8  # region vectors kept per upload (a few floats each)
 
 
 @dataclass
@@ -31,7 +34,17 @@ class KeptUpload:
     owner: str  # the principal's user ("key:<id>", "proxy:<name>", "anonymous")
     data: bytes  # the upload as decoded (a DICOM given its preamble)
     vector: np.ndarray | None = None  # encoder space, of the whole image; None until embedded
+    # encoder vectors of regions searched or refined (a Box each), the last few only
+    regions: OrderedDict[Box, np.ndarray] = field(default_factory=OrderedDict)
     used: float = field(default=0.0)  # monotonic seconds of its last use
+
+    def keep_region(self, box: Box, vector: np.ndarray) -> None:
+        """Remember the encoder vector of a region of it, the last REGIONS_KEPT only (a few KB
+        each: not counted against the byte bound)."""
+        self.regions[box] = vector
+        self.regions.move_to_end(box)
+        while len(self.regions) > REGIONS_KEPT:
+            self.regions.popitem(last=False)
 
 
 class KeptUploads:

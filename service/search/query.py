@@ -15,6 +15,7 @@ import numpy as np
 
 from index.read.keywords import Keywords
 from index.read.limits import K_DEFAULT
+from service.model.region import Box
 
 from .calibration import Scale
 from .cards import Card
@@ -35,7 +36,8 @@ class SearchOptions:
 @dataclass(frozen=True)
 class Refinement:
     """A search moved toward liked results and away from disliked ones (feedback.py): from a
-    text, an indexed image, an upload (its encoder vector, kept.py), or the liked images alone."""
+    text, an indexed image or a region of it, an upload or a region of it (its encoder vector,
+    kept.py), or the liked images alone."""
 
     text: str | None = None
     image_id: int | None = None
@@ -43,7 +45,8 @@ class Refinement:
     disliked: tuple[int, ...] = ()
     weights: Weights = field(default_factory=Weights)
     exclude_disliked: bool = True
-    upload: np.ndarray | None = None  # instead of text or image_id
+    upload: np.ndarray | None = None  # instead of text or image_id (a region's, given a box)
+    box: Box | None = None  # with image_id: the region of it being refined
 
 
 @dataclass(frozen=True)

@@ -151,10 +151,10 @@ class Searcher:
         vector: np.ndarray | None = None,
     ) -> Found:
         """Images nearest to an uploaded image (or the `box` region of it), in the encoder space;
-        `vector`: the whole image's, when known (a kept upload), not embedded again. The answer
-        holds the vector searched by."""
+        `vector`: the query's (the whole image's or the region's), when known (a kept upload),
+        not embedded again. The answer holds the vector searched by."""
         timings = Timings()
-        if vector is None or box is not None:
+        if vector is None:
             with timings.stage(DECODE):
                 pixels, _size = await self._prepare(data, box)
             vector = await self.engine.embed_image(pixels, timings)
@@ -165,12 +165,18 @@ class Searcher:
         found = await self._on_store(find)
         return replace(self._scaled(found, calibration.IMAGE), vector=vector)
 
-    async def upload_vector(self, upload: KeptUpload) -> np.ndarray:
-        """The encoder vector of a kept upload's whole image, embedded once."""
-        if upload.vector is None:
-            pixels, _size = await self._prepare(upload.data)
-            upload.vector = await self.engine.embed_image(pixels)
-        return upload.vector
+    async def upload_vector(self, upload: KeptUpload, box: Box | None = None) -> np.ndarray:
+        """The encoder vector of a kept upload's whole image, or of its `box` region, embedded
+        once (kept with the upload)."""
+        known = upload.vector if box is None else upload.regions.get(box)
+        if known is not None:
+            return known
+        vector = await self.engine.embed_image((await self._prepare(upload.data, box))[0])
+        if box is None:
+            upload.vector = vector
+        else:
+            upload.keep_region(box, vector)
+        return vector
 
     async def similar(self, image_id: int, options: SearchOptions, box: Box | None = None) -> Found:
         """Images nearest to an indexed one, itself left out; or to a region of it."""
@@ -186,8 +192,9 @@ class Searcher:
     async def refine(self, query: Refinement, options: SearchOptions) -> Found:
         """The query moved toward liked results and away from disliked ones (service.search.feedback).
 
-        A text query refines in the joint space; an indexed image, an upload, or liked examples
-        alone, in the encoder space."""
+        A text query refines in the joint space; an indexed image (or the `box` region of it),
+        an upload (its vector given, a region's where one was drawn), or liked examples alone, in
+        the encoder space."""
         queries = (query.text, query.image_id, query.upload)
         if all(part is None for part in queries) and not query.liked:
             raise InvalidQuery(
@@ -199,12 +206,23 @@ class Searcher:
         if query.text is not None:
             self._check_text(query.text)
             start = (await self.engine.embed_text(query.text, timings)).vector
+        region = None
+        if query.image_id is not None and query.box is not None:
+            with timings.stage(DECODE):
+                pixels, _size = await self._prepare(
+                    await self._indexed_path(query.image_id), query.box
+                )
+            region = await self.engine.embed_image(pixels, timings)
         liked, disliked = list(query.liked), list(query.disliked)
 
         def find(store: IndexStore) -> Found:
             origin = start if query.upload is None else query.upload
             if query.image_id is not None:
-                origin = stored_vectors(store, [query.image_id], space)[0]
+                origin = (
+                    region
+                    if region is not None
+                    else stored_vectors(store, [query.image_id], space)[0]
+                )
             try:
                 vector = rocchio(
                     origin,

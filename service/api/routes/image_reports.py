@@ -14,7 +14,7 @@ from index.read.sentences import read_report
 from service.guard import audit
 
 from ..deps import ImageId, StoreDep, reader_router
-from ..responses import FindingStatus, ImageReport, ReportSentence, errors
+from ..responses import ImageReport, ReportSentence, errors
 from .images import known_row
 
 router = reader_router("/v1/images", "images")
@@ -33,16 +33,5 @@ async def image_report(image_id: ImageId, store: StoreDep) -> ImageReport:
     row = await run_in_threadpool(known_row, store, image_id)
     report = row.get("report") or None
     read = await run_in_threadpool(read_report, report or "")
-    return ImageReport(
-        id=str(image_id),
-        report=report,
-        sentences=[
-            ReportSentence(
-                text=s.text,
-                start=s.start,
-                end=s.end,
-                findings=[FindingStatus(finding=f, status=st) for f, st in s.findings],
-            )
-            for s in read
-        ],
-    )
+    sentences = [ReportSentence.of(sentence) for sentence in read]
+    return ImageReport(id=str(image_id), report=report, sentences=sentences)

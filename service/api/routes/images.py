@@ -103,7 +103,8 @@ async def pixels(image_id: ImageId, searcher: SearcherDep) -> Response:
     its values after the modality transform (value = X-Rescale-Intercept + X-Rescale-Slope *
     sample: CT in Hounsfield units) and its own window (X-Window-Center, X-Window-Width, in
     samples); other images are 8-bit grey (colour made grey) with their full range as the
-    window. X-Value-Min and X-Value-Max: the smallest and largest sample. Decoded in the decode
+    window. X-Value-Min and X-Value-Max: the smallest and largest sample. X-Value-Unit: what
+    the values are, where known ("HU": a CT, or a Rescale Type of HU). Decoded in the decode
     pool, under CONVIRT_MAX_CONCURRENT_DECODES (convirt/viewpixels.py)."""
     return pixel_response(await searcher.pixels(image_id))
 
@@ -122,6 +123,7 @@ def pixel_response(view: ViewPixels) -> Response:
         "X-Rescale-Slope": number(view.slope),
         "X-Rescale-Intercept": number(view.intercept),
         "X-Colour-Made-Grey": "1" if view.colour else "0",
+        **({"X-Value-Unit": view.unit} if view.unit else {}),
         **CACHE,
     }
     return Response(view.samples, media_type="application/octet-stream", headers=headers)

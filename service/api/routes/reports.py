@@ -11,8 +11,9 @@ from index.read.limits import ID_MAX, MAX_SENTENCES
 from index.read.suggest import DISCLAIMER
 from service.guard import audit
 
-from ..deps import SearcherDep, UrlRootDep, reader_router
+from ..deps import KeptUploadsDep, PrincipalDep, SearcherDep, UrlRootDep, kept_upload, reader_router
 from ..errors import ApiError
+from ..queries import UPLOAD_ID, UPLOAD_ID_DOC
 from ..responses import FindingStatus, SimilarCase, SuggestedSentence, SuggestResponse, errors
 from ..results import elapsed_ms, image_urls
 from ..uploads import image_bytes
@@ -28,9 +29,14 @@ router = reader_router("/v1/reports", "reports")
 async def suggest(
     searcher: SearcherDep,
     root: UrlRootDep,
+    principal: PrincipalDep,
+    uploads: KeptUploadsDep,
     file: Annotated[UploadFile | None, File(description="a PNG, JPEG or DICOM file")] = None,
     image_id: Annotated[
         int | None, Form(ge=0, le=ID_MAX, description="or an indexed image, by id")
+    ] = None,
+    upload_id: Annotated[
+        str | None, Form(pattern=UPLOAD_ID, description=f"or {UPLOAD_ID_DOC}")
     ] = None,
     count: Annotated[int, Form(ge=1, le=MAX_SENTENCES, description="sentences at most")] = 5,
 ) -> SuggestResponse:
@@ -40,20 +46,23 @@ async def suggest(
     `draft` lists the findings they assert as present. An indexed image's own study is left out.
 
     **This is a suggestion assembled from retrieved text, not a diagnosis**: every sentence
-    comes from another patient's report and must be checked against the image."""
+    comes from another patient's report and must be checked against the image. Give exactly
+    one of `file`, `image_id` and `upload_id` (an upload kept by POST /v1/search/image; 404
+    `unknown_upload` when it is no longer kept: upload the image again)."""
     started = time.perf_counter()
-    data = None
-    if file is not None:
-        data = image_bytes(await file.read(), file.filename, file.content_type)
+    if sum(given is not None for given in (file, image_id, upload_id)) != 1:
+        raise ApiError(
+            422, "invalid_query", "give one of an image file, image_id or upload_id, not several"
+        )
     image: bytes | int
-    if data is not None and image_id is None:
-        image = data
-        audit.note_upload(data)
-    elif data is None and image_id is not None:
+    if file is not None:
+        image = image_bytes(await file.read(), file.filename, file.content_type)
+        audit.note_upload(image)
+    elif upload_id is not None:
+        image = kept_upload(uploads, principal, upload_id).data  # noted in the audit record
+    else:
         image = image_id
         audit.note_image(image_id)
-    else:
-        raise ApiError(422, "invalid_query", "give either an image file or image_id, not both")
     found, version = await searcher.suggest(image, count)
     return SuggestResponse(
         disclaimer=DISCLAIMER,
@@ -63,7 +72,7 @@ async def suggest(
                 text=s.text,
                 score=round(s.score, 6),
                 cases=[str(i) for i in s.cases],
-                findings=[FindingStatus(finding=f, status=st) for f, st in s.findings],
+                findings=FindingStatus.each(s.findings),
             )
             for s in found.sentences
         ],

@@ -95,13 +95,16 @@ async def search_image(
         data = image_bytes(await file.read(), file.filename, file.content_type)
         audit.note_upload(data)
         found = await searcher.image(data, options, region)
-        # kept only once it decoded; its whole image's vector, unless a region was searched
-        upload = uploads.keep(principal.user, data, found.vector if region is None else None)
+        upload = uploads.keep(principal.user, data)  # kept only once it decoded
     else:
         upload = kept_upload(uploads, principal, upload_id)
-        found = await searcher.image(upload.data, options, region, upload.vector)
-        if region is None and upload.vector is None:
-            upload.vector = found.vector
+        known = upload.vector if region is None else upload.regions.get(region)
+        found = await searcher.image(upload.data, options, region, known)
+    # the vector searched by, kept with the upload: the whole image's or the region's
+    if region is None:
+        upload.vector = found.vector
+    else:
+        upload.keep_region(region, found.vector)
     audit.note_results(found.results)
     return ImageSearchResponse(**response_fields(found, started, root), upload_id=upload.id)
 
@@ -121,8 +124,10 @@ async def refine(
     """Move the query toward the liked results and away from the disliked ones (Rocchio:
     q' = 1·q + 0.75·mean(liked) − 0.15·mean(disliked) by default, see `weights`), then search
     again. Give the text, or the image_id of a similar-cases search, or the upload_id of an
-    image search (the upload stays the query), or none (liked images alone). Disliked images
-    are not returned again unless `exclude_disliked` is false."""
+    image search (the upload stays the query), or none (liked images alone); with image_id or
+    upload_id, `box` refines the region searched (its vector is the query, as the box of the
+    similar-cases or image search makes it). Disliked images are not returned again unless
+    `exclude_disliked` is false."""
     started = time.perf_counter()
     refined = refinement(query)
     options = search_options(query)
@@ -130,7 +135,8 @@ async def refine(
     audit.note_image(refined.image_id)
     if query.upload_id is not None:
         upload = kept_upload(uploads, principal, query.upload_id)
-        refined = replace(refined, upload=await searcher.upload_vector(upload))
+        vector = await searcher.upload_vector(upload, refined.box)
+        refined = replace(refined, upload=vector, box=None)
     found = await searcher.refine(refined, options)
     audit.note_results(found.results)
     return SearchResponse(**response_fields(found, started, root))

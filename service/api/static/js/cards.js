@@ -80,6 +80,14 @@ function showEvidence(node, result) {
     "score: the image, its report's nearest sentence and the query's words, weighed together";
 }
 
+// The report's start, without the evidence sentence already shown above it when the report opens
+// with it (a one-sentence caption then shows once, not twice).
+function reportAfter(result) {
+  const report = (result.report || "").trim();
+  const sentence = result.evidence && result.evidence.sentence;
+  return sentence && report.startsWith(sentence) ? report.slice(sentence.length).trim() : report;
+}
+
 export function card(result, index, actions) {
   const node = $("#card-template").content.firstElementChild.cloneNode(true);
   node.dataset.id = result.id;
@@ -91,7 +99,7 @@ export function card(result, index, actions) {
   node.querySelector(".facts").textContent = factsOf(summary);
   showScore(node, result);
   showEvidence(node, result);
-  node.querySelector(".report").textContent = result.report || "";
+  node.querySelector(".report").textContent = reportAfter(result);
   if (result.group && result.group.size > 1) {
     const more = node.querySelector(".more");
     more.hidden = false;

@@ -21,19 +21,20 @@ function titleOf(query) {
   return `Cases similar to ${query.title || "the image shown"}${region}`;
 }
 
-// The query a refine keeps: the text, the similar-cases image (its whole image: a region cannot
-// be refined), or the kept upload.
+// The query a refine keeps: the text, the similar-cases image or the kept upload, with the region
+// searched when one was drawn (the region stays the query).
 function refineBody(query, refinement) {
   const body = {...controls(), liked: refinement.liked, disliked: refinement.disliked};
   if (refinement.weights) body.weights = refinement.weights;
   if (query.kind === "text") body.text = query.text;
-  else if (query.kind === "similar" && !query.box) body.image_id = query.imageId;
+  else if (query.kind === "similar") body.image_id = query.imageId;
   else if (query.kind === "upload" && query.uploadId) body.upload_id = query.uploadId;
+  if ((body.image_id || body.upload_id) && query.box) body.box = query.box.join(",");
   return body;
 }
 
 function hasQueryVector(query) {
-  return query.kind === "text" || (query.kind === "similar" && !query.box)
+  return query.kind === "text" || query.kind === "similar"
     || (query.kind === "upload" && Boolean(query.uploadId));
 }
 
@@ -272,14 +273,17 @@ function render(shown) {
   suggestFor(query);
 }
 
-// What the reports of similar cases said: for an image query, a side panel of report sentences.
+// What the reports of similar cases said: for an image query, a side panel of report sentences
+// (of the whole image; an upload by its upload_id, so a link to it shows the panel too).
 async function suggestFor(query) {
   const panel = $("#suggest-panel");
   panel.hidden = true;
-  if (query.kind === "text" || query.box || (query.kind === "upload" && !query.file)) return;
+  if (query.kind === "text" || query.box) return;
   const form = new FormData();
-  if (query.kind === "upload") form.append("file", query.file, query.file.name);
-  else form.append("image_id", query.imageId);
+  if (query.kind === "similar") form.append("image_id", query.imageId);
+  else if (query.uploadId) form.append("upload_id", query.uploadId);
+  else if (query.file) form.append("file", query.file, query.file.name);
+  else return;
   let response;
   try {
     response = await api("v1/reports/suggest", {method: "POST", body: form});

@@ -3,7 +3,9 @@
 // (wheel, +/-), pan (drag), window/level (right- or Ctrl-drag, the inputs, Reset to the image's own
 // window), the "Why?" heat-map and a drawn region at full resolution with a scale bar in the
 // original's pixels, and ←/→ through the results. Boxes and heat-map crops are fractions of the
-// image, so they map onto any size the service sends.
+// image, so they map onto any size the service sends. The window is shown and typed in what the
+// values stand for (X-Rescale-Slope/Intercept: Hounsfield units for CT, labelled by X-Value-Unit),
+// and kept in samples.
 
 import {api, binary, withKey} from "./api.js";
 import {$} from "./ui.js";
@@ -13,7 +15,10 @@ const MIN_BOX = 0.02;  // the service refuses smaller regions
 const WINDOW_SPEED = 1 / 400;  // of the value range per dragged pixel
 
 let session = null;  // {items, index, explain(item) -> params | null, onRegion(item, box), wantHeat}
-let picture = null;  // {width, height, originalWidth, originalHeight, values, min, max, window, own, bitmap, note}
+// {width, height, originalWidth, originalHeight, values, min, max, window, own, bitmap, note,
+//  slope, intercept, unit}: values, min, max and the windows are in samples (what the bytes hold);
+//  what a sample stands for (HU for CT) is intercept + slope * sample, and that is what is shown
+let picture = null;
 let view = {scale: 1, x: 0, y: 0};  // screen (CSS px in the stage) = image px * scale + (x, y)
 let heat = null;  // the explain response drawn over the image
 let box = null;  // the drawn region, fractions [left, top, right, bottom]
@@ -113,11 +118,17 @@ function fromPixels({bytes, headers}) {
   const span = number("X-Window-Width");
   const own = Number.isFinite(center) && span > 0
     ? {center, width: span} : {center: (min + max) / 2, width: Math.max(max - min, 1)};
+  const slope = number("X-Rescale-Slope");
+  const intercept = number("X-Rescale-Intercept");
+  const rescaled = Number.isFinite(slope) && slope !== 0 && Number.isFinite(intercept);
   return {
     width, height, values, min, max, own, window: {...own},
     originalWidth: number("X-Original-Width") || width,
     originalHeight: number("X-Original-Height") || height,
-    note: "",
+    slope: rescaled ? slope : 1,
+    intercept: rescaled ? intercept : 0,
+    unit: headers.get("X-Value-Unit") || "",
+    note: headers.get("X-Colour-Made-Grey") === "1" ? "colour shown as grey" : "",
   };
 }
 
@@ -148,7 +159,8 @@ async function fromImage(url, note) {
   }
   const own = {center: 127.5, width: 256};
   return {width: bitmap.width, height: bitmap.height, values, min: 0, max: 255, own,
-          window: {...own}, originalWidth: bitmap.width, originalHeight: bitmap.height, note};
+          window: {...own}, originalWidth: bitmap.width, originalHeight: bitmap.height,
+          slope: 1, intercept: 0, unit: "", note};
 }
 
 // The window as a lookup table, then the image through it (DICOM's linear VOI function).
@@ -185,9 +197,27 @@ function setWindow(center, width) {
   }
 }
 
+// -- units: the window is kept in samples and shown (and typed) in what they stand for ------------
+
+// What a sample stands for (HU for CT); MONOCHROME1's slope is negative (white is low).
+const realOf = (sample) => picture.intercept + picture.slope * sample;
+const sampleOf = (real) => (real - picture.intercept) / picture.slope;
+const rounded = (value) => Math.round(value * 100) / 100;
+
+// The window in real units: its centre, and its width (a length, so never negative).
+function realWindow({center, width}) {
+  return {center: realOf(center), width: Math.abs(picture.slope) * width};
+}
+
+function withUnit(value) {
+  return picture.unit ? `${value} ${picture.unit}` : String(value);
+}
+
 function showWindow() {
-  $("#wl-center").value = String(Math.round(picture.window.center * 100) / 100);
-  $("#wl-width").value = String(Math.round(picture.window.width * 100) / 100);
+  const shown = realWindow(picture.window);
+  $("#wl-center").value = String(rounded(shown.center));
+  $("#wl-width").value = String(rounded(shown.width));
+  $("#wl-unit").textContent = picture.unit;
 }
 
 // -- drawing ---------------------------------------------------------------------------------------
@@ -324,8 +354,9 @@ function describe(under = "") {
   const zoom = Math.round(view.scale * (p.width / p.originalWidth) * 100);
   const size = p.width === p.originalWidth ? `${p.width} × ${p.height}`
     : `${p.width} × ${p.height} shown of ${p.originalWidth} × ${p.originalHeight}`;
+  const shown = realWindow(p.window);
   const parts = [size, `zoom ${zoom}% of the original`,
-                 `window ${Math.round(p.window.center)} / ${Math.round(p.window.width)}`];
+                 `window ${withUnit(rounded(shown.center))} / ${withUnit(rounded(shown.width))}`];
   if (p.note) parts.push(p.note);
   if (under) parts.push(under);
   status(parts.join(" · "));
@@ -402,7 +433,7 @@ function onPointerMove(event) {
     const [fx, fy] = fractionAt(event);
     const x = Math.min(Math.floor(fx * picture.width), picture.width - 1);
     const y = Math.min(Math.floor(fy * picture.height), picture.height - 1);
-    describe(`value ${picture.values[y * picture.width + x]}`);
+    describe(`value ${withUnit(rounded(realOf(picture.values[y * picture.width + x])))}`);
     return;
   }
   const dx = event.clientX - drag.x;
@@ -445,11 +476,12 @@ function step(delta) {
   if (index >= 0 && index < session.items.length) show(index);
 }
 
+// The inputs are in real units (HU for CT): the window they mean, in samples.
 function onWindowInput() {
   const center = Number($("#wl-center").value);
   const width = Number($("#wl-width").value);
   if (picture && Number.isFinite(center) && Number.isFinite(width) && width > 0) {
-    setWindow(center, width);
+    setWindow(sampleOf(center), width / Math.abs(picture.slope));
   }
 }
 
