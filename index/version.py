@@ -7,15 +7,16 @@
     encoder.npy         float32 h/|h| (encoder space: image-to-image)
     joint.faiss         IndexIDMap2 over joint.npy (absent in a shard)
     encoder.faiss       IndexIDMap2 over encoder.npy (absent in a shard)
-    {space}.f16.npy     float16 copy of {space}.npy, read by a compressed index's re-ranking
-                        (index/compressed.py; only in versions of --index-type compressed)
+    {space}.f16.npy     float16 vectors of a compressed index (index/compressed.py), read by its
+                        re-ranking: such a version keeps no float32 {space}.npy (half the disk)
     meta.sqlite         one row per id: path, hash, size, metadata, report; the facets and
                         per-field tables written at publish (index/write/lookups.py)
     thumbs.sqlite       one JPEG thumbnail per id (versions written before issue 25 keep
                         them in meta.sqlite)
     sentences.npy       float32 u/|u| of the reports' sentences (index.write.sentences)
 
-The .npy files are the source of truth: add/remove/merge copy them instead of re-embedding, and
+The .npy files (float32, or a compressed version's float16) are the source of truth:
+add/remove/merge copy them instead of re-embedding, and
 the FAISS files can be rebuilt from them with another --index-type (`convirt index reindex`).
 version.json records the SHA-256 of each of these data files (meta.sqlite and thumbs.sqlite
 aside: SQLite's own checks cover those, at publish and in `verify`): a server checks the FAISS
@@ -37,7 +38,7 @@ import numpy as np
 
 from convirt.hashing import sha256_file
 
-from . import faiss_index
+from . import compressed, faiss_index
 from .errors import IndexStoreError, reason
 from .metadata import META_DB
 
@@ -72,7 +73,12 @@ class VersionFiles:
         return np.load(self.directory / "ids.npy")
 
     def vectors(self, space: str, mmap: bool = False) -> np.ndarray:
-        return np.load(self.directory / f"{space}.npy", mmap_mode="r" if mmap else None)
+        """The space's vectors: float32 {space}.npy, or a compressed version's float16 copy
+        (its only one); callers that compute cast to float32."""
+        path = self.directory / f"{space}.npy"
+        if not path.is_file() and compressed.float16_path(self.directory, space).is_file():
+            path = compressed.float16_path(self.directory, space)
+        return np.load(path, mmap_mode="r" if mmap else None)
 
     def faiss_index(self, space: str) -> faiss.Index | faiss_index.CompressedIndex:
         path = self.directory / f"{space}.faiss"

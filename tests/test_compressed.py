@@ -85,10 +85,16 @@ def test_compressed_version_holds_codes_and_float16_vectors(roots, stores):
         assert isinstance(index, compressed.CompressedIndex)
         assert index.full.dtype == np.float16 and isinstance(index.full, np.memmap)
         np.testing.assert_allclose(index.full[:50], flat.vectors[space][:50], atol=1e-3)
+        # the float16 copy is the only one: no float32 {space}.npy beside it
+        assert not (small.files.directory / f"{space}.npy").exists()
+        assert small.vectors[space].dtype == np.float16
     info = checks.info(roots[1])
     flat_info = checks.info(roots[0])
     for space in ("joint", "encoder"):  # codes + ids, with the PCA's and lists' fixed cost at 3k
         assert info["ram_bytes_per_image"][space] < flat_info["ram_bytes_per_image"][space] / 2
+    # float16 on disk instead of float32 (thumbnails and reports weigh the same in both)
+    vectors = sum(flat_info["sizes_bytes"][f"{space}.npy"] for space in ("joint", "encoder"))
+    assert info["total_bytes"] < flat_info["total_bytes"] - vectors / 3
     # the checksums of the float16 files, the codes' ids against ids.npy: nothing flat lacks
     # (a blank image's encoder features at 32 px are zero: verify says so of both)
     assert checks.verify(roots[1]).problems == checks.verify(roots[0]).problems
@@ -160,7 +166,9 @@ def test_similar_refined_and_grouped_answer_as_flat(stores):
             )
     liked = flat.ids[[10, 20, 30]]
     refined = flat.vectors_of(liked, "encoder").mean(axis=0)  # a query moved toward likes
-    assert np.array_equal(small.vectors_of(liked, "encoder"), flat.vectors_of(liked, "encoder"))
+    np.testing.assert_allclose(
+        small.vectors_of(liked, "encoder"), flat.vectors_of(liked, "encoder"), atol=1e-3
+    )
     expected = flat.search("encoder", refined, 10, {"dataset": "roco"}, exclude=liked)
     found = small.search("encoder", refined, 10, {"dataset": "roco"}, exclude=liked)
     assert_same_ranking(flat, "encoder", refined, expected, found)
@@ -198,3 +206,21 @@ def test_auto_chooses_from_the_ram_budget():
     assert faiss_index.choose_auto(10_000_000, dims, ram_budget=8 * 2**30) == "compressed"
     assert faiss_index.choose_auto(100_000, dims, ram_budget=2**20) == "compressed"
     assert faiss_index.choose_auto(100, dims, ram_budget=1) == "flat"  # too few to train codes
+
+
+def test_reindexed_back_to_flat_from_its_float16_copy(roots, stores, tmp_path):
+    """The float16 vectors are a compressed version's source of truth: reindexing it as flat
+    writes float32 vectors equal to the original build's within float16 precision."""
+    flat, _ = stores
+    shutil.copytree(roots[1], tmp_path / "back")
+    rewrite.reindex(tmp_path / "back", "flat")
+    with open_current(tmp_path / "back") as back:
+        assert back.info["factory"] == {"joint": "Flat", "encoder": "Flat"}
+        assert np.array_equal(back.ids, flat.ids)
+        for space in ("joint", "encoder"):
+            assert back.vectors[space].dtype == np.float32
+            np.testing.assert_allclose(back.vectors[space], flat.vectors[space], atol=1e-3)
+        vector = flat.vectors["joint"][7]
+        expected = flat.search("joint", vector, 20, {"dataset": "medpix"})
+        found = back.search("joint", vector, 20, {"dataset": "medpix"})
+        assert_same_ranking(flat, "joint", vector, expected, found)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import faiss_index, layout
+from .. import compressed, faiss_index, layout
 from ..errors import IndexStoreError
 from ..fields import FIELDS_VERSION
 from ..metadata import META_DB
@@ -100,14 +100,18 @@ class VersionWriter:
         auto_as = faiss_index.choose_auto(len(ids), dims, info.get("ram_budget"))
         for space in SPACES:
             data = np.ascontiguousarray(vectors[space][order], dtype=np.float32)
-            np.save(self.directory / f"{space}.npy", data)
-            if index_type is not None:
-                factories[space] = faiss_index.resolve_factory(
-                    index_type, len(ids), data.shape[1], auto_as
-                )
-                index = faiss_index.build_index(factories[space], data, ids)
-                faiss_index.write_index(index, self.directory, space)
-                recall[space] = faiss_index.measure_recall(index, data, ids)
+            if index_type is None:  # a shard: vectors only, indexed when merged
+                np.save(self.directory / f"{space}.npy", data)
+                continue
+            factories[space] = faiss_index.resolve_factory(
+                index_type, len(ids), data.shape[1], auto_as
+            )
+            if not compressed.is_compressed(factories[space]):
+                # a compressed index's float16 copy ({space}.f16.npy) is the only one it keeps
+                np.save(self.directory / f"{space}.npy", data)
+            index = faiss_index.build_index(factories[space], data, ids)
+            faiss_index.write_index(index, self.directory, space)
+            recall[space] = faiss_index.measure_recall(index, data, ids)
         same_model = [p for p in previous if same_fingerprint(p, info.get("fingerprint"))]
         dim = int(vectors["joint"].shape[1])
         rows.derive_fields(self.meta)  # index.fields: one modality and body part vocabulary
