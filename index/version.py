@@ -15,6 +15,19 @@
                         them in meta.sqlite)
     sentences.npy       float32 u/|u| of the reports' sentences (index.write.sentences)
 
+A format-2 version (written by add, sync, remove and compact: index/write/segments.py) holds only
+
+    version.json        "format": 2, "segments": ["versions/000001", "segments/000002"] (paths
+                        relative to ROOT, in order), "deleted": len(deleted.npy), "count" (live
+                        images), and the keys above; "factory" is the largest segment's
+    deleted.npy         int64, sorted: ids its segments hold that it no longer serves
+
+and serves the live rows of its segments, each a directory holding the files above (a format-1
+version's own, or one under ROOT/segments/), written once and never changed. A live id is in
+exactly one segment; every segment has the version's fingerprint and dims; each chose its index
+type from its own size. A format-1 version is read as a one-segment version with nothing
+deleted; `segments()` reads them, index/read/segmented.py serves them as one version.
+
 The .npy files (float32, or a compressed version's float16) are the source of truth:
 add/remove/merge copy them instead of re-embedding, and
 the FAISS files can be rebuilt from them with another --index-type (`convirt index reindex`).
@@ -43,6 +56,10 @@ from .errors import IndexStoreError, reason
 from .metadata import META_DB
 
 INFO_FORMAT = 1
+# a version that lists segments (each a format-1 directory) and the ids it no longer serves
+SEGMENTED_FORMAT = 2
+READ_FORMATS = (INFO_FORMAT, SEGMENTED_FORMAT)
+DELETED_NAME = "deleted.npy"
 INFO_NAME = "version.json"
 OUTCOME_NAME = "build_report.json"  # the outcome of the write that made the version
 SPACES = ("joint", "encoder")
@@ -59,7 +76,7 @@ class VersionFiles:
 
     @property
     def name(self) -> str:
-        return self.info["version"]
+        return self.info.get("version") or self.directory.name
 
     @property
     def fingerprint(self) -> str:
@@ -100,6 +117,46 @@ class VersionFiles:
             )
         return None
 
+    @property
+    def is_segmented(self) -> bool:
+        """Whether this version lists segments (format 2) instead of holding the data itself."""
+        return self.info.get("format") == SEGMENTED_FORMAT
+
+    @property
+    def root(self) -> Path:
+        """The index root: a version directory is ROOT/versions/NAME."""
+        return self.directory.parent.parent
+
+    @property
+    def segment_dirs(self) -> list[Path]:
+        """The directories holding this version's data, in order; a format-1 version is its own."""
+        if not self.is_segmented:
+            return [self.directory]
+        return [self.root / str(path) for path in self.info.get("segments") or []]
+
+    def segments(self) -> list[VersionFiles]:
+        """Each segment read with read_version (IndexStoreError naming a missing or unreadable
+        one); a format-1 version is its own one segment."""
+        if not self.is_segmented:
+            return [self]
+        found = []
+        for directory in self.segment_dirs:
+            segment = read_version(directory)
+            if segment.is_segmented:
+                raise IndexStoreError(
+                    f"{directory} is listed as a segment of {self.directory} but is itself a "
+                    "list of segments: the version is damaged"
+                )
+            found.append(segment)
+        return found
+
+    def deleted(self) -> np.ndarray:
+        """The ids the segments hold that this version does not serve (int64, sorted, unique);
+        empty for a format-1 version."""
+        if not self.is_segmented:
+            return np.zeros(0, dtype=np.int64)
+        return np.load(self.directory / DELETED_NAME).astype(np.int64, copy=False)
+
     def outcome(self) -> dict[str, Any]:
         path = self.directory / OUTCOME_NAME
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -114,6 +171,7 @@ DATA_FILES = (
     "joint.f16.npy",  # a compressed index's float16 vectors (index/compressed.py)
     "encoder.f16.npy",
     SENTENCE_VECTORS,
+    DELETED_NAME,  # a format-2 version's only data file
 )
 
 
@@ -137,10 +195,10 @@ def read_version(directory: Path) -> VersionFiles:
         ) from None
     if not isinstance(info, dict):
         raise IndexStoreError(f"{path} is not a version description: {directory} is damaged")
-    if info.get("format") != INFO_FORMAT:
+    if info.get("format") not in READ_FORMATS:
         raise IndexStoreError(
             f"{directory}: index format {info.get('format')!r}, this version reads "
-            f"{INFO_FORMAT}; rebuild the index with this version of convirt"
+            f"{' and '.join(map(str, READ_FORMATS))}; rebuild the index with this version of convirt"
         )
     return VersionFiles(Path(directory), info)
 

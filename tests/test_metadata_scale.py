@@ -22,9 +22,11 @@ from index.read import lookup
 from index.read.facets import facets, offered, stored_facets
 from index.read.filters import FieldTables, _number_sql, filter_sql
 from index.read.store import open_current
+from index.version import read_version
 from index.write import lookups
 from index.write import rows as written
 from index.write.checks import verify
+from index.write.compact import compact
 from index.write.lookups import STORED_VALUES
 from index.write.rewrite import remove
 
@@ -194,21 +196,28 @@ def test_a_damaged_metadata_file_is_refused_at_load_with_a_clear_error(
 
 
 def test_a_write_from_an_old_version_moves_its_thumbnails_out(old_root, tmp_path, store):
-    """remove (copy_from) on a version holding thumbnails inside meta.sqlite writes a version
-    with thumbs.sqlite and the stored tables: `convirt index reindex` converts the same way."""
+    """A version holding thumbnails inside meta.sqlite (written before issue 25) serves on as one
+    segment after a removal; compacting rewrites it with thumbs.sqlite and the stored tables,
+    as `convirt index reindex` would."""
     import shutil
 
     root = tmp_path / "root"
     shutil.copytree(old_root, root)
     gone = int(store.ids[0])
     remove(root, ids=[gone])
-    version = version_of(root)
-    assert (version / metadata.THUMBS_DB).is_file()
     with open_current(root) as fresh:
-        assert lookup.stored_tables(fresh.db) and stored_facets(fresh.db)
         assert fresh.thumbnail(gone) is None and fresh.count == store.count - 1
         assert all(fresh.thumbnail(i) == store.thumbnail(i) for i in fresh.ids.tolist())
-        assert fresh.facets() == [f for f in stored_facets(fresh.db)]
+    compact(root)
+    (segment,) = read_version(version_of(root)).segment_dirs
+    assert (segment / metadata.THUMBS_DB).is_file()
+    with closing(metadata.open_readonly(segment / metadata.META_DB)) as db:
+        assert lookup.stored_tables(db)
+        stored = stored_facets(db)
+    with open_current(root) as fresh:
+        assert fresh.thumbnail(gone) is None and fresh.count == store.count - 1
+        assert all(fresh.thumbnail(i) == store.thumbnail(i) for i in fresh.ids.tolist())
+        assert stored and fresh.facets() == stored
 
 
 def test_facets_and_tables_stored_from_odd_json_equal_the_scan(tmp_path):

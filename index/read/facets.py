@@ -102,20 +102,20 @@ def facets(
     return [_facet(name, values) for name, values in counted.items() if values]
 
 
-def stored_facets(conn: sqlite3.Connection) -> list[Facet] | None:
+def stored_facets(conn: sqlite3.Connection, schema: str = "main") -> list[Facet] | None:
     """The facets a version was published with (index/write/lookups.py: the same as `facets`,
     each field's values cut to the most frequent STORED_VALUES), or None in a version written
-    before they were stored."""
-    if not has_table(conn, FACET_FIELDS):
+    before they were stored. schema: the attached database to read (a segment)."""
+    if not has_table(conn, FACET_FIELDS, schema):
         return None
     values: dict[int, list[tuple[str, int]]] = {}
     for position, value, n in conn.execute(
-        f"SELECT position, value, images FROM {FACET_VALUES} ORDER BY position, rank"
+        f"SELECT position, value, images FROM {schema}.{FACET_VALUES} ORDER BY position, rank"
     ):
         values.setdefault(position, []).append((value, n))
     rows = conn.execute(
-        f"SELECT position, field, kind, distinct_values, low, high, images FROM {FACET_FIELDS} "
-        "ORDER BY position"
+        "SELECT position, field, kind, distinct_values, low, high, images "
+        f"FROM {schema}.{FACET_FIELDS} ORDER BY position"
     )
     return [
         Facet(field, kind, values.get(position, []), distinct, low, high, count)

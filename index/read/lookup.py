@@ -116,7 +116,8 @@ def field_values(conn: sqlite3.Connection, field: str) -> dict[str, list[int]]:
     """value -> ids of the images whose manifest field `field` holds it (non-empty values only)."""
     path = f'$."{field}"'
     rows = conn.execute(
-        "SELECT id, json_extract(meta, ?) FROM images WHERE json_extract(meta, ?) != ''",
+        "SELECT id, json_extract(meta, ?) FROM images WHERE json_extract(meta, ?) != '' "
+        "ORDER BY id",
         (path, path),
     )
     found: dict[str, list[int]] = {}

@@ -144,3 +144,15 @@ def among(ids: Sequence[int], allowed: np.ndarray) -> list[int]:
         return []
     rows = np.minimum(np.searchsorted(allowed, wanted), len(allowed) - 1)
     return wanted[allowed[rows] == wanted].tolist()
+
+
+def rows_of(ids: np.ndarray, wanted: Sequence[int], version: str) -> np.ndarray:
+    """The rows of several ids in a version's sorted `ids`; KeyError naming the first unknown."""
+    asked = np.asarray([int(i) for i in wanted], dtype=np.int64)
+    rows = np.searchsorted(ids, asked)
+    found = rows < len(ids)
+    found[found] = ids[rows[found]] == asked[found]
+    if not found.all():
+        missing = int(asked[np.argmin(found)])
+        raise KeyError(f"image id {missing} is not in index version {version}")
+    return rows

@@ -143,13 +143,23 @@ def settle_duplicates(conn: sqlite3.Connection) -> None:
     content is not indexed and repeated paths."""
     conn.execute(
         "UPDATE duplicates SET duplicate_of = "
-        "(SELECT path FROM images WHERE images.id = duplicates.id)"
-    )
+        "(SELECT path FROM images WHERE images.id = duplicates.id) "
+        "WHERE id IN (SELECT id FROM images) OR duplicate_of = ''"
+    )  # a segment's duplicate of an image an earlier segment holds keeps the path it was given
     conn.execute("DELETE FROM duplicates WHERE path = duplicate_of OR duplicate_of IS NULL")
     conn.execute(
         "DELETE FROM duplicates "
         "WHERE rowid NOT IN (SELECT min(rowid) FROM duplicates GROUP BY path)"
     )
+    conn.commit()
+
+
+def drop_duplicates_of(conn: sqlite3.Connection, ids: np.ndarray) -> None:
+    """Forget the duplicate paths of images no longer served (ids)."""
+    conn.execute("CREATE TEMP TABLE doomed (id INTEGER PRIMARY KEY)")
+    conn.executemany("INSERT OR IGNORE INTO temp.doomed VALUES (?)", ((int(i),) for i in ids))
+    conn.execute("DELETE FROM duplicates WHERE id IN temp.doomed")
+    conn.execute("DROP TABLE temp.doomed")
     conn.commit()
 
 
@@ -167,6 +177,10 @@ SKIPPED_TABLE = "not_indexed"  # its name on disk
 def _has_table(conn: sqlite3.Connection, schema: str, table: str) -> bool:
     query = f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?"
     return conn.execute(query, (table,)).fetchone() is not None
+
+
+def has_skipped_table(conn: sqlite3.Connection) -> bool:
+    return _has_table(conn, "main", SKIPPED_TABLE)
 
 
 def _create_skipped(conn: sqlite3.Connection) -> None:
@@ -230,6 +244,13 @@ def values_under(conn: sqlite3.Connection, prefix: str, key: str) -> set[str]:
         [f'$."{key}"', *params],
     )
     return {str(value) for (value,) in rows if value not in (None, "")}
+
+
+def lacks_report_under(conn: sqlite3.Connection, prefix: str) -> bool:
+    """Whether an image whose path starts with prefix (a study's URL) has no report."""
+    start, params = _under(prefix)
+    query = f"SELECT 1 FROM images WHERE {start} AND report = '' LIMIT 1"
+    return conn.execute(query, params).fetchone() is not None
 
 
 def fill_reports_under(conn: sqlite3.Connection, prefix: str, report: str) -> int:

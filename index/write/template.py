@@ -84,10 +84,12 @@ class VersionWriter:
         outcome: dict[str, Any],
         previous: Sequence[Path] = (),
         embed_texts: sentences.EmbedTexts | None = None,
+        as_segment: bool = False,
     ) -> Path:
         """Write vectors, FAISS indexes (unless index_type is None: a shard), the report
         sentences (reusing the vectors of `previous` versions of the same model, embedding the
-        rest with `embed_texts`), info (version.json) and outcome (build_report.json)."""
+        rest with `embed_texts`), info (version.json) and outcome (build_report.json). As a
+        segment it goes to ROOT/segments/NAME and CURRENT stays (write/segments.py lists it)."""
         order = np.argsort(ids, kind="stable")
         ids = np.ascontiguousarray(ids[order], dtype=np.int64)
         if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
@@ -137,6 +139,8 @@ class VersionWriter:
         outcome = {"version": self.name, **outcome}
         (self.directory / OUTCOME_NAME).write_text(json.dumps(outcome, indent=2) + "\n")
         self.meta.close()
+        if as_segment:
+            return layout.publish_segment(self.root, self.directory, self.name)
         return layout.publish_version(self.root, self.directory, self.name)
 
     def _check_meta(self, ids: np.ndarray) -> None:
@@ -167,8 +171,14 @@ class Summary:
     changes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     published: bool = True  # False: nothing changed, CURRENT still names `version`
+    compaction: Summary | None = None  # the policy's merge that followed (write/compact.py)
 
     def line(self) -> str:
+        if self.compaction is not None:
+            return f"{self._line()}\nthen {self.compaction._line()}"
+        return self._line()
+
+    def _line(self) -> str:
         done = ", ".join(f"{n} {what}" for what, n in self.changes.items() if n)
         if not self.published:
             return (
@@ -204,6 +214,7 @@ class Write:
         self.summary: Summary | None = None
         self._needed: Callable[[], int] = lambda: 0
         self._writer: VersionWriter | None = None
+        self._writer_done = False  # its tmp dir was renamed into a segment
         self._stagings: list[Staging] = []
         self._directory: Path | None = None
         self._changes: dict[str, int] = {}
@@ -249,12 +260,14 @@ class Write:
         outcome: dict[str, Any],
         index_type: str | None,
         changes: dict[str, int] | None = None,
+        as_segment: bool = False,
     ) -> Path:
         """Write the new version and switch CURRENT to it. `info` and `outcome` get this
-        operation's name and parent; `changes` (default: the outcome's counts) go to the summary."""
+        operation's name and parent; `changes` (default: the outcome's counts) go to the summary.
+        as_segment: write it as a segment only (segments.publish_listing then publishes it)."""
         info = {**info, "operation": self.operation, "parent": self.parent}
         outcome = {"operation": self.operation, **outcome}
-        self._directory = self.writer().publish(
+        written = self.writer().publish(
             vectors,
             ids,
             index_type,
@@ -262,9 +275,17 @@ class Write:
             outcome=outcome,
             previous=self.reuse_from,
             embed_texts=self.embed_texts,
+            as_segment=as_segment,
         )
-        self._changes = dict(outcome.get("counts", {}) if changes is None else changes)
-        return self._directory
+        if as_segment:
+            self._writer_done = True
+            return written
+        self.published_as(written, dict(outcome.get("counts", {}) if changes is None else changes))
+        return written
+
+    def published_as(self, directory: Path, changes: dict[str, int]) -> None:
+        """Record the version this write published (directory) and what it changed."""
+        self._directory, self._changes = directory, dict(changes)
 
     def unchanged(self, changes: dict[str, int] | None = None) -> None:
         """Publish nothing: the summary names the current version (what was checked: changes)."""
@@ -290,7 +311,7 @@ class Write:
         )
 
     def _close(self) -> None:
-        if self._writer is not None and not self.published:
+        if self._writer is not None and not self.published and not self._writer_done:
             self._writer.discard()
         for staging in self._stagings:
             staging.close()
