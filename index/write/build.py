@@ -134,21 +134,25 @@ def update(
     listing = segments.Listing.of(current)
     w.needs(lambda: new_bytes(source, embedder) if embedder else 0)
     w.reuse_from = [f.directory for f in listing.files]
-    indexed = listing.hashes_and_paths()
     staging = None
     if embedder is not None:
         staging = w.staging(open_staging(w.root, embedder))
         source = source.fetch(staging.directory, options.progress)
-        job = run_job(source.items, embedder, staging, options.job_settings(), frozenset(indexed))
+        known = listing.live_content()  # looked up per image, not read into a set
+        job = run_job(source.items, embedder, staging, options.job_settings(), known)
     elif source.items:
         raise IndexStoreError("internal error: images to embed, but no model to embed them")
     else:
         job = JobResult()
-    by_path = {path: image_id for image_id, path in indexed.values()}
+    # only the paths and ids this write names are looked up: its cost follows what it adds
     named = [(source.name_of(item.path), sha) for item, sha in job.kept]
+    by_path = listing.ids_of_paths([name for name, _ in named] + list(drop))
     replaced = sorted({by_path[name] for name, _ in named if name in by_path})
+    known_paths = listing.paths_of_ids(content_id(sha) for _, sha in job.known)
     already = [
-        name for item, sha in job.known if indexed[sha][1] == (name := source.name_of(item.path))
+        name
+        for item, sha in job.known
+        if known_paths.get(content_id(sha)) == (name := source.name_of(item.path))
     ]
     dropped = sorted({by_path[path] for path in drop if path in by_path})
     gone = replaced + dropped
@@ -158,8 +162,8 @@ def update(
         rows.forget_duplicate_paths(w.meta, drop)
         rows.forget_skipped(w.meta, drop)
     new_ids, new_vectors = insert_new(w.meta, job.kept, staging, source, current)
-    paths_of = {image_id: path for image_id, path in indexed.values()}
     found = duplicate_rows(job, source, already)  # of an earlier segment's image: its path
+    paths_of = listing.paths_of_ids(i for _, i, _ in found)
     rows.insert_duplicates(w.meta, [(p, i, of or paths_of.get(i, "")) for p, i, of in found])
     ids = np.concatenate([old_ids, new_ids])
     vectors = {space: np.concatenate([old_vectors[space], new_vectors[space]]) for space in SPACES}

@@ -110,11 +110,6 @@ def _copy_table(
     conn.execute("DROP TABLE temp.keep")
 
 
-def hashes_and_paths(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:
-    """sha256 -> (id, path) of every image."""
-    return {sha: (i, path) for i, sha, path in conn.execute("SELECT id, sha256, path FROM images")}
-
-
 def ids_for_path(conn: sqlite3.Connection, path: str) -> list[int]:
     """Ids of images stored under `path` (absolute or relative to its source)."""
     rows = conn.execute("SELECT id FROM images WHERE path = ? OR relpath = ?", (path, path))

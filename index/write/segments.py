@@ -108,9 +108,34 @@ class Listing:
                 found += [row for row in conn.execute(sql, params) if row[0] not in dead]
         return found
 
-    def hashes_and_paths(self) -> dict[str, tuple[int, str]]:
-        """sha256 -> (id, path) of every live image."""
-        return {sha: (i, p) for i, sha, p in self.rows_query("SELECT id, sha256, path FROM images")}
+    def live_content(self) -> LiveContent:
+        """Which contents (sha256) this version serves, looked up among its live ids."""
+        return LiveContent(self.live_ids())
+
+    def ids_of_paths(self, paths: Iterable[str]) -> dict[str, int]:
+        """path -> id of the live images stored under these paths (one indexed lookup per
+        segment, never a read of every row: an add to a 10M-image version names few paths)."""
+        return {path: i for i, path in self._live_where("path", sorted(set(paths)))}
+
+    def paths_of_ids(self, ids: Iterable[int]) -> dict[int, str]:
+        """id -> path of these live images."""
+        return dict(self._live_where("id", sorted({int(i) for i in ids})))
+
+    def _live_where(self, column: str, values: list) -> list[tuple[int, str]]:
+        """(id, path) of the live images whose `column` (id or path) is one of `values`."""
+        if not values:
+            return []
+        sql = f"SELECT id, path FROM images WHERE {column} IN temp.wanted"
+        found = []
+        for position, files in enumerate(self.files):
+            dead = set(self.deleted[np.isin(self.deleted, self.ids(position))].tolist())
+            with closing(metadata.open_readonly(files.meta_path)) as conn:
+                conn.execute("CREATE TEMP TABLE wanted (value PRIMARY KEY)")
+                conn.executemany(
+                    "INSERT OR IGNORE INTO temp.wanted VALUES (?)", [(v,) for v in values]
+                )
+                found += [row for row in conn.execute(sql) if row[0] not in dead]
+        return found
 
     def paths_under(self, prefix: str) -> tuple[dict[str, int], dict[str, str]]:
         """rows.paths_under over the version: live images, and skips (later segments win)."""
@@ -147,6 +172,21 @@ class Listing:
                 ids = [row[0] for row in conn.execute("SELECT id FROM duplicates")]
             found += int(np.isin(np.asarray(ids, dtype=np.int64), live).sum())
         return found
+
+
+class LiveContent:
+    """`sha256 in LiveContent(ids)`: whether a version serves that content, found by its content
+    id (rows.content_id) in the sorted live ids (8 bytes an image, a binary search per lookup)."""
+
+    def __init__(self, live_ids: np.ndarray):
+        self.ids = np.asarray(live_ids, dtype=np.int64)
+
+    def __contains__(self, sha256: object) -> bool:
+        if not isinstance(sha256, str):
+            return False
+        image_id = metadata.content_id(sha256)
+        at = int(np.searchsorted(self.ids, image_id))
+        return at < len(self.ids) and int(self.ids[at]) == image_id
 
 
 def relative(root: Path, directory: Path) -> str:
