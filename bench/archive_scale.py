@@ -4,6 +4,7 @@ synthetic archives of 1M-10M images whose neighbourhoods match the real ones
 
     python bench/archive_scale.py --check                  # generator vs the real 5,456 vectors
     python bench/archive_scale.py --sizes 100k             # a smoke run
+    python bench/archive_scale.py --sizes 100k --kinds compressed --spaces encoder  # one of each
     python bench/archive_scale.py --sizes 1M,5M,10M --folder /big/disk
 
 --check builds each index type exactly as `convirt index build` does (index.faiss_index.
@@ -15,9 +16,9 @@ exact search (brute force streamed over the generated chunks) for held-out gener
 and, in the joint space, real report sentences as text queries. What is approximated:
   - the indexes are filled chunk by chunk (the product's build holds every vector in memory,
     which 10M x 1,280 floats does not fit), with the product's factory strings and settings
-    (resolve_factory, HNSW efConstruction/efSearch, compressed.quiet_training and
-    drop_training_state); compressed codes train on the first TRAIN_MAX images at most (FAISS
-    samples 256 per centroid anyway: all of them below ~1M);
+    (resolve_factory, HNSW efConstruction/efSearch, compressed.prepare_training and
+    drop_training_state); compressed codes train on the first compressed.training_size images
+    (the product draws as many at random);
   - a filter's ids come from meta.sqlite with the field tables of index/write/lookups.py,
     through index.read.filters.filtered_ids, timed apart ("ids ms": once per filter, median of
     3), then passed to search_within as the store does;
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -55,7 +55,6 @@ from index.write import lookups, rows
 
 K = 10
 KINDS = ("flat", "hnsw", "compressed")
-TRAIN_MAX = 1_000_000
 FILTERS = {
     "narrow": {"body_part": "head", "study_date": {"gte": "2021-01-01", "lte": "2021-03-31"}},
     "broad": {"modality": "CT", "body_part": "abdomen"},
@@ -210,8 +209,8 @@ def build(kind: str, space: str, generator, count: int, folder: Path):
         faiss_index.write_index(index, folder, space)
         return index, [folder / f"{space}.faiss"]
     codes = faiss.index_factory(dim, compressed.codes_factory(factory), faiss.METRIC_INNER_PRODUCT)
-    held = compressed.quiet_training(codes)
-    train = min(count, int(1024 * math.sqrt(count)), TRAIN_MAX)
+    held = compressed.prepare_training(codes)
+    train = min(count, compressed.training_size(factory))
     codes.train(generator.vectors(train, space))
     del held
     compressed.drop_training_state(codes)
@@ -267,7 +266,7 @@ def run_size(real, args, count: int, known: dict) -> list[dict]:
     meta = int(known.get(("meta", "disk"), META_BYTES) * count)
     print(f"\n== {count:,} images: disk free {free / 1e9:.1f} GB, RAM available {ram / 1e9:.1f} GB")
     plan = []
-    for space in synthetic.SPACES:
+    for space in args.spaces:
         for kind in args.kinds:
             need_ram, need_disk = estimate(kind, space, count, known)
             fits = need_disk + meta < 0.9 * free and need_ram < 0.7 * ram
@@ -290,6 +289,7 @@ def run_size(real, args, count: int, known: dict) -> list[dict]:
         shares = {n: f"{len(a) / count:.2%} ({ms:.0f} ms ids)" for n, (a, ms) in allowed.items()}
         print(f"   meta.sqlite: {seconds:.0f} s, {size / count:.0f} B/image; filters {shares}")
         asked = queries(real, args.seed, args.queries, args.root)
+        asked = {space: kinds for space, kinds in asked.items() if space in args.spaces}
         started = time.perf_counter()
         truth = ground_truth(generator, count, asked, allowed)
         print(f"   exact ground truth: {time.perf_counter() - started:.0f} s")
@@ -345,6 +345,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="generator vs real, at 5k")
     parser.add_argument("--sizes", default="1M,5M,10M")
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--spaces", default=",".join(synthetic.SPACES))
     parser.add_argument("--queries", type=int, default=100, help="per query kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folder", type=Path, help="where the indexes are written (temp dir)")
@@ -352,6 +353,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     args.kinds = [k for k in args.kinds.split(",") if k]
+    args.spaces = [s for s in args.spaces.split(",") if s]
     faiss.omp_set_num_threads(1)
     if args.check:
         check(args.root, args.seed)

@@ -21,6 +21,7 @@ from index.version import read_version
 
 QUERIES = 200
 K = 10
+PCA_DIM = 256  # the encoder's former projection: what exact search keeps of the neighbours
 
 
 def recall(index, vectors: np.ndarray, ids: np.ndarray, sample: np.ndarray) -> float:
@@ -89,14 +90,23 @@ def main() -> None:
             f"p50 {small_p[0]:.2f} ms (flat {flat_p[0]:.2f}, x{small_p[0] / flat_p[0]:.2f}), "
             f"p99 {small_p[1]:.2f} ms (flat {flat_p[1]:.2f}, x{small_p[1] / flat_p[1]:.2f})"
         )
-        if vectors.shape[1] > compressed.WIDE_DIM:
-            kept = reduced_recall(vectors, sample, compressed.REDUCED_DIM)
-            print(
-                f"{space:8s} exact search after PCA{compressed.REDUCED_DIM}: recall@{K} {kept:.3f}"
-            )
+        if space == "encoder":
+            kept = reduced_recall(vectors, sample, PCA_DIM)
+            print(f"{space:8s} exact search after PCA{PCA_DIM}: recall@{K} {kept:.3f}")
+            lists = factory.split(",")[0].removeprefix(compressed.PREFIX)
+            for other in (f"PCA{PCA_DIM},{lists},PQ32", f"PCA512,{lists},PQ64"):
+                start = time.perf_counter()
+                alternative = faiss_index.build_index(compressed.PREFIX + other, vectors, ids)
+                built = time.perf_counter() - start
+                ram = alternative.ram_bytes() / len(ids)
+                value = recall(alternative, vectors, ids, sample)
+                print(
+                    f"{space:8s} {other}: built in {built:.1f}s; RAM/image {ram:.0f} B; "
+                    f"recall@{K} {value:.3f}"
+                )
         else:
             opq = factory.replace(
-                compressed.PREFIX, f"{compressed.PREFIX}OPQ{compressed.CODE_BYTES},"
+                compressed.PREFIX, f"{compressed.PREFIX}OPQ{compressed.code_bytes(512)},"
             )
             rotated = faiss_index.build_index(opq, vectors, ids)
             settings = compressed.RERANK_DEPTH, compressed.RERANK_PER_K

@@ -17,7 +17,7 @@ recorded in version.json so add/remove keep it; none: no limit):
     compressed  otherwise (N * ram_per_image("compressed") is what it takes; the .f16.npy files are
                 on disk, read for the re-ranked candidates only)
 ram_per_image sums both spaces: flat 4 d + 16 (ids), hnsw 4 d + 8 M + 16, compressed
-CODE_BYTES + 8 (ids in the lists) + 8 (ids.npy) per space.
+code_bytes(d) (64 B for 512-d and 1,280-d) + 8 (ids in the lists) + 8 (ids.npy) per space.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def ram_per_image(kind: str, dims: list[int]) -> int:
         return sum(4 * d + 2 * ID_BYTES for d in dims)
     if kind == "hnsw":
         return sum(4 * d + 8 * HNSW_M + 2 * ID_BYTES for d in dims)
-    return sum(compressed.CODE_BYTES + 2 * ID_BYTES for _ in dims)
+    return sum(compressed.code_bytes(d) + 2 * ID_BYTES for d in dims)
 
 
 def choose_auto(count: int, dims: list[int], ram_budget: int | None = None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from conftest import make_bundle, read_rows, write_csv
@@ -78,8 +79,8 @@ def test_compressed_version_holds_codes_and_float16_vectors(roots, stores):
     assert flat.info["factory"] == {"joint": "Flat", "encoder": "Flat"}  # the small end: exact
     assert small.count == flat.count > 2500
     factories = small.info["factory"]
-    assert factories["joint"].startswith("compressed:IVF")
-    assert factories["encoder"].startswith(f"compressed:PCA{compressed.REDUCED_DIM},IVF")
+    for space in ("joint", "encoder"):  # 64-byte codes of every dimension: no PCA
+        assert factories[space] == f"compressed:IVF{compressed.list_count(small.count)},PQ64"
     for space in ("joint", "encoder"):
         index = small.indexes[space]
         assert isinstance(index, compressed.CompressedIndex)
@@ -191,10 +192,58 @@ def test_unfiltered_and_broad_filters_return_k_allowed_hits(stores, monkeypatch)
         assert {hit.id for hit in hits} <= roco - excluded
         exact = flat.similarity("encoder", vector, ranked(hits))
         np.testing.assert_allclose([hit.score for hit in hits], exact, atol=1e-3)
+    recall_hits = 0
+    for image_id in flat.ids[::150][:20].tolist():  # recall through the codes under a filter
+        query = flat.vectors_of([image_id], "encoder")[0]
+        exact = ranked(flat.search("encoder", query, 10, {"dataset": "roco"}))
+        recall_hits += len(
+            set(exact) & set(ranked(small.search("encoder", query, 10, {"dataset": "roco"})))
+        )
+    assert recall_hits / 200 >= 0.95
     unfiltered = small.search("encoder", vector, 2000)
     assert len(unfiltered) == 2000 and len({hit.id for hit in unfiltered}) == 2000
     best = ranked(flat.search("encoder", vector, 10))
     assert len(set(best) & set(ranked(unfiltered[:10]))) >= 9
+
+
+def test_probes_grow_with_the_lists_and_with_a_filters_selectivity(stores):
+    """An unfiltered search probes max(16, 1.5 sqrt(nlist)) lists; under a filter, lists nearest
+    first until they hold as many allowed images (estimated) as an unfiltered search scans."""
+    assert [compressed.probes(n) for n in (10, 54, 316, 3162)] == [10, 16, 27, 85]
+    flat, small = stores
+    index = small.indexes["encoder"]
+    query = flat.vectors["encoder"][42]
+    scanned = index.nprobe * index.ntotal / index.ivf.nlist
+    for spec in ({"dataset": "roco"}, {"dataset": "covid-ct"}):
+        allowed = np.array(sorted(h.id for h in flat.search("encoder", query, flat.count, spec)))
+        per_list = index._allowed_per_list(allowed)
+        assert abs(per_list.sum() - len(allowed)) < 1e-6 * len(allowed) + 1e-9
+        nprobe = index._filtered_probes(query, per_list)
+        assert index.nprobe <= nprobe <= index.ivf.nlist
+        held = np.sort(per_list)[::-1][:nprobe].sum()  # at most what the nprobe fullest hold
+        assert nprobe == index.ivf.nlist or held >= scanned
+
+
+def test_lists_found_by_hnsw_train_and_search_as_well(stores, monkeypatch):
+    """From HNSW_QUANTISER_MIN lists (1M images) an HNSW graph over the centroids assigns vectors
+    to lists, in k-means and in add: forced here on the real vectors, recall stays >= 0.95,
+    unfiltered and under a filter searched through the codes."""
+    flat, _ = stores
+    monkeypatch.setattr(compressed, "EXACT_SCAN_MAX", 0)
+    vectors = np.ascontiguousarray(flat.vectors["joint"], dtype=np.float32)
+    index = compressed.build("compressed:IVF40_HNSW32,PQ64", vectors, flat.ids)
+    assert isinstance(faiss.downcast_index(index.ivf.quantizer), faiss.IndexHNSWFlat)
+    allowed = np.sort(flat.ids[::3])
+    rows = np.random.default_rng(3).choice(len(vectors), size=50, replace=False)
+    for restriction, pool in (
+        (None, np.arange(len(vectors))),
+        (compressed.Restriction(allowed), np.arange(0, len(vectors), 3)),
+    ):
+        exact = np.argsort(-(vectors[pool] @ vectors[rows].T), axis=0, kind="stable")[:10].T
+        _, found = index.search(vectors[rows], 10, restriction)
+        assert restriction is None or np.isin(found, allowed).all()
+        hits = sum(len(set(flat.ids[pool[e]]) & set(f)) for e, f in zip(exact, found, strict=True))
+        assert hits / found.size >= 0.95
 
 
 def test_auto_chooses_from_the_ram_budget():
