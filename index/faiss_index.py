@@ -4,7 +4,8 @@
     auto        flat, hnsw or compressed, from the vector count and the RAM budget (below)
     flat        exact inner product (IndexFlatIP)
     hnsw        HNSW graph, M = HNSW_M (efConstruction HNSW_EF_CONSTRUCTION, efSearch
-                HNSW_EF_SEARCH)
+                HNSW_EF_SEARCH; filters, exclusions and reads deeper than RECALL_K:
+                index/hnsw_filter.py)
     ivfpq       inverted lists + product quantisation (needs IVFPQ_MIN_PER_LIST vectors per list)
     compressed  IVF + PQ codes in RAM, re-ranked exactly from float16 vectors on disk
                 (index/compressed.py; "compressed:FACTORY" names the codes' FAISS factory)
@@ -28,7 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from . import compressed
+from . import compressed, hnsw_filter
 from .compressed import CompressedIndex
 from .errors import IndexSpecError
 
@@ -189,6 +190,36 @@ def tune_for_search(index: faiss.Index) -> None:
         ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
 
 
+def filtered_search(
+    index: faiss.Index | CompressedIndex, queries: np.ndarray, k: int, allowed_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scores, ids) of the k nearest among `allowed_ids` where the structure answers a filter
+    its own way (HNSW over flat storage: exact or widened, index/hnsw_filter.py), else None."""
+    if isinstance(index, CompressedIndex) or not hnsw_filter.is_hnsw_flat(index):
+        return None
+    return hnsw_filter.search(index, queries, k, allowed_ids, HNSW_EF_SEARCH, RECALL_K)
+
+
+def excluding_search(
+    index: faiss.Index | CompressedIndex, queries: np.ndarray, k: int, excluded_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scores, ids) of the k nearest none of `excluded_ids` where the structure leaves many out
+    its own way (HNSW over flat storage, index/hnsw_filter.py), else None (over-fetch)."""
+    if isinstance(index, CompressedIndex) or not hnsw_filter.is_hnsw_flat(index):
+        return None
+    return hnsw_filter.search_excluding(index, queries, k, excluded_ids, HNSW_EF_SEARCH, RECALL_K)
+
+
+def depth_params(index: faiss.Index | CompressedIndex, k: int) -> faiss.SearchParameters | None:
+    """Parameters for reading the k nearest without a filter: an HNSW index searches wider for
+    a k above RECALL_K (index/hnsw_filter.deep_ef_search), else None (the index's own)."""
+    if isinstance(index, CompressedIndex) or _hnsw(_inner(index)) is None or k <= RECALL_K:
+        return None
+    return faiss.SearchParametersHNSW(
+        efSearch=hnsw_filter.deep_ef_search(HNSW_EF_SEARCH, k, RECALL_K)
+    )
+
+
 def search_params(index: faiss.Index, allowed_ids: np.ndarray) -> faiss.SearchParameters | None:
     """Parameters restricting a search to `allowed_ids`, or None where the structure can't."""
     if isinstance(index, CompressedIndex):
@@ -198,7 +229,8 @@ def search_params(index: faiss.Index, allowed_ids: np.ndarray) -> faiss.SearchPa
     if isinstance(inner, faiss.IndexFlat):
         params = faiss.SearchParameters(sel=selector)
     elif isinstance(inner, faiss.IndexHNSW):
-        params = faiss.SearchParametersHNSW(sel=selector, efSearch=HNSW_EF_SEARCH)
+        ef = hnsw_filter.widened_ef_search(HNSW_EF_SEARCH, len(allowed_ids), int(index.ntotal))
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
     elif isinstance(inner, faiss.IndexIVF):
         params = faiss.SearchParametersIVF(sel=selector, nprobe=_ivf(inner).nprobe)
     else:
