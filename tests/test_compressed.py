@@ -1,7 +1,6 @@
 """The compressed index type (index/compressed.py) on real vectors: about 3,000 images of the shared
-datasets (every covid-cxr and covid-ct image, the first medpix and roco ones) embedded by the test
-bundle's pretrained encoder at 32 px (about a minute and a half on two cores; the demo's 5,456
-vectors: docs/benchmarks.md).
+datasets embedded by the test bundle's pretrained encoder at 32 px (conftest's `real_flat_root`,
+shared with the HNSW tests; the demo's 5,456 vectors: docs/benchmarks.md).
 
 Recall is measured against exact search; filters, keywords, exclusions, similar-to-id and refined
 queries must answer as the same version under flat does: ids in the same order, where two ids may
@@ -15,55 +14,20 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from conftest import make_bundle, read_rows, write_csv
 
-from convirt.config import ModelConfig
 from index import compressed, faiss_index
 from index.read.keywords import Keywords
 from index.read.store import IndexStore, open_current
-from index.sources.manifest import read_manifest
 from index.write import checks, rewrite
-from index.write.build import Options, build
-
-DATASETS = ("covid-cxr", "medpix", "roco", "covid-ct")
-FIELDS = ["image", "text", "dataset", "modality", "group"]
-SMALL_SIDE = 32  # pixels: the encoder is pretrained, so neighbours are real even this small
-# images taken at most from each dataset (the rest are all taken): about 3,000 in all, enough to
-# train 32-byte codes (256 centroids a sub-quantiser) and to measure recall on real neighbours
-LIMITS = {"medpix": 1200, "roco": 1000}
-
-
-def real_rows(datasets: Path) -> list[dict[str, str]]:
-    """One row per image file: its dataset, modality and patient/case; the report only for
-    covid-cxr (embedding every dataset's sentences would cost minutes)."""
-    rows, seen = [], set()
-    for name in DATASETS:
-        taken, limit = 0, LIMITS.get(name)
-        for row in read_rows(datasets / name / "manifest.csv"):
-            image = str(datasets / name / row["image"])
-            if image in seen or (limit is not None and taken >= limit):
-                continue
-            taken += 1
-            seen.add(image)
-            group = row.get("patient_id") or row.get("case_id") or row.get("pmc_article") or ""
-            modality = row.get("modality") or row.get("modality_keyword") or ""
-            text = row["text"] if name == "covid-cxr" else ""
-            rows.append(dict(image=image, text=text, dataset=name, modality=modality, group=group))
-    return rows
 
 
 @pytest.fixture(scope="module")
-def roots(datasets: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """(flat root, compressed root): one real build, then `reindex --index-type compressed`."""
-    folder = tmp_path_factory.mktemp("compressed")
-    config = ModelConfig(image_size=SMALL_SIDE, max_text_tokens=32)
-    bundle = make_bundle(config, 0, folder / "bundle")
-    manifest = write_csv(folder / "manifest.csv", real_rows(datasets), FIELDS)
-    options = Options(batch_size=64, chunk_batches=8, workers=2, progress=False)
-    build(folder / "flat", bundle, read_manifest(manifest), options)
-    shutil.copytree(folder / "flat", folder / "compressed")
-    rewrite.reindex(folder / "compressed", "compressed")
-    return folder / "flat", folder / "compressed"
+def roots(real_flat_root: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(flat root, compressed root): the real index, then `reindex --index-type compressed`."""
+    small = tmp_path_factory.mktemp("compressed") / "compressed"
+    shutil.copytree(real_flat_root, small)
+    rewrite.reindex(small, "compressed")
+    return real_flat_root, small
 
 
 @pytest.fixture(scope="module")

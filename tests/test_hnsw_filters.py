@@ -16,33 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_bundle, write_csv
-from test_compressed import FIELDS, SMALL_SIDE, real_rows
 
-from convirt.config import ModelConfig
 from index import faiss_index, hnsw_filter
 from index.read.store import IndexStore, open_current
-from index.sources.manifest import read_manifest
 from index.write import rewrite
-from index.write.build import Options, build
 
 QUERIES = 60  # query images per check
 K = 10
 
 
 @pytest.fixture(scope="module")
-def roots(datasets: Path, tmp_path_factory) -> tuple[Path, Path]:
-    """(flat root, hnsw root): one real build, then `reindex --index-type hnsw`."""
-    folder = tmp_path_factory.mktemp("hnsw")
-    config = ModelConfig(image_size=SMALL_SIDE, max_text_tokens=32)
-    bundle = make_bundle(config, 0, folder / "bundle")
-    rows = [dict(row, text="") for row in real_rows(datasets)]  # images only: faster
-    manifest = write_csv(folder / "manifest.csv", rows, FIELDS)
-    options = Options(batch_size=64, chunk_batches=8, workers=2, progress=False)
-    build(folder / "flat", bundle, read_manifest(manifest), options)
-    shutil.copytree(folder / "flat", folder / "hnsw")
-    rewrite.reindex(folder / "hnsw", "hnsw")
-    return folder / "flat", folder / "hnsw"
+def roots(real_flat_root: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(flat root, hnsw root): the real index, then `reindex --index-type hnsw`."""
+    graph = tmp_path_factory.mktemp("hnsw") / "hnsw"
+    shutil.copytree(real_flat_root, graph)
+    rewrite.reindex(graph, "hnsw")
+    return real_flat_root, graph
 
 
 @pytest.fixture(scope="module")
