@@ -16,7 +16,7 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -109,7 +109,7 @@ class Resolver:
         workers: int | None = None,
         progress: bool = True,
         desc: str = "caching images",
-        have: frozenset[str] = frozenset(),
+        have: Container[str] = frozenset(),
     ):
         """`have`: contents the caller needs no pixels of (already embedded, say): not decoded,
         and passed on as an Entry that holds only their sha256."""
@@ -201,7 +201,7 @@ class Resolver:
         """Each row's entry, decoding the content the cache lacks; a reason where it cannot."""
         entries = self.cache.entries(self.side, hashes.values())
         reasons = self.cache.undecodable(set(hashes.values()) - set(entries))
-        for sha in self.have.intersection(hashes.values()) - set(entries):
+        for sha in {sha for sha in hashes.values() if sha in self.have} - set(entries):
             entries[sha] = Entry(-1, 0, 0, sha)  # no pixels: the caller has what it needs
         to_decode = [i for i, sha in hashes.items() if sha not in entries and sha not in reasons]
         if to_decode and self._writer is None:

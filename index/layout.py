@@ -4,17 +4,23 @@
       CURRENT                  name of the version being served, e.g. "000003" (switched atomically)
       versions/000001/ ...     one immutable directory per build/add/remove/merge
       versions/.tmp-000004-PID a version being written (never served; removed by the next writer)
+      segments/000002/         a segment written by add/sync/compact, listed by format-2 versions
+                               (the format: index/version.py; named by the version that first
+                               published it)
       staging/FINGERPRINT/     embeddings of an unfinished job, by content hash (resume)
       .lock                    held (flock) by the one process writing this root
 
 A version directory is complete before it is renamed into place, and CURRENT names it only after
-that, so a reader sees the old version or the new one, never a half-written one.
+that, so a reader sees the old version or the new one, never a half-written one. A segment is
+renamed into segments/ before the version listing it is published; a writer killed in between
+leaves a segment no version lists, which the next prune removes.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import sqlite3
@@ -26,6 +32,7 @@ from .errors import DiskFullError, IndexLockedError, IndexStoreError, NoIndexErr
 
 CURRENT_NAME = "CURRENT"
 VERSIONS_DIR = "versions"
+SEGMENTS_DIR = "segments"
 STAGING_DIR = "staging"
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"
@@ -43,6 +50,10 @@ AMBIGUOUS_WORDS = ("disk i/o error", "write", "written", "flush")  # "fwrite" to
 
 def versions_dir(root: Path) -> Path:
     return Path(root) / VERSIONS_DIR
+
+
+def segments_dir(root: Path) -> Path:
+    return Path(root) / SEGMENTS_DIR
 
 
 def staging_dir(root: Path, fingerprint: str) -> Path:
@@ -92,8 +103,16 @@ def list_versions(root: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def list_segments(root: Path) -> list[str]:
+    folder = segments_dir(root)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def next_version_name(root: Path) -> str:
-    existing = [int(name) for name in list_versions(root)]
+    """One more than any version or segment (a segment left by a killed writer included)."""
+    existing = [int(name) for name in list_versions(root) + list_segments(root)]
     return str(max(existing, default=0) + 1).zfill(VERSION_DIGITS)
 
 
@@ -140,6 +159,16 @@ def publish_version(root: Path, tmp_dir: Path, name: str) -> Path:
     return target
 
 
+def publish_segment(root: Path, tmp_dir: Path, name: str) -> Path:
+    """Rename a complete tmp dir into segments/NAME (CURRENT unchanged: a version lists it)."""
+    fsync_tree(tmp_dir)
+    target = segments_dir(root) / name
+    target.parent.mkdir(exist_ok=True)
+    os.rename(tmp_dir, target)
+    fsync_dir(target.parent)
+    return target
+
+
 def switch_current(root: Path, name: str) -> None:
     """Point CURRENT at a version atomically: write a temp file, fsync, os.replace."""
     root = Path(root)
@@ -153,15 +182,39 @@ def switch_current(root: Path, name: str) -> None:
 
 
 def prune_versions(root: Path, keep: int) -> list[str]:
-    """Delete the oldest versions before CURRENT so that at most `keep` remain up to it."""
+    """Delete the oldest versions before CURRENT so that at most `keep` remain up to it, then
+    the segments no remaining version lists (a format-1 version listed as a segment stays)."""
     current = read_current(root)
     if current is None or keep < 1:
         return []
     older = [name for name in list_versions(root) if name < current]
     doomed = older[: max(0, len(older) - (keep - 1))]
+    listed = set()
+    for name in list_versions(root):
+        if name not in doomed:
+            listed.update(listed_segments(versions_dir(root) / name))
     for name in doomed:
+        if f"{VERSIONS_DIR}/{name}" in listed:  # a segment of a kept version: only its own
+            continue  # version.json stays with it (it describes the segment)
         shutil.rmtree(versions_dir(root) / name, ignore_errors=True)
+    for name in list_segments(root):
+        if f"{SEGMENTS_DIR}/{name}" not in listed:
+            shutil.rmtree(segments_dir(root) / name, ignore_errors=True)
     return doomed
+
+
+def listed_segments(directory: Path) -> list[str]:
+    """The segments (paths relative to ROOT) a version directory lists: a format-1 version is
+    its own one segment. A version.json that cannot be read lists its own directory only."""
+    own = f"{VERSIONS_DIR}/{Path(directory).name}"
+    try:
+        info = json.loads((Path(directory) / "version.json").read_text())
+    except (OSError, ValueError):
+        return [own]
+    segments = info.get("segments") if isinstance(info, dict) else None
+    if info.get("format") == 2 and isinstance(segments, list):
+        return [str(s) for s in segments]
+    return [own]
 
 
 @contextmanager

@@ -142,6 +142,33 @@ def index_of_rows(folder: Path, bundle, rows: list[dict[str, str]], fields: list
     return built_root(folder, bundle, read_manifest(manifest))
 
 
+def written_before_issue_25(root: Path, out: Path) -> Path:
+    """A copy of an index root whose current version looks as versions written before issue 25
+    do: thumbnails inside meta.sqlite's images, no facets or field tables stored
+    (index/write/lookups.py)."""
+    import sqlite3
+    from contextlib import closing
+
+    shutil.copytree(root, out)
+    version = out / "versions" / (out / "CURRENT").read_text().strip()
+    with closing(sqlite3.connect(version / "meta.sqlite")) as conn:
+        tables = [r[0] for r in conn.execute("SELECT tab FROM field_tables WHERE tab IS NOT NULL")]
+        for table in [*tables, "field_tables", "facet_fields", "facet_values"]:
+            conn.execute(f"DROP TABLE {table}")
+        conn.execute("DELETE FROM sqlite_stat1")
+        conn.execute("ALTER TABLE images ADD COLUMN thumbnail BLOB NOT NULL DEFAULT x''")
+        conn.execute("ATTACH DATABASE ? AS thumbs", (str(version / "thumbs.sqlite"),))
+        conn.execute(
+            "UPDATE images SET thumbnail = "
+            "(SELECT jpeg FROM thumbs.thumbnails WHERE thumbnails.id = images.id)"
+        )
+        conn.commit()
+        conn.execute("DETACH DATABASE thumbs")
+        conn.execute("VACUUM")
+    (version / "thumbs.sqlite").unlink()
+    return out
+
+
 def server_settings(model: Path, root: Path, **extra: object) -> dict[str, object]:
     """A `convirt serve` environment: the bundle, the index root, warnings only, then `extra`
     (CONVIRT_* names, which may override those)."""
@@ -219,3 +246,44 @@ def calibrated_scales(client: httpx.Client, timeout: float = 120) -> dict[str, d
         if len(found) == len(KINDS) or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+# About 3,000 real images of the shared datasets (every covid-cxr and covid-ct image, the first
+# medpix and roco ones), embedded at 32 px by the test bundle's pretrained encoder (neighbours are
+# real even this small) into one exact (flat) index: what the compressed and HNSW tests compare
+# their structures with. Enough to train 64-byte codes and to measure recall on real neighbours.
+REAL_DATASETS = ("covid-cxr", "medpix", "roco", "covid-ct")
+REAL_FIELDS = ["image", "text", "dataset", "modality", "group"]
+REAL_SIDE = 32
+REAL_LIMITS = {"medpix": 1200, "roco": 1000}  # images taken at most (the rest: all)
+
+
+def real_rows(datasets: Path) -> list[dict[str, str]]:
+    """One row per image file: its dataset, modality and patient/case; the report only for
+    covid-cxr (embedding every dataset's sentences would cost minutes)."""
+    rows, seen = [], set()
+    for name in REAL_DATASETS:
+        taken, limit = 0, REAL_LIMITS.get(name)
+        for row in read_rows(datasets / name / "manifest.csv"):
+            image = str(datasets / name / row["image"])
+            if image in seen or (limit is not None and taken >= limit):
+                continue
+            taken += 1
+            seen.add(image)
+            group = row.get("patient_id") or row.get("case_id") or row.get("pmc_article") or ""
+            modality = row.get("modality") or row.get("modality_keyword") or ""
+            text = row["text"] if name == "covid-cxr" else ""
+            rows.append(dict(image=image, text=text, dataset=name, modality=modality, group=group))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def real_flat_root(datasets: Path, tmp_path_factory) -> Path:
+    """The real ~3,000-image index, exact search; built once, read only (copy it to write)."""
+    folder = tmp_path_factory.mktemp("real")
+    config = ModelConfig(image_size=REAL_SIDE, max_text_tokens=32)
+    bundle = make_bundle(config, 0, folder / "bundle")
+    manifest = write_csv(folder / "manifest.csv", real_rows(datasets), REAL_FIELDS)
+    options = Options(batch_size=64, chunk_batches=8, workers=2, progress=False)
+    build_index(folder / "flat", bundle, read_manifest(manifest), options)
+    return folder / "flat"

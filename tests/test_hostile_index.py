@@ -338,9 +338,11 @@ def test_disk_full_during_add_and_remove_keeps_the_current_version(
     version = layout.current_version_dir(root)
     version_bytes = sum(p.stat().st_size for p in version.iterdir())
 
-    filler = fill(tmpfs, version_bytes // 2)  # not even room for one copy of the version
+    filler = fill(tmpfs, 0)  # a remove writes only a list of deleted ids: no room even for it
     assert cli.main(["remove", "--root", str(root), "--path", rows[0]["image"]]) == 2
     assert_disk_full_message(capsys.readouterr().err, tmpfs, "remove")
+    filler.unlink()
+    filler = fill(tmpfs, version_bytes // 2)  # not room for a segment as large as the version
     add = index_command("add", *model, "--manifest", str(more), "--root", str(root))
     assert cli.main(add) == 2
     assert_disk_full_message(capsys.readouterr().err, tmpfs, "add")

@@ -139,8 +139,13 @@ def first_jpg(folder: Path) -> Path:
 
 
 def id_of(store, path: Path) -> int:
-    with closing(sqlite3.connect(store.files.meta_path)) as conn:
-        return conn.execute("SELECT id FROM images WHERE path = ?", (str(path),)).fetchone()[0]
+    """The id an image is stored under, in whichever segment of the version holds it."""
+    for directory in store.files.segment_dirs:
+        with closing(sqlite3.connect(directory / "meta.sqlite")) as conn:
+            row = conn.execute("SELECT id FROM images WHERE path = ?", (str(path),)).fetchone()
+        if row:
+            return row[0]
+    raise AssertionError(f"{path} is not indexed")
 
 
 # -- build and search ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import index_of_rows
+from conftest import index_of_rows, written_before_issue_25
 
 from convirt.findings import split_by_status
 from convirt.sentences import split_sentences
@@ -100,6 +100,12 @@ def manifest_rows(datasets) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def index_root(tmp_path_factory, bundle_dir, manifest_rows) -> Path:
     return index_of_rows(tmp_path_factory.mktemp("search-index"), bundle_dir, manifest_rows, FIELDS)
+
+
+@pytest.fixture(scope="module")
+def old_root(tmp_path_factory, index_root) -> Path:
+    """The same index as versions written before issue 25 hold it (no stored field tables)."""
+    return written_before_issue_25(index_root, tmp_path_factory.mktemp("old") / "root")
 
 
 @pytest.fixture(scope="module")
@@ -465,10 +471,15 @@ def test_the_report_index_is_built_once_across_threads_and_the_version_is_untouc
     assert hashlib.sha256(meta.read_bytes()).hexdigest() == before
 
 
-def test_field_tables_find_what_the_json_scan_finds_built_once_per_field(index_root, manifest_rows):
-    """Filters on manifest fields read per-field tables (index.read.filters.FieldTables) built on first
-    use; they must pass exactly the rows that parsing each row's JSON passes."""
-    meta = next((index_root / "versions").glob("*/meta.sqlite"))
+@pytest.mark.parametrize("layout", ["published", "before issue 25"])
+def test_field_tables_find_what_the_json_scan_finds_built_once_per_field(
+    index_root, old_root, manifest_rows, layout
+):
+    """Filters on manifest fields read per-field tables (index.read.filters.FieldTables): those
+    the version was published with, or, in versions written before them, temporary ones built
+    on first use; they must pass exactly the rows that parsing each row's JSON passes."""
+    root = index_root if layout == "published" else old_root
+    meta = next((root / "versions").glob("*/meta.sqlite"))
     before = hashlib.sha256(meta.read_bytes()).hexdigest()
     dates = sorted(r["study_date"] for r in manifest_rows)
     cases = [
@@ -483,21 +494,25 @@ def test_field_tables_find_what_the_json_scan_finds_built_once_per_field(index_r
         {"acquired": {"lte": dates[8].replace("-", "")}, "age": {"gte": 1}},
         {"age": {"gte": 30}, "width": {"gte": 1}},  # a manifest field and a column
     ]
-    with open_current(index_root) as fresh:
+    with open_current(root) as fresh:
         scanned = [set(filtered_ids(fresh.db, filters, fresh.meta_fields)) for filters in cases]
         with ThreadPoolExecutor(4) as pool:  # first uses race: each table is built once
             results = list(pool.map(lambda f: found(fresh, filters=f), cases * 3))
         assert results == scanned * 3
         assert 0 < len(scanned[3]) < fresh.count and scanned[4] and scanned[7] and scanned[8]
         used = {key for filters in cases for key in filters} - FILTER_COLUMNS
-        assert set(fresh._field_tables.tables) == used
+        built = set() if layout == "published" else used  # nothing built where stored
+        assert set(fresh._field_tables.tables) == built
+        assert used <= set(fresh._field_tables.stored) or layout != "published"
     assert hashlib.sha256(meta.read_bytes()).hexdigest() == before  # temporary tables only
 
 
 def test_filters_read_the_json_when_no_field_table_can_be_built(
-    index_root, manifest_rows, id_of, caplog
+    old_root, manifest_rows, id_of, caplog
 ):
-    with open_current(index_root) as fresh:
+    """A version written before the stored field tables, served where SQLite's temporary
+    storage is full."""
+    with open_current(old_root) as fresh:
         fresh.db.execute("PRAGMA temp.max_page_count = 1")  # SQLite's temporary storage is full
         sex = manifest_rows[0]["sex"]
         with caplog.at_level("WARNING", logger="index.read.filters"):

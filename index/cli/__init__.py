@@ -2,7 +2,7 @@
 
 One module per command group, each adding its subcommands to the parser and running them:
 
-    write.py     build, add, remove, reindex, merge (index.write)
+    write.py     build, add, remove, reindex, merge, compact (index.write)
     dicomweb.py  sync, and the --dicomweb flags of build and add (index.sources.dicomweb)
     verify.py    info, verify (index.write.checks)
     sources.py   --images / --manifest / --dicomweb: the source a build or add reads
@@ -70,6 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
     write.add_remove(commands)
     write.add_reindex(commands)
     write.add_merge(commands)
+    write.add_compact(commands)
     dicomweb.add_sync(commands)
     verify.add_info(commands)
     verify.add_verify(commands)

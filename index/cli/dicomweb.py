@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import closing
 from pathlib import Path
 
-from .. import layout, metadata
+from .. import layout
 from ..errors import IndexStoreError
 from ..sources.dicomweb import pacs as settings
 from ..sources.dicomweb.listing import DEFAULT_MAX_LISTED
 from ..sources.dicomweb.source import DicomwebSource, list_source, remembered_skips
 from ..sources.dicomweb.sync import sync_pacs
-from ..write import rows
+from ..version import read_version
+from ..write.segments import Listing
 from .options import add_job_options, add_model, add_root, options, subparser
 
 
@@ -135,9 +135,8 @@ def load_source(args: argparse.Namespace, known_root: Path | None = None) -> Dic
     pacs = pacs_of(args)
     if known_root is None:
         return list_source(pacs, remembered=remembered_skips(args.root, pacs))
-    meta = layout.current_version_dir(known_root) / metadata.META_DB
-    with closing(metadata.open_readonly(meta)) as conn:
-        images, seen = rows.paths_under(conn, pacs.prefix + "/")
+    current = read_version(layout.current_version_dir(known_root))
+    images, seen = Listing.of(current).paths_under(pacs.prefix + "/")
     return list_source(pacs, set(images) | set(pacs.remembered(seen)), record=False)
 
 

@@ -23,10 +23,35 @@ from ..write.build import Options
 from ..write.embedding import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_BATCHES, DEFAULT_WORKERS
 
 INDEX_TYPE_HELP = (
-    f"FAISS structure: auto (exact below {faiss_index.AUTO_EXACT_MAX:,} vectors, HNSW above), "
-    "flat (exact), hnsw, ivfpq, or any faiss.index_factory string such as 'IVF256,Flat' "
-    "(default: %(default)s)"
+    f"FAISS structure: auto (exact below {faiss_index.AUTO_EXACT_MAX:,} vectors, HNSW above, "
+    "compressed where --ram-budget is too small for them), flat (exact), hnsw, ivfpq, "
+    "compressed (PQ codes in RAM, re-ranked exactly from float16 vectors on disk), or any "
+    "faiss.index_factory string such as 'IVF256,Flat' (default: %(default)s)"
 )
+RAM_BUDGET_HELP = (
+    "RAM the index may take, e.g. 64G or 500M: `auto` builds flat or HNSW where they fit, else "
+    "compressed (index/faiss_index.py); kept in version.json for later writes "
+    "(default: the current version's, else no limit)"
+)
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as 64G, 500M or 1073741824 (bytes; K, M, G, T are powers of 1,024)."""
+    number, unit = text.strip().upper().rstrip("B"), ""
+    if number and number[-1] in UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        size = float(number) * UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64G, 500M)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"a RAM budget must be positive, not {text!r}")
+    return int(size)
+
+
+def add_ram_budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ram-budget", type=parse_bytes, metavar="SIZE", help=RAM_BUDGET_HELP)
 
 
 def subparser(commands, name: str, summary: str, details: str) -> argparse.ArgumentParser:
@@ -80,6 +105,7 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     add_device_option(p, default="cpu")
     add_no_progress_option(p)
     add_keep(p)
+    add_ram_budget(p)
 
 
 def add_keep(p: argparse.ArgumentParser) -> None:
@@ -108,4 +134,5 @@ def options(args: argparse.Namespace, index_type: str = "auto") -> Options:
         progress=not args.no_progress,
         keep=args.keep,
         cache_dir=args.cache,
+        ram_budget=args.ram_budget,
     )

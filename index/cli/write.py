@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 from ..errors import IndexStoreError
-from ..write import build, merge, rewrite
+from ..write import build, compact, merge, rewrite
 from .options import (
     INDEX_TYPE_HELP,
     add_job_options,
     add_keep,
     add_model,
+    add_ram_budget,
     add_root,
     options,
     parse_shard_arg,
@@ -50,9 +51,11 @@ def add_add(commands) -> None:
         commands,
         "add",
         "add new images to the current version",
-        "Embeds only images whose content is not indexed yet and copies every existing vector\n"
-        "into a new version. A path already indexed with different content is re-embedded and\n"
-        "replaces the old entry. --model must be the bundle the index was built with.",
+        "Embeds only images whose content is not indexed yet into one new segment\n"
+        "(ROOT/segments/NNNNNN/) and publishes a version listing the existing segments plus it:\n"
+        "nothing existing is copied. A path already indexed with different content is re-embedded\n"
+        "and replaces the old entry. --model must be the bundle the index was built with. The\n"
+        "compaction policy runs afterwards (see `convirt index compact --help`).",
     )
     add_root(p, "--root", "index root written by `convirt index build`")
     add_model(p)
@@ -66,9 +69,10 @@ def add_remove(commands) -> None:
         commands,
         "remove",
         "remove images from the current version",
-        "Writes a new version without the given images; nothing is re-embedded. A path may be\n"
-        "absolute or relative to the archive it was indexed from; removing a duplicate's path\n"
-        "only forgets that path.",
+        "Writes a new version without the given images: their ids are listed in its deleted.npy,\n"
+        "nothing is copied or re-embedded. A path may be absolute or relative to the archive it\n"
+        "was indexed from; removing a duplicate's path only forgets that path. The compaction\n"
+        "policy runs afterwards (see `convirt index compact --help`).",
     )
     add_root(p, "--root", "index root")
     p.add_argument(
@@ -108,6 +112,7 @@ def add_reindex(commands) -> None:
     current = INDEX_TYPE_HELP.replace("%(default)s", "the current version's")
     p.add_argument("--index-type", help=current)
     add_keep(p)
+    add_ram_budget(p)
     p.set_defaults(run=run_reindex)
 
 
@@ -132,6 +137,29 @@ def add_merge(commands) -> None:
     p.set_defaults(run=run_merge)
 
 
+def add_compact(commands) -> None:
+    p = subparser(
+        commands,
+        "compact",
+        "merge the current version's segments into one, dropping deleted rows",
+        "add, sync and remove write segments: each add one new segment holding only its images,\n"
+        "each removal a list of deleted ids. compact merges every segment's live rows (vectors,\n"
+        "metadata, thumbnails, sentences, duplicates, facets) into one new segment, with FAISS\n"
+        "structures chosen for its size, and publishes a version listing it; old versions stay\n"
+        "readable until pruned (--keep). Nothing to merge: nothing is published.\n\n"
+        "Every add, sync and remove also runs the automatic policy (index/write/compact.py):\n"
+        f"a segment with more than {compact.DELETED_SHARE:.0%} of its rows deleted is rewritten "
+        "without them,\n"
+        f"and when a version lists more than {compact.MAX_SEGMENTS} segments the smallest are "
+        f"merged, {compact.MERGE_AT_ONCE} or\n"
+        "more at a time, so a small add never rewrites the large segment.",
+    )
+    add_root(p, "--root", "index root")
+    add_keep(p)
+    add_ram_budget(p)
+    p.set_defaults(run=run_compact)
+
+
 def run_build(args: argparse.Namespace) -> int:
     summary = build.build(
         args.root, args.model, load_source(args), options(args, args.index_type), args.shard
@@ -154,7 +182,12 @@ def run_remove(args: argparse.Namespace) -> int:
 
 
 def run_reindex(args: argparse.Namespace) -> int:
-    print(rewrite.reindex(args.root, args.index_type, args.keep).line())
+    print(rewrite.reindex(args.root, args.index_type, args.keep, args.ram_budget).line())
+    return 0
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    print(compact.compact(args.root, True, args.keep, args.ram_budget).line())
     return 0
 
 

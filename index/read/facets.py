@@ -1,17 +1,21 @@
 """Facets: what the filters can ask for, the values of every filterable field with counts, and
 the rule of which fields a page's menus offer (`offered`): not ids, paths, hashes, licences,
 splits, free text or the archive's own spellings behind a normalised field (index/fields.py),
-unless a setting says otherwise. Placeholder values ("todo", "?") are never counted as values."""
+unless a setting says otherwise. Placeholder values ("todo", "?") are never counted as values.
+
+`facets` computes them by reading every row; a version written since issue 25 holds them, computed
+so when it was published (index/write/lookups.py), and a server reads them back (`stored_facets`)."""
 
 from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from ..fields import BODY_PART_SOURCES, MODALITY_SOURCES
+from ..metadata import FACET_FIELDS, FACET_VALUES, has_table
 from .filters import SAFE_KEY, _number_sql
 
 FACET_COLUMNS = ("modality", "view")
@@ -58,11 +62,18 @@ DATE_FORMATS = (
 )
 
 
-def facets(conn: sqlite3.Connection, fields: frozenset[str]) -> list[Facet]:
+def facets(
+    conn: sqlite3.Connection,
+    fields: frozenset[str],
+    counts: Callable[[str], Iterable[tuple]] | None = None,
+) -> list[Facet]:
     """Every value of modality, view and each manifest field a filter may name, with counts.
 
     Empty strings and NULL are left out, and fields without any value. Numbers are told apart
-    from text exactly as a numeric range filter does (the value's text is a JSON number)."""
+    from text exactly as a numeric range filter does (the value's text is a JSON number).
+    counts: field -> its rows (value, images, the value as a number or None) where the JSON
+    value is text or a number, in place of parsing every row's JSON (index/write/lookups.py
+    counts them from its field tables)."""
     # field -> its text value -> [images, the value as a number or None]
     counted: dict[str, dict[str, list]] = {}
     for column in FACET_COLUMNS:
@@ -75,7 +86,10 @@ def facets(conn: sqlite3.Connection, fields: frozenset[str]) -> list[Facet]:
     names = sorted(name for name in fields if name not in FACET_COLUMNS and SAFE_KEY.match(name))
     for name in names:
         counted[name] = {}
-    if names:
+    if counts is not None:
+        for name in names:
+            _count(counted[name], counts(name))
+    elif names:
         rows = conn.execute(
             f"SELECT j.key, j.value, COUNT(*), {_number_sql('j.value')} "
             "FROM images, json_each(images.meta) AS j "
@@ -86,6 +100,27 @@ def facets(conn: sqlite3.Connection, fields: frozenset[str]) -> list[Facet]:
             if key in counted and key not in FACET_COLUMNS:
                 _count(counted[key], [rest])
     return [_facet(name, values) for name, values in counted.items() if values]
+
+
+def stored_facets(conn: sqlite3.Connection, schema: str = "main") -> list[Facet] | None:
+    """The facets a version was published with (index/write/lookups.py: the same as `facets`,
+    each field's values cut to the most frequent STORED_VALUES), or None in a version written
+    before they were stored. schema: the attached database to read (a segment)."""
+    if not has_table(conn, FACET_FIELDS, schema):
+        return None
+    values: dict[int, list[tuple[str, int]]] = {}
+    for position, value, n in conn.execute(
+        f"SELECT position, value, images FROM {schema}.{FACET_VALUES} ORDER BY position, rank"
+    ):
+        values.setdefault(position, []).append((value, n))
+    rows = conn.execute(
+        "SELECT position, field, kind, distinct_values, low, high, images "
+        f"FROM {schema}.{FACET_FIELDS} ORDER BY position"
+    )
+    return [
+        Facet(field, kind, values.get(position, []), distinct, low, high, count)
+        for position, field, kind, distinct, low, high, count in rows
+    ]
 
 
 def _count(values: dict[str, list], rows: Iterable[tuple]) -> None:

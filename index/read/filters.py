@@ -184,7 +184,9 @@ def _number_sql(expr: str) -> str:
 
 
 class FieldTables:
-    """Manifest fields copied out of the meta JSON into indexed temporary tables of one
+    """Manifest fields copied out of the meta JSON into indexed tables: in a version written
+    since issue 25, the tables it was published with (`stored`: field -> table, written by
+    index/write/lookups.py with the same query as `_build`); before, temporary tables of one
     connection, a field the first time a filter names it.
 
     Without them a filter on a manifest field parses every row's JSON on every query, which
@@ -195,21 +197,32 @@ class FieldTables:
     immutable version: the tables live in SQLite's temporary storage, never in the version's
     file. Not thread-safe, like the connection."""
 
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        stored: Mapping[str, str] | None = None,
+        schema: str = "main",
+    ):
         self.conn = conn
+        self.schema = schema  # the database holding `images` and the stored tables (a segment)
         self.tables: dict[str, str] = {}
+        self.stored = dict(stored or {})
         self.failed: dict[str, str] = {}  # field -> why its table could not be built
 
     def table_of(self, key: str) -> str:
-        """The temporary table (id, value, number) of manifest field `key`, built on first use:
-        number is the value read as a number where it is one (_number_sql), as ranges compare.
+        """The table (id, value, number) of manifest field `key`, qualified (main. or temp.):
+        the stored one, else a temporary one built on first use. number is the value read as a
+        number where it is one (_number_sql), as ranges compare.
         A build that fails (no room for temporary files) leaves nothing behind, is logged, and
         raises sqlite3.OperationalError, then and on every later call for that field (no build
         is tried again on this connection: each try would scan every row)."""
+        if key in self.stored:
+            return f"{self.schema}.{self.stored[key]}"
         if key in self.failed:
             raise sqlite3.OperationalError(self.failed[key])
         if key not in self.tables:
-            name = f"filter_field_{len(self.tables)}"
+            prefix = "" if self.schema == "main" else f"{self.schema}_"
+            name = f"filter_field_{prefix}{len(self.tables)}"
             try:
                 self._build(name, key)
             except sqlite3.Error as err:
@@ -221,14 +234,14 @@ class FieldTables:
                     err,
                 )
                 raise sqlite3.OperationalError(str(err)) from err
-            self.tables[key] = name
+            self.tables[key] = f"temp.{name}"
         return self.tables[key]
 
     def _build(self, name: str, key: str) -> None:
         self.conn.execute(f"CREATE TEMP TABLE {name} (id INTEGER PRIMARY KEY, value, number REAL)")
         self.conn.execute(
             f"INSERT INTO temp.{name} SELECT id, v, {_number_sql('v')} FROM "
-            "(SELECT id, json_extract(meta, ?) AS v FROM images) WHERE v IS NOT NULL",
+            f"(SELECT id, json_extract(meta, ?) AS v FROM {self.schema}.images) WHERE v IS NOT NULL",
             (f'$."{key}"',),
         )
         for column in ("value", "number"):
@@ -242,10 +255,12 @@ def filtered_ids(
     filters: Mapping[str, Any],
     fields: frozenset[str] | None = None,
     tables: FieldTables | None = None,
+    schema: str = "main",
 ) -> list[int]:
     """Ids of the images that pass every filter; `fields` as for filter_sql. With `tables`,
     manifest fields are read from their tables (joined: a missing value matches no filter,
-    as json_extract's NULL does not); where one cannot be built, from the JSON as without."""
+    as json_extract's NULL does not); where one cannot be built, from the JSON as without.
+    schema: the attached database whose images are read (a segment, index.read.segmented)."""
     where, params = filter_sql(filters, fields)  # a client error raises before any table build
     joins = ""
     if tables is not None:
@@ -256,7 +271,9 @@ def filtered_ids(
         else:
             where, params = filter_sql(filters, fields, targets)
     try:
-        rows = conn.execute(f"SELECT images.id FROM images{joins} WHERE {where}", params)
+        rows = conn.execute(
+            f"SELECT images.id FROM {schema}.images AS images{joins} WHERE {where}", params
+        )
     except OverflowError as err:  # an integer SQLite cannot hold
         raise FilterError(
             f"filter value out of range: {err}; integers must fit in 64 bits"
@@ -269,6 +286,6 @@ def _field_joins(tables: FieldTables, keys: list[str]) -> tuple[str, dict[str, t
     joins, targets = "", {}
     for n, key in enumerate(keys):
         alias = f"f{n}"
-        joins += f" JOIN temp.{tables.table_of(key)} AS {alias} ON {alias}.id = images.id"
+        joins += f" JOIN {tables.table_of(key)} AS {alias} ON {alias}.id = images.id"
         targets[key] = (f"{alias}.value", f"{alias}.number")
     return joins, targets

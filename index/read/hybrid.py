@@ -27,7 +27,6 @@ Every hit carries its Evidence, so a card can say why it ranked.
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import numpy as np
 
 from convirt.findings import QueryTerms, read_rules, stem
 
-from .keywords import phrase
+from .keywords import ReportTerms, phrase
 from .search import Hit
 from .sentences import SentenceSpace, dot
 
@@ -189,7 +188,7 @@ def lexical_terms(terms: QueryTerms) -> list[tuple[str, str, float]]:
 
 
 def lexical_evidence(
-    fts: sqlite3.Connection, terms: QueryTerms, passes: Callable[[np.ndarray], np.ndarray]
+    fts: ReportTerms, terms: QueryTerms, passes: Callable[[np.ndarray], np.ndarray]
 ) -> tuple[tuple[np.ndarray, np.ndarray], list[tuple[str, np.ndarray]]]:
     """((ids, share) of the images whose report asserts some of the query's words and findings
     as asked, share = their IDF-weighted part of all, sorted by id; [(word or finding, ids
@@ -199,12 +198,11 @@ def lexical_evidence(
     empty = (np.zeros(0, np.int64), np.zeros(0))
     if not asked:
         return empty, []
-    total = fts.execute("SELECT count(*) FROM report_terms").fetchone()[0] or 1
-    query = "SELECT rowid FROM report_terms WHERE report_terms MATCH ? LIMIT ?"
+    total = fts.count() or 1
     matches, parts, weights = [], [], []
     idf_sum = 0.0
     for label, expression, times in asked:
-        rows = np.array([r[0] for r in fts.execute(query, (expression, LEXICAL_READ))], np.int64)
+        rows = fts.matching(expression, LEXICAL_READ)
         idf = times * math.log(1 + total / (1 + len(rows)))
         idf_sum += idf
         rows = np.sort(rows[passes(rows)])

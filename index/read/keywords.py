@@ -39,7 +39,12 @@ class Keywords:
 
 
 def check_keywords(keywords: Keywords) -> None:
-    """FilterError, saying what is allowed, for keywords the report search cannot run."""
+    """FilterError, saying what is allowed, for keywords the report search cannot run (TypeError
+    for anything but Keywords: the caller's mistake)."""
+    if not isinstance(keywords, Keywords):
+        raise TypeError(
+            f"keywords must be index.read.keywords.Keywords, not {type(keywords).__name__}"
+        )
     for name in ("must", "must_not"):
         terms = getattr(keywords, name)
         if not isinstance(terms, tuple):
@@ -129,6 +134,81 @@ def keyword_ids(
     if keywords.must_not:
         expression = " OR ".join(column + phrase(term) for term in keywords.must_not)
         must_not = {row[0] for row in fts.execute(query, (expression,))}
+    return must, must_not
+
+
+class ReportTerms:
+    """The report_terms FTS5 tables a version's reports are searched by (index.write.sentences):
+    main's in a format-1 version, one per attached segment in a format-2 one, whose deleted ids
+    (`deleted`: per schema, sorted) never match. FTS5 tables cannot be put behind a view, so
+    every query runs per table and the ids are merged: as one table would answer (rowid order,
+    the same LIMIT). Calls are serialised by the caller (one connection)."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        schemas: tuple[str, ...] = ("main",),
+        deleted: dict[str, np.ndarray] | None = None,
+    ):
+        self.conn, self.schemas = conn, schemas
+        self.deleted = deleted or {}
+        self._count: int | None = None
+
+    def count(self) -> int:
+        """Reports in the tables (the images with a sentence), deleted ones aside."""
+        if self._count is None:
+            total = 0
+            for schema in self.schemas:
+                total += self.conn.execute(
+                    f"SELECT count(*) FROM {schema}.report_terms"
+                ).fetchone()[0]
+                gone = self.deleted.get(schema)
+                if gone is not None and len(gone):
+                    total -= len(self._query(schema, "", gone))
+            self._count = total
+        return self._count
+
+    def matching(self, expression: str, limit: int | None = None) -> np.ndarray:
+        """The sorted ids (at most `limit`, the lowest) whose report matches an FTS5 expression."""
+        found = []
+        for schema in self.schemas:
+            gone = self.deleted.get(schema, np.zeros(0, np.int64))
+            more = None if limit is None else limit + len(gone)
+            rows = np.asarray(self._query(schema, expression, more=more), np.int64)
+            if len(gone):
+                rows = rows[~np.isin(rows, gone)]
+            found.append(rows)
+        every = np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
+        return every if limit is None else every[:limit]
+
+    def _query(
+        self, schema: str, expression: str, among: np.ndarray | None = None, more: int | None = None
+    ) -> list[int]:
+        if among is not None:  # which of these ids the table holds
+            held = []
+            for start in range(0, len(among), 500):
+                part = [int(i) for i in among[start : start + 500]]
+                marks = ", ".join("?" * len(part))
+                query = f"SELECT rowid FROM {schema}.report_terms WHERE rowid IN ({marks})"
+                held += [row[0] for row in self.conn.execute(query, part)]
+            return held
+        query = f"SELECT rowid FROM {schema}.report_terms WHERE report_terms MATCH ?"
+        if more is None:
+            return [row[0] for row in self.conn.execute(query, (expression,))]
+        return [row[0] for row in self.conn.execute(query + " LIMIT ?", (expression, more))]
+
+
+def asserted_ids(terms: ReportTerms, keywords: Keywords) -> tuple[set[int] | None, set[int]]:
+    """keyword_ids against what the reports assert (ASSERTED), in every table of `terms`."""
+    _, column = ASSERTED
+    must = None
+    if keywords.must:
+        expression = " AND ".join(column + phrase(term) for term in keywords.must)
+        must = set(terms.matching(expression).tolist())
+    must_not: set[int] = set()
+    if keywords.must_not:
+        expression = " OR ".join(column + phrase(term) for term in keywords.must_not)
+        must_not = set(terms.matching(expression).tolist())
     return must, must_not
 
 

@@ -52,15 +52,21 @@ def search_within(
     count = int(index.ntotal)
     if allowed is None:
         if len(excluded) == 0:
-            return faiss_search(index, queries, min(k, count))
+            return deep_search(index, queries, min(k, count))
+        found = faiss_index.excluding_search(index, queries, min(k, count), excluded)
+        if found is not None:
+            return as_hits(*found)
         # at most len(excluded) of the nearest k + len(excluded) are left out
         drop = set(excluded.tolist())
-        fetched = faiss_search(index, queries, min(count, k + len(drop)))
+        fetched = deep_search(index, queries, min(count, k + len(drop)))
         return [[hit for hit in hits if hit.id not in drop][:k] for hits in fetched]
     if len(excluded):
         allowed = np.setdiff1d(allowed, excluded, assume_unique=True)
     if len(allowed) == 0:
         return [[] for _ in queries]
+    found = faiss_index.filtered_search(index, queries, min(k, len(allowed)), allowed)
+    if found is not None:
+        return as_hits(*found)
     params = faiss_index.search_params(index, allowed)
     if params is not None:
         return faiss_search(index, queries, min(k, len(allowed)), params)
@@ -70,7 +76,16 @@ def search_within(
 def faiss_search(
     index: faiss.Index, queries: np.ndarray, k: int, params: faiss.SearchParameters | None = None
 ) -> list[list[Hit]]:
-    scores, ids = index.search(queries, k, params=params)
+    return as_hits(*index.search(queries, k, params=params))
+
+
+def deep_search(index: faiss.Index, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    """The k nearest without a filter, searched as deep as k needs (faiss_index.depth_params)."""
+    return faiss_search(index, queries, k, faiss_index.depth_params(index, k))
+
+
+def as_hits(scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+    """FAISS's answer (scores, ids; -1 where fewer were found) as Hits per query."""
     return [
         [Hit(int(i), float(s)) for s, i in zip(row_s, row_i, strict=True) if i >= 0]
         for row_s, row_i in zip(scores, ids, strict=True)
@@ -85,7 +100,7 @@ def overfetch(
 
     def nearest(query: np.ndarray) -> Callable[[int], list[Hit]]:
         return lambda fetch: [
-            h for h in faiss_search(index, query[None], fetch)[0] if h.id in allowed
+            h for h in deep_search(index, query[None], fetch)[0] if h.id in allowed
         ]
 
     count = int(index.ntotal)
@@ -144,3 +159,15 @@ def among(ids: Sequence[int], allowed: np.ndarray) -> list[int]:
         return []
     rows = np.minimum(np.searchsorted(allowed, wanted), len(allowed) - 1)
     return wanted[allowed[rows] == wanted].tolist()
+
+
+def rows_of(ids: np.ndarray, wanted: Sequence[int], version: str) -> np.ndarray:
+    """The rows of several ids in a version's sorted `ids`; KeyError naming the first unknown."""
+    asked = np.asarray([int(i) for i in wanted], dtype=np.int64)
+    rows = np.searchsorted(ids, asked)
+    found = rows < len(ids)
+    found[found] = ids[rows[found]] == asked[found]
+    if not found.all():
+        missing = int(asked[np.argmin(found)])
+        raise KeyError(f"image id {missing} is not in index version {version}")
+    return rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +29,30 @@ class SentenceSpace:
     (sentence, image) pairs sorted by sentence."""
 
     def __init__(self, directory: Path, db: sqlite3.Connection):
-        self.vectors = np.load(Path(directory) / SENTENCE_VECTORS)
-        self.index = faiss.IndexFlatIP(self.vectors.shape[1])
-        self.index.add(np.ascontiguousarray(self.vectors, np.float32))
         rows = db.execute(
             "SELECT id, text, mentions, asserts, denies, sides FROM sentences ORDER BY id"
+        )
+        pairs = db.execute("SELECT sentence, image FROM sentence_images ORDER BY sentence")
+        self._fill(np.load(Path(directory) / SENTENCE_VECTORS), rows, pairs.fetchall())
+
+    @classmethod
+    def assembled(cls, vectors: np.ndarray, rows: Iterable[tuple], pairs: list) -> SentenceSpace:
+        """A space from its parts: vectors (S x d), rows (id, text, mentions, asserts, denies,
+        sides) with ids 0..S-1 in order, (sentence, image) pairs sorted by sentence; how the
+        sentences of several segments are served as one (index.read.segmented)."""
+        space = cls.__new__(cls)
+        space._fill(vectors, rows, pairs)
+        return space
+
+    def _fill(self, vectors: np.ndarray, rows: Iterable[tuple], pairs: list) -> None:
+        count, dim = vectors.shape
+        self.index = faiss.IndexFlatIP(dim)
+        self.index.add(np.ascontiguousarray(vectors, np.float32))
+        # read through the index's own copy, so the vectors are held once, not twice
+        self.vectors = (
+            faiss.rev_swig_ptr(self.index.get_xb(), count * dim).reshape(count, dim)
+            if count
+            else np.zeros((0, dim), np.float32)
         )
         self.texts: list[str] = []
         self.mentions: list[str] = []
@@ -54,10 +74,7 @@ class SentenceSpace:
             raise ValueError(
                 f"{len(self.vectors)} sentence vectors for {len(self.texts)} sentences"
             )
-        pairs = np.asarray(
-            db.execute("SELECT sentence, image FROM sentence_images ORDER BY sentence").fetchall(),
-            dtype=np.int64,
-        ).reshape(-1, 2)
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         self.offsets = np.searchsorted(pairs[:, 0], np.arange(len(self.texts) + 1))
         self.pair_sentence = pairs[:, 0].copy()
         self.images = pairs[:, 1].copy()

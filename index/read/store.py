@@ -13,8 +13,12 @@ report must (not) contain, ids to leave out, all applied inside FAISS:
     store.facets()   # what those filters can ask for: values with counts, or a low..high range
 
 An IndexStore reads one immutable version, so it never changes under a reader; searches may run
-from several threads at once. Opening one checks it first (FAISS loads, `PRAGMA quick_check`, the
-counts of FAISS, the vectors and SQLite agree): a damaged version raises CorruptVersionError.
+from several threads at once. Opening one checks it first (FAISS loads, the SQLite headers, the
+counts of FAISS, the vectors and SQLite agree: index/read/opening.py): a damaged version raises
+CorruptVersionError. A version written since issue 25 holds its facets and per-field tables
+(index/write/lookups.py) and its thumbnails apart (thumbs.sqlite); older ones are served by
+scanning their rows once, as before. A version of several segments (format 2) is served by
+index/read/segmented.py's SegmentedStore, with the same answers.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from .. import layout, metadata
 from ..errors import CorruptVersionError, IndexStoreError, check_fingerprint
 from ..version import VersionFiles, read_version
 from . import hybrid, lookup, search, sentences
-from .facets import Facet, facets
+from . import keywords as report_keywords
+from .facets import Facet, facets, stored_facets
 from .filters import FieldTables, filtered_ids
 from .hybrid import TextRanking
-from .keywords import ASSERTED, Keywords, check_keywords, keyword_ids, narrowed, report_index
+from .keywords import Keywords, check_keywords, narrowed
 from .opening import open_checked
 from .search import Hit
 from .timings import FAISS, FILTER, REPORTS, Timings
@@ -58,24 +63,34 @@ class IndexStore:
         self.root = Path(root)
         self.files = files
         self.info = files.info
-        # every file is opened and checked before anyone searches it: CorruptVersionError
-        opened = open_checked(files)
-        self.indexes = opened.indexes
-        self.ids = opened.ids
-        self.vectors = opened.vectors
-        self.db = opened.db
         self.lock = threading.Lock()
-        # the manifest fields a filter may name, read once: a version never changes
-        self.meta_fields = lookup.meta_fields(self.db)
         self._groups: dict[str, dict[str, list[int]]] = {}  # group_members' maps, per field
         # built on first use, then kept: the reports' FTS5 index (with its own lock) and facets
         self._reports: sqlite3.Connection | None = None
         self._reports_lock = threading.Lock()
         self._facets: list[Facet] | None = None
-        self._field_tables = FieldTables(self.db)  # filters' per-field indexes
         # the reports' sentences and their words by status (index.read.sentences); None in versions
         # written before them, which rank text queries by the image alone
         self.sentences: sentences.SentenceSpace | None = None
+        self._open(files)
+
+    def _open(self, files: VersionFiles) -> None:
+        """Open and check every file before anyone searches it: CorruptVersionError. A format-2
+        version (several segments) is opened by index.read.segmented.SegmentedStore instead."""
+        opened = open_checked(files)
+        self.indexes = opened.indexes
+        self.ids = opened.ids
+        self.vectors = opened.vectors
+        self.db = opened.db
+        self.report_terms = report_keywords.ReportTerms(
+            self.db
+        )  # the reports' words by status (FTS5)
+        # the manifest fields a filter may name, read once: a version never changes
+        self.meta_fields = lookup.meta_fields(self.db)
+        # field -> its table, stored at publish (None: a version written before them)
+        self._stored_tables = lookup.stored_tables(self.db)
+        self._thumbs_apart = not metadata.has_column(self.db, "images", "thumbnail")
+        self._field_tables = FieldTables(self.db, self._stored_tables)  # per-field indexes
         if files.info.get("sentences") and sentences.has_space(self.db):
             try:
                 self.sentences = sentences.SentenceSpace(files.directory, self.db)
@@ -179,14 +194,12 @@ class IndexStore:
 
         passes = search.passing(allowed, excluded)
         with timings.stage(REPORTS), self.lock:
-            lexical, matches = hybrid.lexical_evidence(self.db, terms, passes)
+            lexical, matches = hybrid.lexical_evidence(self.report_terms, terms, passes)
         image_hits = []
         if mode == "hybrid" and self.count:
             reads = max(hybrid.IMAGES_READ, k)
             with timings.stage(FAISS):
-                image_hits = search.search_within(
-                    self.indexes["joint"], query[None], reads, allowed, excluded
-                )[0]
+                image_hits = self._nearest("joint", query[None], reads, allowed, excluded)[0]
         also = [*lexical[0].tolist(), *(hit.id for hit in image_hits)]
         with timings.stage(REPORTS):
             found = hybrid.sentence_evidence(self.sentences, query, terms, passes, also)
@@ -223,16 +236,20 @@ class IndexStore:
         timings: Timings | None = None,
     ) -> dict[str, list[int]]:
         """Ids of the images whose manifest field `field` holds one of `keys` (a study or patient
-        id) and that pass the filters and keywords, by key: every image of a group, not only
-        those a search happened to reach. The field's value -> ids map is read once per version
-        (one scan, then a dictionary lookup per key)."""
+        id) and that pass the filters and keywords, by key: every image of a group. Each key is
+        looked up in the field's stored table; in a version written before those, in the field's
+        value -> ids map, read once per version."""
         if not keys or field not in self.meta_fields:
             return {}
         with self.lock:
-            if field not in self._groups:
-                self._groups[field] = lookup.field_values(self.db, field)
-            groups = self._groups[field]
-        members = {key: groups[key] for key in keys if key in groups}
+            if self._stored_tables is not None:
+                table = self._stored_tables.get(field)
+                members = lookup.members(self.db, table, list(keys)) if table else {}
+            else:
+                if field not in self._groups:
+                    self._groups[field] = lookup.field_values(self.db, field)
+                groups = self._groups[field]
+                members = {key: groups[key] for key in keys if key in groups}
         allowed = self._allowed(filters, keywords, timings)
         if allowed is None:
             return members
@@ -242,12 +259,14 @@ class IndexStore:
     def facets(self, max_values: int = 50) -> list[Facet]:
         """What filters can ask for: modality, view and every manifest field, each with its
         values and image counts (at most `max_values`, most frequent first) or, where every value
-        is a number or an ISO date, its range. Computed once: a version never changes."""
+        is a number or an ISO date, its range. Read once, as stored at publish (at most
+        STORED_VALUES values a field), or computed from every row in an older version."""
         if max_values < 0:
             raise ValueError(f"max_values must be 0 or more, got {max_values}")
         with self.lock:
             if self._facets is None:
-                self._facets = facets(self.db, self.meta_fields)
+                stored = self._stored_facets()
+                self._facets = facets(self.db, self.meta_fields) if stored is None else stored
             cached = self._facets
         return [replace(facet, values=facet.values[:max_values]) for facet in cached]
 
@@ -266,7 +285,7 @@ class IndexStore:
     def thumbnail(self, image_id: int) -> bytes | None:
         """The JPEG thumbnail (longest side 128 px), or None for an unknown id."""
         with self.lock:
-            return lookup.thumbnail(self.db, int(image_id))
+            return lookup.thumbnail(self.db, int(image_id), self._thumbs_apart)
 
     def close(self) -> None:
         with self._reports_lock:
@@ -284,21 +303,11 @@ class IndexStore:
     # -- internals --------------------------------------------------------------------------------
 
     def _row(self, image_id: int) -> int:
-        row = int(np.searchsorted(self.ids, image_id))
-        if row >= len(self.ids) or self.ids[row] != image_id:
-            raise KeyError(f"image id {image_id} is not in index version {self.version}")
-        return row
+        return int(self._rows([image_id])[0])
 
     def _rows(self, ids: Sequence[int]) -> np.ndarray:
-        """The rows of several ids at once; KeyError naming the first unknown one."""
-        wanted = np.asarray([int(i) for i in ids], dtype=np.int64)
-        rows = np.searchsorted(self.ids, wanted)
-        found = rows < len(self.ids)
-        found[found] = self.ids[rows[found]] == wanted[found]
-        if not found.all():
-            missing = int(wanted[np.argmin(found)])
-            raise KeyError(f"image id {missing} is not in index version {self.version}")
-        return rows
+        """The rows of ids in self.ids; KeyError naming the first unknown one."""
+        return search.rows_of(self.ids, ids, self.version)
 
     def _search(
         self,
@@ -319,17 +328,24 @@ class IndexStore:
         excluded = search.held(self.ids, exclude)
         allowed = self._allowed(filters, keywords, timings)
         with timings.stage(FAISS):
-            return search.search_within(self.indexes[space], queries, k, allowed, excluded)
+            return self._nearest(space, queries, k, allowed, excluded)
+
+    def _nearest(self, space, queries, k, allowed, excluded) -> list[list[Hit]]:
+        """search.search_within on this version's index of `space` (segments: SegmentedStore)."""
+        return search.search_within(self.indexes[space], queries, k, allowed, excluded)
+
+    def _stored_facets(self) -> list[Facet] | None:
+        return stored_facets(self.db)
+
+    def _filtered(self, filters: Filters) -> list[int]:
+        """The ids passing the filters (hold self.lock)."""
+        return filtered_ids(self.db, filters, self.meta_fields, self._field_tables)
 
     def _allowed(
         self, filters: Filters | None, keywords: Keywords | None, timings: Timings | None = None
     ) -> np.ndarray | None:
         """The sorted ids passing the filters and the keywords; None where neither restricts."""
-        if keywords is not None and not isinstance(keywords, Keywords):
-            raise TypeError(
-                f"keywords must be index.read.keywords.Keywords, not {type(keywords).__name__}"
-            )
-        if keywords:
+        if keywords is not None:
             check_keywords(keywords)  # before any work: a client error is cheap
         if not filters and not keywords:
             return None
@@ -340,7 +356,7 @@ class IndexStore:
         allowed = None
         if filters:
             with self.lock:
-                found = filtered_ids(self.db, filters, self.meta_fields, self._field_tables)
+                found = self._filtered(filters)
             allowed = np.unique(np.asarray(found, dtype=np.int64))
             if len(allowed) == 0:
                 return allowed
@@ -354,16 +370,16 @@ class IndexStore:
         written before report sentences, on what they mention."""
         if self.sentences is not None:
             with self.lock:
-                return keyword_ids(self.db, keywords, ASSERTED)
+                return report_keywords.asserted_ids(self.report_terms, keywords)
         with self._reports_lock:
-            return keyword_ids(self._report_index(), keywords)
+            return report_keywords.keyword_ids(self._report_index(), keywords)
 
     def _report_index(self) -> sqlite3.Connection:
         """The reports' FTS5 index, built on the first keyword query; hold _reports_lock."""
         if self._reports is None:
             with self.lock:  # lock order: _reports_lock, then lock (never the other way)
                 reported = metadata.reports(self.db)
-            self._reports = report_index(reported)
+            self._reports = report_keywords.report_index(reported)
         return self._reports
 
     def _queries(self, space: str, vectors: np.ndarray) -> np.ndarray:
@@ -376,4 +392,6 @@ def open_current(root: str | Path, expected_fingerprint: str | None = None) -> I
     files = read_version(layout.current_version_dir(root))
     where = f"index {root} (version {files.name})"
     check_fingerprint(where, files.fingerprint, expected_fingerprint)
-    return IndexStore(root, files)
+    from .segmented import open_version  # it builds on IndexStore
+
+    return open_version(root, files)

@@ -45,6 +45,11 @@ class Source:
         version inherits ({} for a build)."""
         return {}
 
+    def changes_rows(self, meta: Path) -> bool:
+        """Whether `finish` would change rows of the earlier segment whose meta.sqlite is `meta`
+        (a segment is immutable: the write then rewrites its rows into the new one)."""
+        return False
+
     def finish(self, conn, skipped: list[Skip]) -> dict[str, Any]:
         """Called with the new version's metadata (sqlite3) before it is published, and what was
         skipped; returns keys for build_report.json ("counts" are merged into its counts)."""

@@ -11,11 +11,12 @@
                   the DICOM field renaming reindex migrates older versions with; the
                   normalised modality and body part every publish derives (index/fields.py)
     sentences.py  the report sentences derived and embedded at publish
+    lookups.py    the facets and per-field tables written at publish, and its quick_check
     checks.py     `convirt index info` and `verify`
 
 A build: build.build -> template.writing -> Source.fetch (index.sources) -> embedding.run_job
 (staging) -> rows.insert_new -> Source.finish -> Write.publish (vectors, FAISS via
-index.faiss_index, sentences.write, version.json) -> CURRENT switched.
+index.faiss_index, sentences.write, lookups.write, version.json) -> CURRENT switched.
 An image's record (convirt.imagerecord) is made by its one decode in the image cache, given its
 vectors by embedding.py, staged by staging.py and written as its row by rows.py: one object.
 """

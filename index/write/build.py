@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,12 @@ from convirt.bundle import Bundle, load_bundle
 from convirt.inference import Embedder
 from convirt.manifest import Skip
 
-from .. import faiss_index, layout, metadata
+from .. import faiss_index, layout
 from ..errors import IndexStoreError, check_fingerprint
+from ..metadata import content_id
 from ..sources.base import Source
 from ..version import SPACES
-from . import rows
+from . import compact, rows, segments
 from .embedding import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_BATCHES,
@@ -41,7 +41,7 @@ from .embedding import (
 )
 from .rows import duplicate_rows, insert_new
 from .staging import Staging
-from .template import Summary, Write, version_bytes, writing
+from .template import Summary, Write, writing
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class Options:
     progress: bool = True
     keep: int = layout.KEEP_VERSIONS
     cache_dir: Path | None = None  # the image cache (default: $CONVIRT_CACHE_DIR/images)
+    ram_budget: int | None = None  # bytes `auto` may fill (index.faiss_index.choose_auto)
 
     def job_settings(self) -> JobSettings:
         return JobSettings(
@@ -98,6 +99,7 @@ def build(
             **model_info(bundle),
             "source": source.describe(),
             "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+            "ram_budget": options.ram_budget,
             **job_info(job, skipped, w.meta),
             **source.source_info({}),
         }
@@ -108,10 +110,12 @@ def build(
 def add(
     root: str | Path, model: ModelLike, source: Source, options: Options | None = None
 ) -> Summary:
-    """Embed the new images of `source` and copy every old vector into a new version."""
+    """Embed the new images of `source` into one new segment of a new version (old segments are
+    listed, not copied), then let the compaction policy merge small segments."""
     options = options or Options()
     with writing(root, "add", from_current=True, keep=options.keep) as w:
         update(w, source, options, embedder_for(w, model, options))
+    w.summary.compaction = compact.by_policy(root, options.keep)
     return w.summary
 
 
@@ -123,41 +127,46 @@ def update(
     drop: Sequence[str] = (),
 ) -> None:
     """Publish w.current plus the new images of `source`, minus the images stored under the
-    paths in `drop` (what a remote source no longer holds). Without an embedder, `source` must
+    paths in `drop` (what a remote source no longer holds), as one new segment (write/segments.py)
+    and a version listing it after the current segments. Without an embedder, `source` must
     have nothing to embed (a sync that only removes)."""
     current = w.current
-    w.needs(lambda: version_bytes(current) + (new_bytes(source, embedder) if embedder else 0))
-    with closing(metadata.open_readonly(current.meta_path)) as conn:
-        indexed = rows.hashes_and_paths(conn)
+    listing = segments.Listing.of(current)
+    w.needs(lambda: new_bytes(source, embedder) if embedder else 0)
+    w.reuse_from = [f.directory for f in listing.files]
     staging = None
     if embedder is not None:
         staging = w.staging(open_staging(w.root, embedder))
         source = source.fetch(staging.directory, options.progress)
-        job = run_job(source.items, embedder, staging, options.job_settings(), frozenset(indexed))
+        known = listing.live_content()  # looked up per image, not read into a set
+        job = run_job(source.items, embedder, staging, options.job_settings(), known)
     elif source.items:
         raise IndexStoreError("internal error: images to embed, but no model to embed them")
     else:
         job = JobResult()
-    by_path = {path: image_id for image_id, path in indexed.values()}
+    # only the paths and ids this write names are looked up: its cost follows what it adds
     named = [(source.name_of(item.path), sha) for item, sha in job.kept]
+    by_path = listing.ids_of_paths([name for name, _ in named] + list(drop))
     replaced = sorted({by_path[name] for name, _ in named if name in by_path})
+    known_paths = listing.paths_of_ids(content_id(sha) for _, sha in job.known)
     already = [
-        name for item, sha in job.known if indexed[sha][1] == (name := source.name_of(item.path))
+        name
+        for item, sha in job.known
+        if known_paths.get(content_id(sha)) == (name := source.name_of(item.path))
     ]
     dropped = sorted({by_path[path] for path in drop if path in by_path})
-    old_ids = current.ids()
-    keep = ~np.isin(old_ids, replaced + dropped)
-    rows.copy_from(w.meta, current.meta_path, old_ids[keep], old_ids[keep])
+    gone = replaced + dropped
+    touched = touched_segments(listing, source, [sha for _, sha in named], drop, named)
+    old_ids, old_vectors = segments.gather(w, listing, touched, gone)
     if drop:
         rows.forget_duplicate_paths(w.meta, drop)
         rows.forget_skipped(w.meta, drop)
     new_ids, new_vectors = insert_new(w.meta, job.kept, staging, source, current)
-    rows.insert_duplicates(w.meta, duplicate_rows(job, source, already))
-    ids = np.concatenate([old_ids[keep], new_ids])
-    vectors = {
-        space: np.concatenate([current.vectors(space)[keep], new_vectors[space]])
-        for space in SPACES
-    }
+    found = duplicate_rows(job, source, already)  # of an earlier segment's image: its path
+    paths_of = listing.paths_of_ids(i for _, i, _ in found)
+    rows.insert_duplicates(w.meta, [(p, i, of or paths_of.get(i, "")) for p, i, of in found])
+    ids = np.concatenate([old_ids, new_ids])
+    vectors = {space: np.concatenate([old_vectors[space], new_vectors[space]]) for space in SPACES}
     skipped = skips(job, source)
     extra = source.finish(w.meta, skipped)
     outcome = job_outcome(job, skipped, w.meta, source, extra)
@@ -167,12 +176,37 @@ def update(
         outcome["removed"] = sorted(path for path in drop if path in by_path)
     outcome.update(added=[name for name, _ in named], already_indexed=already)
     info = {
-        **current.info,
+        **segments.segment_info(current),
         "added_from": source.describe(),
         **job_info(job, skipped, w.meta),
         **source.source_info(current.info),
     }
-    w.publish(vectors, ids, info, outcome, current.info["index_type"])
+    if options.ram_budget is not None:
+        info["ram_budget"] = options.ram_budget
+    segment = None
+    if len(ids) or touched:
+        kind = segments.segment_index_type(current.info.get("index_type"), len(ids))
+        segment = w.publish(vectors, ids, info, outcome, kind, as_segment=True)
+    segments.publish_listing(w, listing, touched, segment, gone, info, outcome)
+
+
+def touched_segments(
+    listing: segments.Listing,
+    source: Source,
+    shas: Sequence[str],
+    drop: Sequence[str],
+    named: Sequence[tuple[str, str]],
+) -> set[int]:
+    """The segments a write must rewrite (immutable, they cannot change in place): those holding
+    an id being added again (removed earlier), a duplicate path or remembered skip of `drop`,
+    a remembered skip now indexed, or rows the source changes (a PACS report joined later)."""
+    touched = listing.holding(content_id(sha) for sha in shas)
+    touched |= listing.with_paths("duplicates", drop)
+    touched |= listing.with_paths(rows.SKIPPED_TABLE, [*drop, *(name for name, _ in named)])
+    for position, files in enumerate(listing.files):
+        if position not in touched and source.changes_rows(files.meta_path):
+            touched.add(position)
+    return touched
 
 
 def embedder_for(w: Write, model: ModelLike, options: Options) -> Embedder:

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -105,12 +105,12 @@ def run_job(
     embedder: Embedder,
     staging: Staging,
     settings: JobSettings,
-    known_hashes: frozenset[str] = frozenset(),
+    known_hashes: Container[str] = frozenset(),
 ) -> JobResult:
-    """Embed every item whose content is neither staged nor in `known_hashes` into `staging`."""
+    """Embed every item whose content is neither staged nor in `known_hashes` into `staging`
+    (a membership test: a version's live contents are looked up, not read into a set)."""
     started = time.perf_counter()
-    staged = frozenset(staging.hashes())
-    skip = staged | known_hashes
+    skip = Contents(frozenset(staging.hashes()), known_hashes)
     side = embedder.bundle.config.resize
     reader = CacheReader(pixel_file(cache_root(settings.cache_dir), side))
     resolved = prefetch(cached(items, side, settings, skip), depth=2 * ROWS_PER_CHUNK)
@@ -168,8 +168,20 @@ def embed_batch(embedder: Embedder, batch: list[Ready]) -> list[ImageRecord]:
     return [ready.record for ready in batch]
 
 
+class Contents:
+    """Content hashes (sha256) a job need not decode or embed: those staged by an earlier run of
+    it, and those the index holds (any container: index/write/segments.py LiveContent looks
+    each one up among a version's live ids instead of reading millions into a set)."""
+
+    def __init__(self, staged: frozenset[str], held: Container[str] = frozenset()):
+        self.staged, self.held = staged, held
+
+    def __contains__(self, sha256: object) -> bool:
+        return sha256 in self.staged or sha256 in self.held
+
+
 def cached(
-    items: list[ManifestItem], side: int, settings: JobSettings, embedded: frozenset[str]
+    items: list[ManifestItem], side: int, settings: JobSettings, embedded: Contents
 ) -> Iterator[tuple[ManifestItem, Entry, ImageRecord | None] | Skip]:
     """Each item with its cache entry and its record, decoded into the cache first where it was
     missing, unless its content is `embedded` already (then only hashed: no record)."""
@@ -241,7 +253,7 @@ def inspect(
     row: tuple[ManifestItem, Entry, ImageRecord | None] | Skip,
     embedder: Embedder,
     reader: CacheReader,
-    skip: frozenset[str],
+    skip: Contents,
 ) -> Ready | Hashed | Skip:
     """The model's view of one cached image, unless its content is already embedded."""
     if isinstance(row, Skip):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..fields import with_derived
-from ..metadata import COLUMNS, SCHEMA, content_id
+from ..metadata import COLUMNS, SCHEMA, THUMBS_DB, THUMBS_SCHEMA, content_id, has_column
 
 if TYPE_CHECKING:  # only named in annotations: reading rows needs neither torch nor a source
     from convirt.imagerecord import ImageRecord
@@ -25,15 +25,33 @@ if TYPE_CHECKING:  # only named in annotations: reading rows needs neither torch
 
 
 def create(path: Path) -> sqlite3.Connection:
+    """A new meta.sqlite, with the version's thumbs.sqlite beside it attached as `thumbs`."""
     conn = sqlite3.connect(path)
     conn.executescript(SCHEMA)
+    conn.execute("ATTACH DATABASE ? AS thumbs", (str(Path(path).parent / THUMBS_DB),))
+    conn.execute(THUMBS_SCHEMA)
     return conn
 
 
 def insert_rows(conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
-    """Rows in COLUMNS order followed by the thumbnail bytes."""
-    marks = ", ".join("?" * (len(COLUMNS) + 1))
-    conn.executemany(f"INSERT INTO images VALUES ({marks})", rows)
+    """Rows in COLUMNS order followed by the thumbnail bytes (which go to thumbs.sqlite)."""
+    marks = ", ".join("?" * len(COLUMNS))
+    for batch in _batches(rows, 1000):
+        conn.executemany(f"INSERT INTO images VALUES ({marks})", (row[:-1] for row in batch))
+        conn.executemany(
+            "INSERT INTO thumbs.thumbnails VALUES (?, ?)", ((row[0], row[-1]) for row in batch)
+        )
+
+
+def _batches(rows: Iterable[tuple], size: int) -> Iterable[list[tuple]]:
+    batch: list[tuple] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def insert_duplicates(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, str]]) -> None:
@@ -46,10 +64,20 @@ def copy_from(
     image_ids: Iterable[int] | None = None,
     duplicate_ids: Iterable[int] | None = None,
 ) -> None:
-    """Copy images (with thumbnails) and duplicates of another meta.sqlite; None copies all."""
+    """Copy images (with their thumbnails, from the other version's thumbs.sqlite or, written
+    before it, its images.thumbnail) and duplicates of another meta.sqlite; None copies all."""
+    image_ids = None if image_ids is None else [int(i) for i in image_ids]  # read twice
     conn.execute("ATTACH DATABASE ? AS other", (str(other),))
+    inline = has_column(conn, "images", "thumbnail", "other")
+    if not inline:
+        conn.execute("ATTACH DATABASE ? AS other_thumbs", (str(Path(other).parent / THUMBS_DB),))
     try:
-        _copy_table(conn, "images", image_ids)
+        columns = ", ".join(COLUMNS)
+        _copy_table(conn, "images", image_ids, columns)
+        if inline:
+            _copy_table(conn, "thumbs.thumbnails", image_ids, "id, thumbnail", "other.images")
+        else:
+            _copy_table(conn, "thumbs.thumbnails", image_ids, "id, jpeg", "other_thumbs.thumbnails")
         _copy_table(conn, "duplicates", duplicate_ids)
         if _has_table(conn, "other", SKIPPED_TABLE):  # written by remote sources (DICOMweb) only
             _create_skipped(conn)
@@ -59,21 +87,27 @@ def copy_from(
         conn.commit()
     finally:
         conn.execute("DETACH DATABASE other")
+        if not inline:
+            conn.execute("DETACH DATABASE other_thumbs")
 
 
-def _copy_table(conn: sqlite3.Connection, table: str, ids: Iterable[int] | None) -> None:
+def _copy_table(
+    conn: sqlite3.Connection,
+    table: str,
+    ids: Iterable[int] | None,
+    columns: str = "*",
+    source: str | None = None,
+) -> None:
+    """Copy `columns` of the rows of `source` (default: the same table in `other`) whose id is
+    in `ids` (None: all) into `table`."""
+    source = source or f"other.{table}"
     if ids is None:
-        conn.execute(f"INSERT INTO {table} SELECT * FROM other.{table}")
+        conn.execute(f"INSERT INTO {table} SELECT {columns} FROM {source}")
         return
     conn.execute("CREATE TEMP TABLE keep (id INTEGER PRIMARY KEY)")
     conn.executemany("INSERT OR IGNORE INTO temp.keep VALUES (?)", ((int(i),) for i in ids))
-    conn.execute(f"INSERT INTO {table} SELECT * FROM other.{table} WHERE id IN temp.keep")
+    conn.execute(f"INSERT INTO {table} SELECT {columns} FROM {source} WHERE id IN temp.keep")
     conn.execute("DROP TABLE temp.keep")
-
-
-def hashes_and_paths(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:
-    """sha256 -> (id, path) of every image."""
-    return {sha: (i, path) for i, sha, path in conn.execute("SELECT id, sha256, path FROM images")}
 
 
 def ids_for_path(conn: sqlite3.Connection, path: str) -> list[int]:
@@ -104,13 +138,23 @@ def settle_duplicates(conn: sqlite3.Connection) -> None:
     content is not indexed and repeated paths."""
     conn.execute(
         "UPDATE duplicates SET duplicate_of = "
-        "(SELECT path FROM images WHERE images.id = duplicates.id)"
-    )
+        "(SELECT path FROM images WHERE images.id = duplicates.id) "
+        "WHERE id IN (SELECT id FROM images) OR duplicate_of = ''"
+    )  # a segment's duplicate of an image an earlier segment holds keeps the path it was given
     conn.execute("DELETE FROM duplicates WHERE path = duplicate_of OR duplicate_of IS NULL")
     conn.execute(
         "DELETE FROM duplicates "
         "WHERE rowid NOT IN (SELECT min(rowid) FROM duplicates GROUP BY path)"
     )
+    conn.commit()
+
+
+def drop_duplicates_of(conn: sqlite3.Connection, ids: np.ndarray) -> None:
+    """Forget the duplicate paths of images no longer served (ids)."""
+    conn.execute("CREATE TEMP TABLE doomed (id INTEGER PRIMARY KEY)")
+    conn.executemany("INSERT OR IGNORE INTO temp.doomed VALUES (?)", ((int(i),) for i in ids))
+    conn.execute("DELETE FROM duplicates WHERE id IN temp.doomed")
+    conn.execute("DROP TABLE temp.doomed")
     conn.commit()
 
 
@@ -128,6 +172,10 @@ SKIPPED_TABLE = "not_indexed"  # its name on disk
 def _has_table(conn: sqlite3.Connection, schema: str, table: str) -> bool:
     query = f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?"
     return conn.execute(query, (table,)).fetchone() is not None
+
+
+def has_skipped_table(conn: sqlite3.Connection) -> bool:
+    return _has_table(conn, "main", SKIPPED_TABLE)
 
 
 def _create_skipped(conn: sqlite3.Connection) -> None:
@@ -191,6 +239,13 @@ def values_under(conn: sqlite3.Connection, prefix: str, key: str) -> set[str]:
         [f'$."{key}"', *params],
     )
     return {str(value) for (value,) in rows if value not in (None, "")}
+
+
+def lacks_report_under(conn: sqlite3.Connection, prefix: str) -> bool:
+    """Whether an image whose path starts with prefix (a study's URL) has no report."""
+    start, params = _under(prefix)
+    query = f"SELECT 1 FROM images WHERE {start} AND report = '' LIMIT 1"
+    return conn.execute(query, params).fetchone() is not None
 
 
 def fill_reports_under(conn: sqlite3.Connection, prefix: str, report: str) -> int:

@@ -26,10 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
-from .. import faiss_index, layout
+from .. import compressed, faiss_index, layout
 from ..errors import IndexStoreError
 from ..fields import FIELDS_VERSION
 from ..metadata import META_DB
@@ -42,7 +41,7 @@ from ..version import (
     checksums,
     read_version,
 )
-from . import rows, sentences
+from . import lookups, rows, sentences
 from .staging import Staging
 
 
@@ -85,10 +84,12 @@ class VersionWriter:
         outcome: dict[str, Any],
         previous: Sequence[Path] = (),
         embed_texts: sentences.EmbedTexts | None = None,
+        as_segment: bool = False,
     ) -> Path:
         """Write vectors, FAISS indexes (unless index_type is None: a shard), the report
         sentences (reusing the vectors of `previous` versions of the same model, embedding the
-        rest with `embed_texts`), info (version.json) and outcome (build_report.json)."""
+        rest with `embed_texts`), info (version.json) and outcome (build_report.json). As a
+        segment it goes to ROOT/segments/NAME and CURRENT stays (write/segments.py lists it)."""
         order = np.argsort(ids, kind="stable")
         ids = np.ascontiguousarray(ids[order], dtype=np.int64)
         if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
@@ -96,18 +97,29 @@ class VersionWriter:
         self._check_meta(ids)
         np.save(self.directory / "ids.npy", ids)
         factories, recall = {}, {}
+        # what `auto` stands for, chosen once for every space within the RAM budget
+        dims = [int(vectors[space].shape[1]) for space in SPACES]
+        auto_as = faiss_index.choose_auto(len(ids), dims, info.get("ram_budget"))
         for space in SPACES:
             data = np.ascontiguousarray(vectors[space][order], dtype=np.float32)
-            np.save(self.directory / f"{space}.npy", data)
-            if index_type is not None:
-                factories[space] = faiss_index.resolve_factory(index_type, len(ids), data.shape[1])
-                index = faiss_index.build_index(factories[space], data, ids)
-                faiss.write_index(index, str(self.directory / f"{space}.faiss"))
-                recall[space] = faiss_index.measure_recall(index, data, ids)
+            if index_type is None:  # a shard: vectors only, indexed when merged
+                np.save(self.directory / f"{space}.npy", data)
+                continue
+            factories[space] = faiss_index.resolve_factory(
+                index_type, len(ids), data.shape[1], auto_as
+            )
+            if not compressed.is_compressed(factories[space]):
+                # a compressed index's float16 copy ({space}.f16.npy) is the only one it keeps
+                np.save(self.directory / f"{space}.npy", data)
+            index = faiss_index.build_index(factories[space], data, ids)
+            faiss_index.write_index(index, self.directory, space)
+            recall[space] = faiss_index.measure_recall(index, data, ids)
         same_model = [p for p in previous if same_fingerprint(p, info.get("fingerprint"))]
         dim = int(vectors["joint"].shape[1])
         rows.derive_fields(self.meta)  # index.fields: one modality and body part vocabulary
         written = sentences.write(self.meta, self.directory, dim, same_model, embed_texts)
+        lookups.write(self.meta)  # facets and field tables: no reader scans every row
+        lookups.check(self.meta)  # every page read once here, not at each start (read/opening)
         info = {
             **info,
             "format": INFO_FORMAT,
@@ -127,6 +139,8 @@ class VersionWriter:
         outcome = {"version": self.name, **outcome}
         (self.directory / OUTCOME_NAME).write_text(json.dumps(outcome, indent=2) + "\n")
         self.meta.close()
+        if as_segment:
+            return layout.publish_segment(self.root, self.directory, self.name)
         return layout.publish_version(self.root, self.directory, self.name)
 
     def _check_meta(self, ids: np.ndarray) -> None:
@@ -157,8 +171,14 @@ class Summary:
     changes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     published: bool = True  # False: nothing changed, CURRENT still names `version`
+    compaction: Summary | None = None  # the policy's merge that followed (write/compact.py)
 
     def line(self) -> str:
+        if self.compaction is not None:
+            return f"{self._line()}\nthen {self.compaction._line()}"
+        return self._line()
+
+    def _line(self) -> str:
         done = ", ".join(f"{n} {what}" for what, n in self.changes.items() if n)
         if not self.published:
             return (
@@ -194,6 +214,7 @@ class Write:
         self.summary: Summary | None = None
         self._needed: Callable[[], int] = lambda: 0
         self._writer: VersionWriter | None = None
+        self._writer_done = False  # its tmp dir was renamed into a segment
         self._stagings: list[Staging] = []
         self._directory: Path | None = None
         self._changes: dict[str, int] = {}
@@ -239,12 +260,14 @@ class Write:
         outcome: dict[str, Any],
         index_type: str | None,
         changes: dict[str, int] | None = None,
+        as_segment: bool = False,
     ) -> Path:
         """Write the new version and switch CURRENT to it. `info` and `outcome` get this
-        operation's name and parent; `changes` (default: the outcome's counts) go to the summary."""
+        operation's name and parent; `changes` (default: the outcome's counts) go to the summary.
+        as_segment: write it as a segment only (segments.publish_listing then publishes it)."""
         info = {**info, "operation": self.operation, "parent": self.parent}
         outcome = {"operation": self.operation, **outcome}
-        self._directory = self.writer().publish(
+        written = self.writer().publish(
             vectors,
             ids,
             index_type,
@@ -252,9 +275,17 @@ class Write:
             outcome=outcome,
             previous=self.reuse_from,
             embed_texts=self.embed_texts,
+            as_segment=as_segment,
         )
-        self._changes = dict(outcome.get("counts", {}) if changes is None else changes)
-        return self._directory
+        if as_segment:
+            self._writer_done = True
+            return written
+        self.published_as(written, dict(outcome.get("counts", {}) if changes is None else changes))
+        return written
+
+    def published_as(self, directory: Path, changes: dict[str, int]) -> None:
+        """Record the version this write published (directory) and what it changed."""
+        self._directory, self._changes = directory, dict(changes)
 
     def unchanged(self, changes: dict[str, int] | None = None) -> None:
         """Publish nothing: the summary names the current version (what was checked: changes)."""
@@ -280,7 +311,7 @@ class Write:
         )
 
     def _close(self) -> None:
-        if self._writer is not None and not self.published:
+        if self._writer is not None and not self.published and not self._writer_done:
             self._writer.discard()
         for staging in self._stagings:
             staging.close()

@@ -104,6 +104,15 @@ class DicomwebSource(Source):
         recorded[self.pacs.url] = {**self.pacs.filters(), **self.cursor}
         return {KIND: recorded}
 
+    def changes_rows(self, meta: Path) -> bool:
+        """Whether a report this sync read (a Structured Report) fills images of that segment
+        (indexed studies' images without a report)."""
+        studies = [s for s in self.sr_texts if s in self.indexed_studies]
+        if not studies:
+            return False
+        with closing(metadata.open_readonly(meta)) as conn:
+            return any(rows.lacks_report_under(conn, self.pacs.study_prefix(s)) for s in studies)
+
     def finish(self, conn, skipped: list[Skip]) -> dict[str, Any]:
         prefix = self.pacs.prefix + "/"
         mine = [(s.path, s.reason) for s in skipped if s.path.startswith(prefix)]
@@ -217,10 +226,12 @@ def remembered_skips(root: str | Path, pacs: Pacs) -> dict[str, str]:
     remembers as skipped and a rebuild does not fetch again (see Pacs.remembered)."""
     if layout.read_current(Path(root)) is None:
         return {}
-    meta = layout.current_version_dir(Path(root)) / metadata.META_DB
-    if not meta.is_file():
+    from ...version import read_version
+    from ...write.segments import Listing
+
+    current = read_version(layout.current_version_dir(Path(root)))
+    if not all(f.meta_path.is_file() for f in current.segments()):
         return {}
-    with closing(metadata.open_readonly(meta)) as conn:
-        _, seen = rows.paths_under(conn, pacs.prefix + "/")
+    _, seen = Listing.of(current).paths_under(pacs.prefix + "/")
     kept = pacs.remembered(seen)
     return {n: r for n, r in kept.items() if not r.startswith(REPORT_SKIP_PREFIX)}

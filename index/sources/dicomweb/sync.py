@@ -21,7 +21,8 @@ from typing import Any
 
 from ... import metadata
 from ...errors import check_fingerprint
-from ...write import build, rows
+from ...write import build, compact, rows
+from ...write.segments import Listing
 from ...write.template import Summary, writing
 from .http import DicomwebError
 from .listing import Instance, list_instances
@@ -42,11 +43,15 @@ def sync_pacs(root: str | Path, model, pacs: Pacs, options) -> Summary:
         pacs = pacs.with_recorded(recorded)
         if pacs.reports is not None:
             ReportTable.read(pacs.reports)
-        with closing(metadata.open_readonly(w.current.meta_path)) as conn:
-            images, seen = rows.paths_under(conn, pacs.prefix + "/")
-            studies = {_study_of(name) for name in images}
-            reports = {s: rows.report_under(conn, pacs.study_prefix(s)) for s in studies}
-            accessions = rows.values_under(conn, pacs.prefix + "/", "AccessionNumber")
+        listing = Listing.of(w.current)
+        images, seen = listing.paths_under(pacs.prefix + "/")
+        studies = {_study_of(name) for name in images}
+        reports, accessions = {}, set()
+        for files in listing.files:  # a deleted row's report or accession number still counts
+            with closing(metadata.open_readonly(files.meta_path)) as conn:
+                for s in studies:
+                    reports[s] = reports.get(s) or rows.report_under(conn, pacs.study_prefix(s))
+                accessions |= rows.values_under(conn, pacs.prefix + "/", "AccessionNumber")
         known = set(images) | set(pacs.remembered(seen))
         plan = plan_sync(pacs, recorded, known, studies, present=set(images) | set(seen))
         if not plan.new and not plan.deleted:
@@ -71,6 +76,7 @@ def sync_pacs(root: str | Path, model, pacs: Pacs, options) -> Summary:
                     build.embedder_for(w, model, options).embed_texts(list(texts)).vectors
                 )
             build.update(w, source, options, embedder, drop=sorted(plan.deleted))
+    w.summary.compaction = compact.by_policy(root, options.keep)
     return w.summary
 
 
