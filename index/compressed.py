@@ -170,7 +170,7 @@ class CompressedIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         found = np.full((len(queries), k), -1, dtype=np.int64)
-        allowed = None if params is None else params.allowed
+        allowed = None if params is None else self._held(params.allowed)
         exact = allowed is not None and len(allowed) <= EXACT_SCAN_MAX
         selector = per_list = None
         if allowed is not None and not exact:
@@ -215,6 +215,14 @@ class CompressedIndex:
         order = np.argsort(-(self._centroids @ coarse[0]), kind="stable")
         held = np.cumsum(per_list[order])
         return int(min(nlist, max(self.nprobe, np.searchsorted(held, wanted) + 1)))
+
+    def _held(self, allowed: np.ndarray) -> np.ndarray:
+        """The allowed ids this index holds: ids are mapped to rows by binary search, so an id
+        it lacks (another segment's) must never reach that mapping."""
+        if len(allowed) == 0 or len(self.ids) == 0:
+            return allowed[:0]
+        rows = np.minimum(np.searchsorted(self.ids, allowed), len(self.ids) - 1)
+        return allowed[self.ids[rows] == allowed]
 
     def _allowed_per_list(self, allowed: np.ndarray) -> np.ndarray:
         """Estimated allowed images per inverted list, from ALLOWED_SAMPLE of them evenly spaced

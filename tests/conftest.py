@@ -20,9 +20,11 @@ from convirt.bundle import load_tokenizer, save_bundle
 from convirt.config import ModelConfig
 from convirt.model import build_model
 from convirt.paths import data_root
+from index.read.store import open_current
 from index.sources.manifest import read_manifest
 from index.write.build import Options
 from index.write.build import build as build_index
+from index.write.rewrite import reindex
 from training.config import TrainConfig
 
 INDEX_OPTIONS = Options(batch_size=8, chunk_batches=1, workers=2, progress=False)
@@ -287,3 +289,19 @@ def real_flat_root(datasets: Path, tmp_path_factory) -> Path:
     options = Options(batch_size=64, chunk_batches=8, workers=2, progress=False)
     build_index(folder / "flat", bundle, read_manifest(manifest), options)
     return folder / "flat"
+
+
+def real_pair(real_flat_root: Path, folder: Path, index_type: str) -> tuple[Path, Path]:
+    """(the real flat root, a copy of it in `folder` reindexed as `index_type`)."""
+    other = folder / index_type
+    shutil.copytree(real_flat_root, other)
+    reindex(other, index_type)
+    return real_flat_root, other
+
+
+def opened_pair(roots: tuple[Path, Path]) -> Iterator[tuple]:
+    """Both roots opened for reading (a fixture's body: yields, then closes them)."""
+    first, second = open_current(roots[0]), open_current(roots[1])
+    yield first, second
+    first.close()
+    second.close()

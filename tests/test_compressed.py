@@ -9,33 +9,31 @@ swap only when their exact scores tie within float16 precision (the re-ranking r
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+from conftest import REAL_FIELDS, opened_pair, read_rows, real_pair, real_rows, write_csv
 
 from index import compressed, faiss_index
 from index.read.keywords import Keywords
 from index.read.store import IndexStore, open_current
+from index.sources.manifest import read_manifest
 from index.write import checks, rewrite
+from index.write.build import Options, add
 
 
 @pytest.fixture(scope="module")
 def roots(real_flat_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     """(flat root, compressed root): the real index, then `reindex --index-type compressed`."""
-    small = tmp_path_factory.mktemp("compressed") / "compressed"
-    shutil.copytree(real_flat_root, small)
-    rewrite.reindex(small, "compressed")
-    return real_flat_root, small
+    return real_pair(real_flat_root, tmp_path_factory.mktemp("compressed"), "compressed")
 
 
 @pytest.fixture(scope="module")
-def stores(roots) -> tuple[IndexStore, IndexStore]:
-    flat, small = open_current(roots[0]), open_current(roots[1])
-    yield flat, small
-    flat.close()
-    small.close()
+def stores(roots) -> Iterator[tuple[IndexStore, IndexStore]]:
+    yield from opened_pair(roots)
 
 
 def test_compressed_version_holds_codes_and_float16_vectors(roots, stores):
@@ -237,3 +235,53 @@ def test_reindexed_back_to_flat_from_its_float16_copy(roots, stores, tmp_path):
         expected = flat.search("joint", vector, 20, {"dataset": "medpix"})
         found = back.search("joint", vector, 20, {"dataset": "medpix"})
         assert_same_ranking(flat, "joint", vector, expected, found)
+
+
+@pytest.fixture(scope="module")
+def two_segments(real_flat_root: Path, roots, datasets: Path, tmp_path_factory):
+    """(flat, compressed): each the real index plus the same 40 further medpix images added as a
+    second segment (a small flat one), through `convirt index add`'s code."""
+    folder = tmp_path_factory.mktemp("segments")
+    known = {row["image"] for row in real_rows(datasets)}
+    extra = []
+    for row in read_rows(datasets / "medpix" / "manifest.csv"):
+        image = str(datasets / "medpix" / row["image"])
+        if image not in known and len(extra) < 40:
+            known.add(image)
+            modality = row.get("modality") or row.get("modality_keyword") or ""
+            extra.append(dict(image=image, text="", dataset="medpix", modality=modality, group=""))
+    manifest = write_csv(folder / "extra.csv", extra, REAL_FIELDS)
+    bundle = real_flat_root.parent / "bundle"
+    options = Options(batch_size=64, workers=2, progress=False)
+    pair = []
+    for name, source in (("flat", real_flat_root), ("compressed", roots[1])):
+        shutil.copytree(source, folder / name)
+        add(folder / name, bundle, read_manifest(manifest), options)
+        pair.append(folder / name)
+    yield from opened_pair(tuple(pair))
+
+
+def test_a_compressed_segment_beside_another_answers_filters_as_flat(two_segments):
+    """Each segment is asked only for its own allowed ids: a compressed segment mapping another
+    segment's ids to its rows once raised IndexError or returned images the filter excluded."""
+    flat, small = two_segments
+    assert len(small.files.segment_dirs) == 2 and small.count == flat.count
+    assert small.info["factory"]["joint"].startswith("compressed:")
+    added = sorted(set(small.ids.tolist()) - set(np.load(small.files.segment_dirs[0] / "ids.npy")))
+    vector = flat.vectors_of([added[3]], "joint")[0]
+    queries = [
+        dict(filters={"dataset": "medpix"}),  # both segments, exact scan in the compressed one
+        dict(filters={"dataset": ["medpix", "roco", "covid-ct"]}),  # beyond the exact scan
+        dict(filters={"modality": "CT"}),
+        dict(filters={"dataset": "medpix"}, exclude=set(added[:5])),
+    ]
+    for query in queries:
+        for k in (10, 60):
+            expected = flat.search("joint", vector, k, **query)
+            found = small.search("joint", vector, k, **query)
+            assert_same_ranking(flat, "joint", vector, expected, found)
+    for image_id in (added[0], int(flat.ids[100])):
+        expected = flat.similar_to_id(image_id, 20, {"dataset": "medpix"})
+        found = small.similar_to_id(image_id, 20, {"dataset": "medpix"})
+        encoder = flat.vectors_of([image_id], "encoder")[0]
+        assert_same_ranking(flat, "encoder", encoder, expected, found)

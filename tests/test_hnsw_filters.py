@@ -11,15 +11,15 @@ at least 0.95 against flat."""
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import opened_pair, real_pair
 
 from index import faiss_index, hnsw_filter
-from index.read.store import IndexStore, open_current
-from index.write import rewrite
+from index.read.store import IndexStore
 
 QUERIES = 60  # query images per check
 K = 10
@@ -28,18 +28,12 @@ K = 10
 @pytest.fixture(scope="module")
 def roots(real_flat_root: Path, tmp_path_factory) -> tuple[Path, Path]:
     """(flat root, hnsw root): the real index, then `reindex --index-type hnsw`."""
-    graph = tmp_path_factory.mktemp("hnsw") / "hnsw"
-    shutil.copytree(real_flat_root, graph)
-    rewrite.reindex(graph, "hnsw")
-    return real_flat_root, graph
+    return real_pair(real_flat_root, tmp_path_factory.mktemp("hnsw"), "hnsw")
 
 
 @pytest.fixture(scope="module")
-def stores(roots) -> tuple[IndexStore, IndexStore]:
-    flat, graph = open_current(roots[0]), open_current(roots[1])
-    yield flat, graph
-    flat.close()
-    graph.close()
+def stores(roots) -> Iterator[tuple[IndexStore, IndexStore]]:
+    yield from opened_pair(roots)
 
 
 def groups_filter(flat: IndexStore, share: float, seed: int) -> tuple[dict, set[int]]:

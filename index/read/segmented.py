@@ -43,7 +43,7 @@ from .filters import FILTER_COLUMNS, FieldTables, filter_sql, filtered_ids
 from .keywords import ReportTerms
 from .merging import DELETED_TABLE, merged_facets, merged_sentences
 from .opening import OpenedVersion, open_checked
-from .search import Hit, search_within
+from .search import Hit, among, search_within
 from .store import IndexStore
 
 MAX_SEGMENTS = 10  # SQLite's limit of databases attached to one connection (SQLITE_MAX_ATTACHED)
@@ -189,7 +189,9 @@ class SegmentedStore(IndexStore):
             if part.live == 0:
                 continue
             drop = np.union1d(part.deleted, np.intersect1d(part.opened.ids, excluded))
-            found = search_within(index, queries, k, allowed, drop)
+            # each segment is asked only for its own allowed ids
+            own = None if allowed is None else np.asarray(among(allowed, part.opened.ids), np.int64)
+            found = search_within(index, queries, k, own, drop)
             for hits, more in zip(merged, found, strict=True):
                 hits += more
         return [sorted(hits, key=lambda hit: (-hit.score, hit.id))[:k] for hits in merged]
