@@ -23,7 +23,7 @@ and, in the joint space, real report sentences as text queries. What is approxim
   - a filter's ids come from meta.sqlite with the field tables of index/write/lookups.py,
     through index.read.filters.filtered_ids, timed apart ("ids ms": once per filter, median of
     3), then passed to search_within as the store does;
-  - adding 1% and compacting wait for segments (index/write): printed as not measured until then.
+  - adding 1% and compacting are measured by bench/segment_writes.py (index/write's path).
 Before a size starts its disk and RAM needs are printed (per image: from the smaller size just
 measured, else index.faiss_index.ram_per_image); a type that will not fit is skipped, saying
 so. One FAISS thread throughout (a served query's share of a two-core box), builds included.
