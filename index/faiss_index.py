@@ -181,7 +181,7 @@ def read_index(directory: Path, space: str) -> faiss.Index | CompressedIndex:
 
 def tune_for_search(index: faiss.Index) -> None:
     """Search-time settings that index files do not store (efSearch, nprobe)."""
-    inner = _inner(index)
+    inner = hnsw_filter.inner(index)
     hnsw = _hnsw(inner)
     if hnsw is not None:
         hnsw.efSearch = HNSW_EF_SEARCH
@@ -213,7 +213,11 @@ def excluding_search(
 def depth_params(index: faiss.Index | CompressedIndex, k: int) -> faiss.SearchParameters | None:
     """Parameters for reading the k nearest without a filter: an HNSW index searches wider for
     a k above RECALL_K (index/hnsw_filter.deep_ef_search), else None (the index's own)."""
-    if isinstance(index, CompressedIndex) or _hnsw(_inner(index)) is None or k <= RECALL_K:
+    if (
+        isinstance(index, CompressedIndex)
+        or _hnsw(hnsw_filter.inner(index)) is None
+        or k <= RECALL_K
+    ):
         return None
     return faiss.SearchParametersHNSW(
         efSearch=hnsw_filter.deep_ef_search(HNSW_EF_SEARCH, k, RECALL_K)
@@ -225,7 +229,7 @@ def search_params(index: faiss.Index, allowed_ids: np.ndarray) -> faiss.SearchPa
     if isinstance(index, CompressedIndex):
         return compressed.Restriction(np.ascontiguousarray(allowed_ids, dtype=np.int64))
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
-    inner = _inner(index)
+    inner = hnsw_filter.inner(index)
     if isinstance(inner, faiss.IndexFlat):
         params = faiss.SearchParameters(sel=selector)
     elif isinstance(inner, faiss.IndexHNSW):
@@ -242,7 +246,8 @@ def search_params(index: faiss.Index, allowed_ids: np.ndarray) -> faiss.SearchPa
 def measure_recall(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> float | None:
     """recall@RECALL_K of `index` against exact search, on a fixed sample of stored vectors."""
     if len(ids) == 0 or (
-        not isinstance(index, CompressedIndex) and isinstance(_inner(index), faiss.IndexFlat)
+        not isinstance(index, CompressedIndex)
+        and isinstance(hnsw_filter.inner(index), faiss.IndexFlat)
     ):
         return None
     rng = np.random.default_rng(0)
@@ -266,7 +271,7 @@ def ids_of(index: faiss.Index | CompressedIndex) -> np.ndarray:
 def describe(index: faiss.Index | CompressedIndex) -> str:
     if isinstance(index, CompressedIndex):
         return f"compressed {type(faiss.downcast_index(index.codes)).__name__}"
-    return type(_inner(index)).__name__
+    return type(hnsw_filter.inner(index)).__name__
 
 
 def ram_bytes(index: faiss.Index | CompressedIndex) -> int:
@@ -275,11 +280,6 @@ def ram_bytes(index: faiss.Index | CompressedIndex) -> int:
     if isinstance(index, CompressedIndex):
         return index.ram_bytes()
     return len(faiss.serialize_index(index))
-
-
-def _inner(index: faiss.Index) -> faiss.Index:
-    index = faiss.downcast_index(index)
-    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
 def _hnsw(inner: faiss.Index):

@@ -176,7 +176,7 @@ def _lookup(index: faiss.Index) -> _RowLookup:
 def _exact(
     index: faiss.Index, lookup: _RowLookup, queries: np.ndarray, k: int, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    storage = faiss.downcast_index(_inner(index).storage)
+    storage = faiss.downcast_index(inner(index).storage)
     dim = int(storage.d)
     vectors = faiss.rev_swig_ptr(storage.get_xb(), lookup.total * dim)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -224,7 +224,7 @@ def _widened(
     bitmap = np.packbits(member, bitorder="little")
     selector = faiss.IDSelectorBitmap(lookup.total, faiss.swig_ptr(bitmap))
     params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef_search)
-    scores, found = _inner(index).search(np.ascontiguousarray(queries), k, params=params)
+    scores, found = inner(index).search(np.ascontiguousarray(queries), k, params=params)
     del params, selector  # the bitmap outlives both
     ids = np.where(found >= 0, lookup.ids[np.maximum(found, 0)], -1)
     return scores, ids
@@ -234,6 +234,7 @@ def _is_sorted(values: np.ndarray) -> bool:
     return bool(len(values) < 2 or np.all(values[1:] > values[:-1]))
 
 
-def _inner(index: faiss.Index) -> faiss.Index:
+def inner(index: faiss.Index) -> faiss.Index:
+    """The structure under an IndexIDMap (the index itself where there is none), downcast."""
     index = faiss.downcast_index(index)
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
